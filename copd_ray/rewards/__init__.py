@@ -1,0 +1,39 @@
+"""Verifiable rewards, named by string in a config.
+
+A reward is `fn(response: str, answer: str) -> float`. Besides the built-in names, a
+config may name any importable function as "package.module:function".
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from copd_ray.rewards.math import math_reward
+from copd_ray.rewards.simple import exact_match, multiple_choice
+
+RewardFn = Callable[[str, str], float]
+
+REWARDS: dict[str, RewardFn] = {
+    "math": math_reward,
+    "exact_match": exact_match,
+    "multiple_choice": multiple_choice,
+}
+
+
+def get_reward(name: str) -> RewardFn:
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"reward {name!r} cannot be imported: {e}") from e
+        if not callable(fn):
+            raise ValueError(f"reward {name!r} is not callable")
+        return fn
+    raise ValueError(f"unknown reward {name!r}; known: {sorted(REWARDS)} or 'module:function'")
+
+
+__all__ = ["REWARDS", "RewardFn", "exact_match", "get_reward", "math_reward", "multiple_choice"]
