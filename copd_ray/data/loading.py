@@ -1,0 +1,122 @@
+"""Capability datasets from JSONL, Parquet or a saved Hugging Face dataset folder.
+
+A row without what a prompt record needs is skipped and counted, never fatal: one bad
+line in a million-row file should cost one row, and the report says how many and why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from copd_ray.data.records import PromptRecord
+
+PROMPT_KEYS = ("prompt", "problem", "question")
+
+
+@dataclass
+class LoadReport:
+    path: str
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> rows
+
+    def __str__(self) -> str:
+        if not self.skipped:
+            return f"{self.path}: {self.kept} rows"
+        reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
+        return f"{self.path}: {self.kept} rows kept, {sum(self.skipped.values())} skipped ({reasons})"
+
+
+def _rows(path: Path, split: str, report: LoadReport):
+    """Yield raw rows as dicts (or None for a line that is not JSON)."""
+    if path.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path}: no split {split!r}; it has {sorted(ds)}")
+            ds = ds[split]
+        yield from ds
+    elif path.suffix == ".parquet":
+        import datasets
+
+        yield from datasets.Dataset.from_parquet(str(path))
+    elif path.suffix in (".jsonl", ".json"):
+        # Read line by line rather than with datasets' json builder, which fails the
+        # whole file on one malformed line.
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    yield None
+    else:
+        raise ValueError(f"{path}: unsupported dataset format (use .jsonl, .parquet or a saved dataset folder)")
+
+
+def _valid_messages(messages: Any) -> bool:
+    return (
+        isinstance(messages, list) and len(messages) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+    )
+
+
+def _to_record(row: Any, index: int, capability: str, prompt_key: str | None, answer_key: str) -> PromptRecord | str:
+    """The record, or the reason the row was skipped."""
+    if not isinstance(row, dict):
+        return "malformed row"
+    answer = row.get(answer_key)
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        return f"missing {answer_key!r}"
+    if isinstance(answer, (list, dict)):
+        return f"non-scalar {answer_key!r}"
+    messages = row.get("messages")
+    if messages is not None:
+        if not _valid_messages(messages):
+            return "malformed 'messages'"
+        prompt = None
+    else:
+        keys = (prompt_key,) if prompt_key else PROMPT_KEYS
+        prompt = next((row[k] for k in keys if isinstance(row.get(k), str) and row[k].strip()), None)
+        if prompt is None:
+            return f"missing prompt (looked for {', '.join(map(repr, keys))})"
+    return PromptRecord(
+        id=str(row.get("id", f"{capability}-{index}")),
+        prompt=prompt,
+        messages=messages,
+        answer=str(answer),
+        capability=capability,
+        images=list(row.get("images") or []),
+        videos=list(row.get("videos") or []),
+    )
+
+
+def load_records(
+    path: str | Path,
+    capability: str,
+    prompt_key: str | None = None,
+    answer_key: str = "answer",
+    split: str = "train",
+    limit: int | None = None,
+) -> tuple[list[PromptRecord], LoadReport]:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    report = LoadReport(str(path))
+    records: list[PromptRecord] = []
+    for index, row in enumerate(_rows(path, split, report)):
+        result = _to_record(row, index, capability, prompt_key, answer_key)
+        if isinstance(result, str):
+            report.skipped[result] += 1
+            continue
+        records.append(result)
+        if limit is not None and len(records) >= limit:
+            break
+    report.kept = len(records)
+    return records, report

@@ -1,0 +1,27 @@
+"""Turning a prompt record into the token ids a policy is prompted with."""
+
+from __future__ import annotations
+
+from copd_ray.data.records import PromptRecord
+
+
+def prompt_messages(record: PromptRecord, template: str = "{prompt}") -> list[dict]:
+    if record.messages is not None:
+        return record.messages
+    return [{"role": "user", "content": template.format(prompt=record.prompt)}]
+
+
+def prompt_ids(record: PromptRecord, tokenizer, template: str = "{prompt}") -> list[int]:
+    """Through the tokenizer's chat template when it has one; else the templated text as is
+    (the tiny policy has no chat template: it reads "123+045=" and writes the sum)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            prompt_messages(record, template), add_generation_prompt=True, tokenize=False
+        )
+        # The chat template already wrote any bos token.
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if record.messages is not None:
+        raise ValueError(
+            f"record {record.id!r} has chat messages but the tokenizer has no chat template"
+        )
+    return tokenizer(template.format(prompt=record.prompt))["input_ids"]
