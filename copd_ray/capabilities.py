@@ -1,0 +1,67 @@
+"""A capability as the trainer sees it: training prompts, a fixed held-out set, a reward."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from copd_ray.config import CapabilityConfig
+from copd_ray.data import LoadReport, PromptRecord, heldout_set, load_records, training_stream
+from copd_ray.rewards import RewardFn, get_reward
+
+
+@dataclass
+class Capability:
+    name: str
+    reward: RewardFn
+    template: str
+    heldout: list[PromptRecord]
+    train: Iterator[PromptRecord]
+    reports: list[LoadReport] = field(default_factory=list)
+
+    def sample(self, n: int) -> list[PromptRecord]:
+        return [next(self.train) for _ in range(n)]
+
+
+def _cycle_shuffled(records: list[PromptRecord], seed: str) -> Iterator[PromptRecord]:
+    rng = random.Random(seed)
+    order = list(records)
+    while True:
+        rng.shuffle(order)
+        yield from order
+
+
+def build_capability(cfg: CapabilityConfig, seed: int = 0) -> Capability:
+    reward = get_reward(cfg.reward)
+    reports: list[LoadReport] = []
+
+    def load(source: str) -> list[PromptRecord]:
+        records, report = load_records(source, cfg.name, cfg.prompt_key, cfg.answer_key, cfg.split)
+        reports.append(report)
+        if not records:
+            raise ValueError(f"capability {cfg.name!r}: no usable rows in {report}")
+        return records
+
+    if cfg.source.startswith("synthetic:"):
+        task = cfg.source.split(":", 1)[1]
+        heldout = (
+            load(cfg.heldout) if cfg.heldout else heldout_set(task, cfg.heldout_size, seed, capability=cfg.name)
+        )
+        train = training_stream(task, heldout, seed, capability=cfg.name)
+    else:
+        records = load(cfg.source)
+        if cfg.heldout:
+            heldout = load(cfg.heldout)
+            pool = records
+        else:
+            # Hold out a fixed, seeded slice of the source itself.
+            shuffled = list(records)
+            random.Random(f"copd-ray/{cfg.name}/split/{seed}").shuffle(shuffled)
+            if len(shuffled) <= cfg.heldout_size:
+                raise ValueError(
+                    f"capability {cfg.name!r}: {len(shuffled)} rows cannot spare {cfg.heldout_size} held out"
+                )
+            heldout, pool = shuffled[: cfg.heldout_size], shuffled[cfg.heldout_size :]
+        train = _cycle_shuffled(pool, f"copd-ray/{cfg.name}/train/{seed}")
+    return Capability(cfg.name, reward, cfg.template, heldout, train, reports)

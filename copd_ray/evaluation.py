@@ -1,0 +1,26 @@
+"""Held-out pass@1 (greedy) of a policy on a capability, through any rollout engine."""
+
+from __future__ import annotations
+
+from copd_ray.data import PromptRecord, prompt_ids
+from copd_ray.engines import RolloutEngine, SamplingParams
+from copd_ray.rewards import RewardFn
+
+
+def evaluate(
+    engine: RolloutEngine,
+    tokenizer,
+    records: list[PromptRecord],
+    reward: RewardFn,
+    template: str = "{prompt}",
+    max_new_tokens: int = 8,
+) -> dict[str, float]:
+    prompts = [prompt_ids(r, tokenizer, template) for r in records]
+    samples = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
+    texts = tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
+    rewards = [reward(text, r.answer) for text, r in zip(texts, records)]
+    return {
+        "pass_rate": sum(rewards) / len(rewards),
+        "n": len(records),
+        "mean_response_tokens": sum(len(s.token_ids) for s in samples) / len(samples),
+    }

@@ -1,0 +1,151 @@
+"""`copd-ray bootstrap`: build the tiny policy and warm it up with supervised steps until
+every capability's held-out pass rate is moderate, then cache it on disk.
+
+RL needs a base that sometimes succeeds: at 0% no GRPO group has a correct sample and
+there is no gradient; near 100% there is nothing left to learn. Addition is learned far
+faster than multiplication, so a capability that reaches `aim` is only replayed while
+the others catch up, and the first evaluated checkpoint with every rate in [aim, high]
+is kept (or, failing that, the one closest to it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from copd_ray.capabilities import Capability, build_capability
+from copd_ray.config import Config
+from copd_ray.data import PromptRecord, prompt_ids
+from copd_ray.engines import HFEngine
+from copd_ray.evaluation import evaluate
+from copd_ray.models.loading import load_policy
+from copd_ray.models.tiny import build_char_tokenizer, build_tiny_policy, save_policy
+
+CACHE_FORMAT = 1  # bump when the bootstrap procedure changes what it produces
+
+
+def cache_key(cfg: Config) -> str:
+    settings = {
+        "format": CACHE_FORMAT,
+        "tiny": cfg.model.tiny.model_dump(),
+        "bootstrap": cfg.bootstrap.model_dump(),
+        "capabilities": [c.model_dump() for c in cfg.capabilities],
+        "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_path(cfg: Config) -> Path:
+    return Path(cfg.cache_dir).expanduser() / f"tiny-policy-{cache_key(cfg)}"
+
+
+def _sft_batch(records: list[PromptRecord], caps: dict[str, Capability], tokenizer):
+    """Right-padded inputs with labels on the answer and eos only."""
+    rows = []
+    for r in records:
+        prompt = prompt_ids(r, tokenizer, caps[r.capability].template)
+        answer = tokenizer(r.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, mask, labels
+
+
+def _distance(rates: dict[str, float], aim: float, high: float) -> float:
+    """How far the rates are from all lying in [aim, high] (0 when they do)."""
+    return sum(max(aim - r, 0.0) + max(r - high, 0.0) for r in rates.values())
+
+
+def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = None) -> dict:
+    """Train from scratch and return {"rates", "steps", "seconds", "model", "tokenizer"}."""
+    b = cfg.bootstrap
+    torch.manual_seed(b.seed)
+    rng = random.Random(f"copd-ray/bootstrap/{b.seed}")
+    caps = {c.name: build_capability(c, cfg.seed) for c in cfg.capabilities}
+    tokenizer = build_char_tokenizer()
+    t = cfg.model.tiny
+    model = build_tiny_policy(tokenizer, t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size, seed=t.seed)
+    engine = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.engine.max_batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=b.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(b.warmup_steps, 1)))
+
+    def measure() -> dict[str, float]:
+        return {
+            name: evaluate(engine, tokenizer, cap.heldout, cap.reward, cap.template, cfg.eval.max_new_tokens)["pass_rate"]
+            for name, cap in caps.items()
+        }
+
+    start = time.perf_counter()
+    rates = {name: 0.0 for name in caps}
+    best = (float("inf"), None, rates, 0)  # (distance, state, rates, step)
+    for step in range(1, b.max_steps + 1):
+        lagging = [n for n, r in rates.items() if r < b.aim] or list(caps)
+        weights = {n: (1.0 - b.replay_fraction) / len(lagging) if n in lagging else 0.0 for n in caps}
+        warm = [n for n in caps if n not in lagging]
+        for n in warm:
+            weights[n] = b.replay_fraction / len(warm)
+        if not warm:
+            weights = {n: 1.0 / len(caps) for n in caps}
+        names = rng.choices(list(caps), weights=[weights[n] for n in caps], k=b.batch_size)
+        records = [caps[n].sample(1)[0] for n in names]
+
+        model.train()
+        ids, mask, labels = _sft_batch(records, caps, tokenizer)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+
+        if step % b.eval_every == 0 or step == b.max_steps:
+            model.eval()
+            rates = measure()
+            distance = _distance(rates, b.aim, b.high)
+            if distance < best[0]:
+                best = (distance, {k: v.clone() for k, v in model.state_dict().items()}, rates, step)
+            if progress:
+                progress(step, {"loss": loss.item(), **rates})
+            if distance == 0.0:
+                break
+
+    _, state, rates, step = best
+    if state is not None:
+        model.load_state_dict(state)
+    model.eval()
+    return {"rates": rates, "steps": step, "seconds": time.perf_counter() - start, "model": model, "tokenizer": tokenizer}
+
+
+def ensure_base_policy(cfg: Config, progress: Callable[[int, dict], None] | None = None, force: bool = False) -> tuple[Path, dict]:
+    """The folder of the base policy and its bootstrap record, training it only if the
+    cache for these settings is empty. A configured `model.path` is used as is."""
+    if cfg.model.path:
+        return Path(cfg.model.path).expanduser(), {}
+    folder = cache_path(cfg)
+    record_file = folder / "bootstrap.json"
+    if record_file.exists() and not force:
+        return folder, {**json.loads(record_file.read_text()), "cached": True}
+    result = run_bootstrap(cfg, progress)
+    save_policy(result["model"], result["tokenizer"], folder)
+    record = {
+        "rates": result["rates"], "steps": result["steps"], "seconds": round(result["seconds"], 1),
+        "in_range": all(cfg.bootstrap.low <= r <= cfg.bootstrap.high for r in result["rates"].values()),
+        "key": cache_key(cfg),
+    }
+    record_file.write_text(json.dumps(record, indent=2))
+    return folder, {**record, "cached": False}
+
+
+def load_base_policy(cfg: Config):
+    folder, _ = ensure_base_policy(cfg)
+    return load_policy(str(folder), cfg.model.dtype, cfg.model.trust_remote_code)

@@ -1,0 +1,58 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from copd_ray.config import Config, ConfigError, load_config
+
+
+def test_default_yaml_is_the_embedded_default():
+    assert load_config(REPO / "configs" / "default.yaml") == Config() == load_config()
+
+
+def test_dotted_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["bootstrap.lr=5e-4", "capabilities.1.reward=math", "model.tiny.num_layers=2", "run_name=x"])
+    assert cfg.bootstrap.lr == 5e-4 and isinstance(cfg.bootstrap.lr, float)
+    assert cfg.capabilities[1].reward == "math" and cfg.model.tiny.num_layers == 2 and cfg.run_name == "x"
+
+
+def test_a_whole_list_can_be_overridden():
+    cfg = load_config(None, ["capabilities=[{name: a, source: 'synthetic:add'}]"])
+    assert [c.name for c in cfg.capabilities] == ["a"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("bootstrap.lrr=1", "bootstrap.lrr: Extra inputs are not permitted"),
+        ("bootstrap.lr=-1", "bootstrap.lr: Input should be greater than 0"),
+        ("capabilities.0.reward=bleu", "unknown reward 'bleu'"),
+        ("capabilities.0.source=synthetic:div", "unknown synthetic task 'div'"),
+        ("capabilities.0.source=/no/such.jsonl", "dataset /no/such.jsonl does not exist"),
+        ("capabilities.1.name=add", "capability names repeat"),
+        ("capabilities.5.name=z", "capabilities.5 is not an index of a list of 2"),
+        ("model.path=/no/model", "model folder /no/model does not exist"),
+        ("model.tiny.num_heads=3", "not divisible by num_heads 3"),
+        ("bootstrap.aim=0.9", "need low <= aim <= high"),
+        ("engine.kind=tensorrt", "engine.kind"),
+        ("capabilities.0.template='Q {x}'", "must contain '{prompt}'"),
+        ("novalue", "not of the form key=value"),
+    ],
+)
+def test_bad_configs_name_what_is_wrong(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_a_yaml_file_with_overrides(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_name: mine\nbootstrap:\n  max_steps: 10\n")
+    cfg = load_config(path, ["bootstrap.max_steps=20"])
+    assert cfg.run_name == "mine" and cfg.bootstrap.max_steps == 20
+    assert [c.name for c in cfg.capabilities] == ["add", "mul"]  # unspecified sections keep defaults
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")

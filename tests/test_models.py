@@ -1,0 +1,25 @@
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from copd_ray.models import load_policy, save_policy
+
+
+def test_char_tokenizer_round_trips(tiny_tokenizer):
+    ids = tiny_tokenizer("123+045=")["input_ids"]
+    assert ids[0] == tiny_tokenizer.bos_token_id and len(ids) == 9
+    assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == "123+045="
+    assert tiny_tokenizer("168", add_special_tokens=False)["input_ids"] == tiny_tokenizer.convert_tokens_to_ids(list("168"))
+
+
+def test_tiny_policy_saves_and_loads_as_a_hugging_face_checkpoint(tmp_path, tiny_model, tiny_tokenizer):
+    assert tiny_model.config.vocab_size == len(tiny_tokenizer)
+    assert tiny_model.config.hidden_size // tiny_model.config.num_attention_heads == 32
+    folder = save_policy(tiny_model, tiny_tokenizer, tmp_path / "tiny")
+    assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor([tokenizer("12*3=")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, tiny_model(input_ids=ids).logits, atol=1e-6)
+    loaded, tok = load_policy(str(folder), dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16 and tok.eos_token_id == tiny_tokenizer.eos_token_id
