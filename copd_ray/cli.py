@@ -1,0 +1,146 @@
+"""The `copd-ray` command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from copd_ray.config import Config, ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Co-Evolving Policy Distillation on Ray.")
+console = Console()
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; the embedded default when omitted.")
+OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. bootstrap.lr=5e-4 model.path=/ckpt")
+
+
+def _load(config: Optional[Path], overrides: Optional[list[str]]) -> Config:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _setup_torch(cfg: Config) -> None:
+    import torch
+
+    torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+
+
+def _bootstrap(cfg: Config, force: bool = False):
+    from copd_ray.models.bootstrap import ensure_base_policy
+
+    def progress(step: int, metrics: dict) -> None:
+        rates = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+        console.print(f"  bootstrap step {step:5d}  {rates}")
+
+    if not cfg.model.path:
+        console.print("[bold]Base policy[/bold]: the embedded tiny policy (bootstrap, cached by settings)")
+    folder, record = ensure_base_policy(cfg, progress, force=force)
+    if record:
+        how = "cached" if record["cached"] else f"trained in {record['seconds']} s, {record['steps']} steps"
+        rates = ", ".join(f"{k} {v:.3f}" for k, v in record["rates"].items())
+        console.print(f"  {folder} ({how}): held-out pass@1 {rates}")
+        if not record["in_range"]:
+            b = cfg.bootstrap
+            console.print(f"[yellow]  warning: not every rate lies in [{b.low}, {b.high}]; "
+                          "raise bootstrap.max_steps or change the tasks[/yellow]")
+    return folder, record
+
+
+def _eval_table(title: str, results: dict[str, dict[str, dict]]) -> Table:
+    caps = list(next(iter(results.values())))
+    table = Table(title=title)
+    table.add_column("model")
+    for c in caps:
+        table.add_column(c, justify="right")
+    for model_name, per_cap in results.items():
+        table.add_row(model_name, *(f"{per_cap[c]['pass_rate']:.3f}" for c in caps))
+    return table
+
+
+def _evaluate_folder(cfg: Config, folder: Path) -> dict[str, dict]:
+    from copd_ray.capabilities import build_capability
+    from copd_ray.engines import HFEngine
+    from copd_ray.evaluation import evaluate
+    from copd_ray.models import load_policy
+
+    model, tokenizer = load_policy(str(folder), cfg.model.dtype, cfg.model.trust_remote_code)
+    engine = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.engine.max_batch_size)
+    results = {}
+    for cap_cfg in cfg.capabilities:
+        cap = build_capability(cap_cfg, cfg.seed)
+        for report in cap.reports:
+            console.print(f"  data: {report}")
+        results[cap.name] = evaluate(engine, tokenizer, cap.heldout, cap.reward, cap.template, cfg.eval.max_new_tokens)
+    return results
+
+
+@app.command()
+def bootstrap(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = OverridesArg,
+    force: bool = typer.Option(False, help="Retrain even if a cached policy exists."),
+) -> None:
+    """Build the tiny policy and warm it up until every capability is moderately good."""
+    cfg = _load(config, overrides)
+    _setup_torch(cfg)
+    _bootstrap(cfg, force)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder; the base policy when omitted."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = OverridesArg,
+) -> None:
+    """Held-out pass@1 (greedy) of a model folder on every capability of the config."""
+    cfg = _load(config, overrides)
+    _setup_torch(cfg)
+    folder = model or _bootstrap(cfg)[0]
+    results = _evaluate_folder(cfg, folder)
+    console.print(_eval_table(f"held-out pass@1: {folder}", {folder.name: results}))
+
+
+@app.command()
+def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """The main job: prepare the base policy, then evaluate it on every capability.
+
+    (CoPD training cycles join this job when the Ray runtime lands.)
+    """
+    cfg = _load(config, overrides)
+    _setup_torch(cfg)
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    folder, record = _bootstrap(cfg)
+    results = {"base": _evaluate_folder(cfg, folder)}
+    (out / "eval.json").write_text(json.dumps({"base_model": str(folder), "bootstrap": record, "eval": results}, indent=2))
+    console.print(_eval_table("held-out pass@1 (greedy)", results))
+    console.print(f"wrote {out / 'eval.json'} in {time.perf_counter() - start:.0f} s")
+
+
+@app.command("config")
+def show_config(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Print the resolved config (defaults, file and overrides) as YAML."""
+    import yaml
+
+    cfg = _load(config, overrides)
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", markup=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""`copd-ray bootstrap`, `eval` and `run` end to end on the tiny policy."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from copd_ray.cli import app
+
+
+def test_short_bootstrap_caches_by_settings(tmp_path):
+    runner = CliRunner()
+    args = ["bootstrap", f"cache_dir={tmp_path}", "bootstrap.max_steps=20", "bootstrap.eval_every=10",
+            "capabilities.0.heldout_size=50", "capabilities.1.heldout_size=50"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "bootstrap step    10" in first.output and "trained in" in first.output
+    assert "warning: not every rate" in first.output  # 20 steps cannot reach the range
+    folders = list(tmp_path.glob("tiny-policy-*"))
+    assert len(folders) == 1 and (folders[0] / "model.safetensors").exists()
+    record = json.loads((folders[0] / "bootstrap.json").read_text())
+    assert set(record["rates"]) == {"add", "mul"} and record["steps"] in (10, 20)
+
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0 and "cached" in second.output and "bootstrap step" not in second.output
+    other = runner.invoke(app, args[:-1] + ["capabilities.1.heldout_size=60"])
+    assert other.exit_code == 0 and len(list(tmp_path.glob("tiny-policy-*"))) == 2
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    result = CliRunner().invoke(app, ["run", f"cache_dir={tmp_path}", "capabilities.0.reward=bleu"])
+    assert result.exit_code == 2 and "unknown reward 'bleu'" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_full_bootstrap_then_main_job(tmp_path):
+    cli = [sys.executable, "-m", "copd_ray.cli"]
+    start = time.perf_counter()
+    boot = subprocess.run(cli + ["bootstrap", f"cache_dir={tmp_path}/cache"], capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    assert boot.returncode == 0, boot.stdout + boot.stderr
+    assert seconds < 300, f"bootstrap took {seconds:.0f} s"
+    record = json.loads(next((tmp_path / "cache").glob("tiny-policy-*/bootstrap.json")).read_text())
+    assert record["in_range"] and all(0.2 <= r <= 0.6 for r in record["rates"].values()), record
+    assert "held-out pass@1 add" in boot.stdout
+
+    out = tmp_path / "run"
+    run = subprocess.run(cli + ["run", f"cache_dir={tmp_path}/cache", f"output_dir={out}"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "(cached)" in run.stdout
+    result = json.loads((out / "eval.json").read_text())
+    # The saved and reloaded policy scores exactly what the bootstrap measured in memory.
+    assert {c: v["pass_rate"] for c, v in result["eval"]["base"].items()} == record["rates"]
