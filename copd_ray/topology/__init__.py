@@ -1,0 +1,5 @@
+"""Who teaches whom (the graph) and where each teacher's scorer lives (the actor)."""
+
+from copd_ray.topology.graph import Topology
+
+__all__ = ["Topology"]
