@@ -22,3 +22,25 @@ def tiny_model(tiny_tokenizer):
 
     torch.set_num_threads(2)
     return build_tiny_policy(tiny_tokenizer, seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray for the session (never a mock): 4 logical CPUs so three small
+    branches fit; the machine has 2 cores and the actors mostly take turns."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny_model, tiny_tokenizer):
+    """The untrained tiny policy saved as a Hugging Face folder."""
+    from copd_ray.models import save_policy
+
+    return save_policy(tiny_model, tiny_tokenizer, tmp_path_factory.mktemp("tiny") / "policy")

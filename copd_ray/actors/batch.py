@@ -1,0 +1,65 @@
+"""The training batch a branch's trainer takes in one step, and its tensor form.
+
+A step combines the native GRPO rollouts (rewards, in groups) with zero or more
+cross-branch OPD rollouts (teacher log-probs per response token); both go through the
+same clipped update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TrainBatch:
+    group_size: int = 1
+    grpo_sequences: list[list[int]] = field(default_factory=list)  # prompt + response ids
+    grpo_prompt_lengths: list[int] = field(default_factory=list)
+    grpo_rewards: list[float] = field(default_factory=list)
+    opd_sequences: list[list[int]] = field(default_factory=list)
+    opd_prompt_lengths: list[int] = field(default_factory=list)
+    opd_teacher_logprobs: list[list[float]] = field(default_factory=list)  # per response token
+    opd_beta: list[float] = field(default_factory=list)  # per sequence (its teacher edge's beta)
+
+    def __len__(self) -> int:
+        return len(self.grpo_sequences) + len(self.opd_sequences)
+
+    def shard(self, rank: int, world: int) -> TrainBatch:
+        """Whole GRPO groups and a slice of the OPD rows for one data-parallel rank."""
+        groups = len(self.grpo_sequences) // self.group_size
+        g_lo, g_hi = rank * groups // world, (rank + 1) * groups // world
+        lo, hi = g_lo * self.group_size, g_hi * self.group_size
+        n = len(self.opd_sequences)
+        o_lo, o_hi = rank * n // world, (rank + 1) * n // world
+        return TrainBatch(
+            self.group_size, self.grpo_sequences[lo:hi], self.grpo_prompt_lengths[lo:hi], self.grpo_rewards[lo:hi],
+            self.opd_sequences[o_lo:o_hi], self.opd_prompt_lengths[o_lo:o_hi],
+            self.opd_teacher_logprobs[o_lo:o_hi], self.opd_beta[o_lo:o_hi],
+        )
+
+
+def pad_sequences(sequences: list[list[int]], prompt_lengths: list[int], pad_id: int):
+    """(input_ids [B, L], attention_mask [B, L], targets [B, L-1], response_mask [B, L-1]).
+
+    Position t of the shifted arrays predicts token t + 1, so response token j of a
+    sequence with prompt length p sits at shifted position p - 1 + j.
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    response = torch.zeros((len(sequences), width - 1), dtype=torch.float32)
+    for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attention[i, : len(seq)] = 1
+        response[i, p - 1 : len(seq) - 1] = 1.0
+    return ids, attention, ids[:, 1:], response
+
+
+def place_per_token(values: list[list[float]], prompt_lengths: list[int], width: int) -> torch.Tensor:
+    """Per-response-token values laid out on the shifted [B, L-1] grid."""
+    out = torch.zeros((len(values), width - 1))
+    for i, (row, p) in enumerate(zip(values, prompt_lengths)):
+        out[i, p - 1 : p - 1 + len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out

@@ -1,0 +1,166 @@
+"""A branch as an actor group: trainer rank(s), generator(s) and a scorer in one
+placement group, wired for data parallelism and weight broadcast."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from copd_ray.actors.batch import TrainBatch
+from copd_ray.actors.generator import GeneratorActor
+from copd_ray.actors.scorer import ScorerActor
+from copd_ray.actors.trainer import TrainerActor
+from copd_ray.config import Config
+from copd_ray.engines import SamplingParams
+
+
+class PlacementError(RuntimeError):
+    pass
+
+
+def _bundle(cpus: float, gpus: float) -> dict:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+
+class BranchGroup:
+    def __init__(self, name: str, cfg: Config, model_path: str, run_id: str) -> None:
+        self.name, self.cfg, self.run_id = name, cfg, run_id
+        r = cfg.resources
+        self.bundles = (
+            [_bundle(r.trainer_cpus, r.trainer_gpus)] * r.num_trainers
+            + [_bundle(r.generator_cpus, r.generator_gpus)] * r.num_generators
+            + [_bundle(r.scorer_cpus, r.scorer_gpus)]
+        )
+        self.pg = placement_group(self.bundles, strategy="PACK", name=f"copd-{run_id}-{name}")
+        self.model_path = model_path
+        self.version = 0
+        self.plan = None
+        self.trainers: list = []
+        self.generators: list = []
+        self.scorer = None
+
+    def wait_placed(self) -> None:
+        """Fail fast, saying what was asked and what is free, when the cluster cannot hold the branch."""
+        try:
+            ray.get(self.pg.ready(), timeout=self.cfg.ray.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            free = ray.available_resources()
+            remove_placement_group(self.pg)
+            asked = {}
+            for b in self.bundles:
+                for k, v in b.items():
+                    asked[k] = asked.get(k, 0) + v
+            raise PlacementError(
+                f"branch {self.name!r} could not be placed within {self.cfg.ray.placement_timeout_s:.0f} s: "
+                f"it asks for {asked} in {len(self.bundles)} bundles; free now: "
+                f"{ {k: round(v, 2) for k, v in free.items() if k in ('CPU', 'GPU', 'memory')} }. "
+                "Lower resources.* or give Ray more (ray.num_cpus for a local Ray)."
+            ) from None
+
+    def start_actors(self) -> list:
+        """Create the actors (asynchronously); returns refs that resolve when all are up."""
+        c, r = self.cfg, self.cfg.resources
+        common = dict(dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code, threads=r.actor_threads)
+
+        def at(i: int, cpus: float, gpus: float):
+            return dict(num_cpus=cpus, num_gpus=gpus,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
+
+        self.trainers = [
+            TrainerActor.options(**at(i, r.trainer_cpus, r.trainer_gpus)).remote(
+                self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump(), gpus=r.trainer_gpus, seed=c.seed, **common)
+            for i in range(r.num_trainers)
+        ]
+        engine = dict(engine_kind=c.engine.kind, max_batch_size=c.engine.max_batch_size, **common)
+        self.generators = [
+            GeneratorActor.options(**at(r.num_trainers + i, r.generator_cpus, r.generator_gpus)).remote(
+                self.name, self.model_path, gpus=r.generator_gpus, **engine)
+            for i in range(r.num_generators)
+        ]
+        self.scorer = ScorerActor.options(**at(len(self.bundles) - 1, r.scorer_cpus, r.scorer_gpus)).remote(
+            self.name, self.model_path, gpus=r.scorer_gpus, **engine)
+        return [a.ready.remote() for a in self.trainers + self.generators + [self.scorer]]
+
+    def wire(self) -> None:
+        """Join the data-parallel group (trainers) and the weight-sync group (trainer rank 0,
+        generators, scorer); every member joins concurrently, as rendezvous requires."""
+        if len(self.trainers) > 1:
+            host, port = ray.get(self.trainers[0].dp_address.remote())
+            ray.get([t.join_dp_group.remote(host, port) for t in self.trainers])
+        receivers = self.generators + [self.scorer]
+        group = f"copd-{self.run_id}-{self.name}-weights"
+        world = 1 + len(receivers)
+        backend = self.cfg.ray.sync_backend
+        ray.get([self.trainers[0].join_weight_group.remote(group, world, 0, backend)]
+                + [a.join_weight_group.remote(group, world, i + 1, backend) for i, a in enumerate(receivers)])
+        self.plan = ray.get(self.trainers[0].weight_plan.remote(self.cfg.ray.bucket_mb))
+
+    # -- the three jobs of a step -------------------------------------------------------------
+
+    def rollout(self, prompts: list[list[int]], params: SamplingParams,
+                answers: list[str] | None = None, rewards: list[str] | None = None) -> dict:
+        """Spread whole prompts over the generators; results come back in prompt order."""
+        g = len(self.generators)
+        cuts = [len(prompts) * i // g for i in range(g + 1)]
+        refs = [
+            gen.rollout.remote(prompts[lo:hi], params, answers[lo:hi] if answers else None, rewards[lo:hi] if rewards else None)
+            for gen, lo, hi in zip(self.generators, cuts, cuts[1:]) if hi > lo
+        ]
+        parts = ray.get(refs)
+        samples, rewards_out = [], []
+        for part, lo in zip(parts, cuts):
+            for s in part["samples"]:
+                s.prompt_index += lo
+            samples += part["samples"]
+            rewards_out += part.get("rewards", [])
+        return {"samples": samples, "rewards": rewards_out, "seconds": max(p["seconds"] for p in parts),
+                "version": min(p["version"] for p in parts)}
+
+    def evaluate(self, prompts: list[list[int]], answers: list[str], rewards: list[str], max_new_tokens: int) -> float:
+        g = len(self.generators)
+        cuts = [len(prompts) * i // g for i in range(g + 1)]
+        parts = ray.get([
+            gen.evaluate.remote(prompts[lo:hi], answers[lo:hi], rewards[lo:hi], max_new_tokens)
+            for gen, lo, hi in zip(self.generators, cuts, cuts[1:]) if hi > lo
+        ])
+        flat = [x for p in parts for x in p]
+        return sum(flat) / len(flat)
+
+    def train(self, batch: TrainBatch) -> dict:
+        world = len(self.trainers)
+        results = ray.get([t.train_step.remote(batch.shard(i, world)) for i, t in enumerate(self.trainers)])
+        return results[0] if world == 1 else {
+            k: (sum(r[k] for r in results) / world if k != "nan_skipped" else max(r[k] for r in results)) for k in results[0]
+        }
+
+    def sync(self) -> dict:
+        """Broadcast rank 0's weights to the generators and scorer under a new version."""
+        start = time.perf_counter()
+        self.version += 1
+        receivers = self.generators + [self.scorer]
+        sent, *received = ray.get([self.trainers[0].send_weights.remote(self.plan)]
+                                  + [a.receive_weights.remote(self.plan, self.version) for a in receivers])
+        versions = {r["version"] for r in received}
+        if versions != {self.version}:
+            raise RuntimeError(f"branch {self.name!r}: receivers hold versions {versions}, expected {self.version}")
+        return {"seconds": time.perf_counter() - start, "bytes": sent["bytes"], "version": self.version}
+
+    # -- checkpoints and shutdown ----------------------------------------------------------------
+
+    def save(self, folder: str, with_optimizer: bool = True) -> str:
+        return ray.get(self.trainers[0].save.remote(folder, with_optimizer))
+
+    def load(self, folder: str, version: int) -> None:
+        """Trainers take the checkpoint; generators and scorer get it by broadcast."""
+        ray.get([t.load.remote(folder) for t in self.trainers])
+        self.version = version - 1
+        self.sync()
+
+    def shutdown(self) -> None:
+        for a in self.trainers + self.generators + [self.scorer]:
+            if a is not None:
+                ray.kill(a)
+        remove_placement_group(self.pg)

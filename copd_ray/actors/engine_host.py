@@ -1,0 +1,52 @@
+"""What generators and scorers share: a rollout engine over the branch's live weights."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from copd_ray.actors.weight_sync import TensorSpec, WeightGroup
+
+
+def make_engine(kind: str, model_path: str, dtype: str, trust_remote_code: bool, device: str, max_batch_size: int):
+    from copd_ray.models import load_policy
+
+    if kind != "hf":
+        raise ValueError(f"engine kind {kind!r} is not available yet")
+    from copd_ray.engines import HFEngine
+
+    model, tokenizer = load_policy(model_path, dtype, trust_remote_code, device)
+    return HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch_size), tokenizer
+
+
+class EngineHost:
+    """Base of GeneratorActor and ScorerActor (each decorated with ray.remote)."""
+
+    def __init__(self, branch: str, model_path: str, engine_kind: str = "hf", dtype: str = "float32",
+                 trust_remote_code: bool = False, threads: int = 1, max_batch_size: int = 512, gpus: float = 0.0) -> None:
+        torch.set_num_threads(threads)
+        self.branch = branch
+        device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.engine, self.tokenizer = make_engine(engine_kind, model_path, dtype, trust_remote_code, device, max_batch_size)
+        self.weight_group: WeightGroup | None = None
+
+    def ready(self) -> dict:
+        return {"branch": self.branch, "pid": os.getpid(), "version": self.engine.version}
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the engine holds now (for checks; large on a real model)."""
+        return {k: v.detach().cpu() for k, v in self.engine.model.state_dict().items()}
+
+    def join_weight_group(self, name: str, world_size: int, rank: int, backend: str) -> int:
+        self.weight_group = WeightGroup(name, world_size, rank, backend)
+        return rank
+
+    def receive_weights(self, plan: list[list[TensorSpec]], version: int) -> dict:
+        start = time.perf_counter()
+        self.engine.update_weights(self.weight_group.receive(plan), version)
+        return {"version": self.engine.version, "seconds": time.perf_counter() - start}

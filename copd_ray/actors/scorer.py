@@ -1,0 +1,26 @@
+"""ScorerActor: a branch as a live teacher: token log-probs under its current weights."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from copd_ray.actors.engine_host import EngineHost
+from copd_ray.engines import Scores
+
+
+@ray.remote
+class ScorerActor(EngineHost):
+    def score(self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int = 0) -> Scores:
+        start = time.perf_counter()
+        scores = self.engine.score(sequences, prompt_lengths, top_k)
+        scores.extra["seconds"] = time.perf_counter() - start
+        return scores
+
+    def distributions(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[torch.Tensor]:
+        """Full-vocabulary log-probs at each response position (for overlap and KL metrics)."""
+        with torch.inference_mode():
+            rows = self.engine.response_logprob_rows(sequences, prompt_lengths)
+        return [r.cpu() for r in rows]

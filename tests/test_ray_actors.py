@@ -1,0 +1,128 @@
+"""The actor layer on a real local Ray: weight sync, scoring, data parallelism, NaN
+handling, placement failures and the topology actor."""
+
+import math
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from copd_ray.actors import BranchGroup, PlacementError, TrainBatch
+from copd_ray.config import load_config
+from copd_ray.engines import SamplingParams
+from copd_ray.topology import Topology
+from copd_ray.topology.actor import TopologyActor
+
+SMALL = ["resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1"]
+
+
+@pytest.fixture(scope="module")
+def branch(ray_session, tiny_folder):
+    """One branch with two data-parallel trainers and two generators."""
+    cfg = load_config(None, SMALL + ["resources.num_trainers=2", "resources.num_generators=2", "ray.bucket_mb=0.5"])
+    group = BranchGroup("add", cfg, str(tiny_folder), "test-actors")
+    group.wait_placed()
+    ray.get(group.start_actors())
+    group.wire()
+    yield group
+    group.shutdown()
+
+
+def _batch(group, tokenizer, seed=0):
+    prompts = [tokenizer(p)["input_ids"] for p in ["123+045=", "500+500=", "001+002=", "999+001="]]
+    answers = ["168", "1000", "3", "1000"]
+    out = group.rollout(prompts, SamplingParams(n=4, max_new_tokens=6, seed=seed), answers, ["exact_match"] * 4)
+    seqs = [prompts[s.prompt_index] + s.token_ids for s in out["samples"]]
+    plens = [len(prompts[s.prompt_index]) for s in out["samples"]]
+    rewards = [float(i % 3 == 0) for i in range(len(seqs))]  # varied, so groups carry signal
+    return out, TrainBatch(4, seqs, plens, rewards)
+
+
+def test_rollouts_come_back_in_prompt_order_across_generators(branch, tiny_tokenizer):
+    out, batch = _batch(branch, tiny_tokenizer)
+    assert [s.prompt_index for s in out["samples"]] == [i for i in range(4) for _ in range(4)]
+    assert len(out["rewards"]) == 16 and set(out["rewards"]) <= {0.0, 1.0}
+
+
+def test_weight_sync_delivers_the_trainers_exact_tensors(branch, tiny_tokenizer):
+    _, batch = _batch(branch, tiny_tokenizer, seed=1)
+    before = ray.get(branch.trainers[0].state_dict.remote())
+    metrics = branch.train(batch)
+    assert metrics["nan_skipped"] == 0 and math.isfinite(metrics["loss"])
+    trained = ray.get(branch.trainers[0].state_dict.remote())
+    assert any(not torch.equal(before[k], trained[k]) for k in trained)
+    # Data parallel ranks stay identical.
+    other = ray.get(branch.trainers[1].state_dict.remote())
+    assert all(torch.equal(trained[k], other[k]) for k in trained)
+
+    version = branch.version
+    result = branch.sync()
+    assert result["version"] == version + 1
+    assert len(branch.plan) > 1  # a 0.5 MB bucket limit splits the tiny model into several buckets
+    for receiver in branch.generators + [branch.scorer]:
+        assert ray.get(receiver.version.remote()) == version + 1
+        held = ray.get(receiver.state_dict.remote())
+        assert held.keys() == trained.keys()
+        assert all(torch.equal(held[k], trained[k]) for k in trained)
+
+
+def test_scorer_logprobs_equal_a_direct_forward_pass(branch, tiny_folder, tiny_tokenizer):
+    _, batch = _batch(branch, tiny_tokenizer, seed=2)
+    scores = ray.get(branch.scorer.score.remote(batch.grpo_sequences, batch.grpo_prompt_lengths))
+    assert scores.version == branch.version
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    model.load_state_dict(ray.get(branch.trainers[0].state_dict.remote()))
+    for seq, p, got in zip(batch.grpo_sequences, batch.grpo_prompt_lengths, scores.logprobs):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0], dim=-1)
+        assert got == pytest.approx([logp[t - 1, seq[t]].item() for t in range(p, len(seq))], abs=1e-5)
+
+
+def test_a_nan_loss_skips_the_update(branch, tiny_tokenizer):
+    _, batch = _batch(branch, tiny_tokenizer, seed=3)
+    batch.opd_sequences = batch.grpo_sequences[:2]
+    batch.opd_prompt_lengths = batch.grpo_prompt_lengths[:2]
+    batch.opd_teacher_logprobs = [[float("nan")] * (len(s) - p) for s, p in zip(batch.opd_sequences, batch.opd_prompt_lengths)]
+    batch.opd_beta = [1.0, 1.0]
+    batch.grpo_sequences, batch.grpo_prompt_lengths, batch.grpo_rewards = [], [], []
+    before = ray.get(branch.trainers[0].state_dict.remote())
+    metrics = branch.train(batch)
+    assert metrics["nan_skipped"] >= 1
+    after = ray.get(branch.trainers[0].state_dict.remote())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_branch_too_big_for_the_cluster_fails_fast(ray_session, tiny_folder):
+    cfg = load_config(None, ["resources.trainer_cpus=64", "ray.placement_timeout_s=2"])
+    group = BranchGroup("huge", cfg, str(tiny_folder), "test-placement")
+    with pytest.raises(PlacementError, match=r"branch 'huge' could not be placed within 2 s: it asks for \{'CPU': 64.5"):
+        group.wait_placed()
+
+
+def test_topology_actor_routes_hub_and_spoke_and_takes_replacements(ray_session):
+    @ray.remote(num_cpus=0)
+    class Endpoint:
+        def __init__(self, name):
+            self.name = name
+
+        def who(self):
+            return self.name
+
+    actor = TopologyActor.remote(Topology.hub_and_spoke("text", ["image", "video"]))
+    endpoints = {n: Endpoint.remote(n) for n in ["text", "image", "video"]}
+    with pytest.raises(ray.exceptions.RayTaskError, match="no registered scorer"):
+        ray.get(actor.teachers_of.remote("image"))
+    ray.get([actor.register.remote(n, e) for n, e in endpoints.items()])
+
+    def teachers(student):
+        handles = ray.get(actor.teachers_of.remote(student))
+        return {name: ray.get(h.who.remote()) for name, h in handles.items()}
+
+    assert teachers("text") == {"image": "image", "video": "video"}
+    assert teachers("image") == {"text": "text"} and teachers("video") == {"text": "text"}
+    # A restarted scorer registers again; students reach it without any other restart.
+    assert ray.get(actor.register.remote("text", Endpoint.remote("text-restarted"))) == 2
+    assert teachers("video") == {"text": "text-restarted"}
+    with pytest.raises(ray.exceptions.RayTaskError, match="'audio' is not a branch"):
+        ray.get(actor.register.remote("audio", endpoints["text"]))
