@@ -14,6 +14,7 @@ from copd_ray.rewards import RewardFn, get_reward
 @dataclass
 class Capability:
     name: str
+    reward_name: str
     reward: RewardFn
     template: str
     heldout: list[PromptRecord]
@@ -64,4 +65,4 @@ def build_capability(cfg: CapabilityConfig, seed: int = 0) -> Capability:
                 )
             heldout, pool = shuffled[: cfg.heldout_size], shuffled[cfg.heldout_size :]
         train = _cycle_shuffled(pool, f"copd-ray/{cfg.name}/train/{seed}")
-    return Capability(cfg.name, reward, cfg.template, heldout, train, reports)
+    return Capability(cfg.name, cfg.reward, reward, cfg.template, heldout, train, reports)

@@ -141,6 +141,104 @@ class EngineConfig(Section):
 
 class EvalConfig(Section):
     max_new_tokens: int = Field(8, gt=0)
+    every: int = Field(10, ge=0)  # held-out eval of every branch during training; 0 = only at the end
+    during_training_size: int = Field(200, gt=0)  # first N held-out problems for those evals
+
+
+class BranchConfig(Section):
+    name: str
+    # Capabilities whose training data this branch learns from (its D_k and r_k); one for
+    # a CoPD branch, several for a mixed-data baseline. Default: the one named like the branch.
+    data: list[str] | None = None
+    beta: float | None = Field(None, ge=0)  # OPD coefficient; default opd.beta
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        return CapabilityConfig._name(v)
+
+
+class ScheduleConfig(Section):
+    """Algorithm 1: `cycles` x (Phase I: rl_steps GRPO steps; Phase II: opd_steps OPD steps)."""
+
+    cycles: int = Field(3, ge=1)
+    rl_steps: int = Field(20, ge=0)
+    opd_steps: int = Field(10, ge=0)
+    sync_every: int = Field(1, ge=1)  # optimizer steps between weight broadcasts
+    save_every: int = Field(0, ge=0)  # steps between checkpoints; 0 = only at the end of each cycle
+
+    @model_validator(mode="after")
+    def _some_steps(self):
+        if self.rl_steps + self.opd_steps == 0:
+            raise ValueError("rl_steps + opd_steps must be > 0")
+        return self
+
+
+class GRPOConfig(Section):
+    prompts_per_step: int = Field(16, gt=0)
+    group_size: int = Field(8, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(8, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.28, ge=0)
+    loss_agg: Literal["seq_mean_token_mean", "token_mean"] = "seq_mean_token_mean"
+    minibatches: int = Field(2, gt=0)  # optimizer steps per training step
+    grad_clip: float = Field(1.0, gt=0)
+    kl_coef: float = Field(0.0, ge=0)  # KL penalty to the base policy (Eq. 12); off by default
+
+
+class OPDConfig(Section):
+    beta: float = Field(1.0, ge=0)
+    prompts_per_teacher: int = Field(16, gt=0)  # cross-branch prompts per teacher per step
+    samples_per_prompt: int = Field(4, gt=0)
+
+
+class TopologyConfig(Section):
+    kind: Literal["pairwise", "hub_and_spoke", "edges"] = "pairwise"
+    hub: str | None = None
+    edges: list[tuple[str, str]] = []  # (teacher, student) pairs for kind=edges
+
+
+class MergeConfig(Section):
+    method: Literal["mean", "task_arithmetic"] = "mean"
+    weights: dict[str, float] | None = None  # per branch; None = uniform
+
+
+class ResourcesConfig(Section):
+    """Per-actor resources inside each branch's placement group."""
+
+    num_trainers: int = Field(1, gt=0)  # data-parallel trainer workers
+    num_generators: int = Field(1, gt=0)
+    trainer_cpus: float = Field(0.5, ge=0)
+    generator_cpus: float = Field(0.25, ge=0)
+    scorer_cpus: float = Field(0.25, ge=0)
+    trainer_gpus: float = Field(0.0, ge=0)
+    generator_gpus: float = Field(0.0, ge=0)
+    scorer_gpus: float = Field(0.0, ge=0)
+    actor_threads: int = Field(1, gt=0)  # torch threads inside each actor
+
+
+class RayConfig(Section):
+    # None: RAY_ADDRESS if set (as under `ray job submit`), else a local Ray started in-process.
+    address: str | None = None
+    num_cpus: float | None = None  # only for a local Ray; None = the machine's count
+    placement_timeout_s: float = Field(60.0, gt=0)
+    sync_backend: Literal["gloo", "nccl"] = "gloo"
+    bucket_mb: float = Field(64.0, gt=0)
+
+
+class MetricsConfig(Section):
+    pair_every: int = Field(5, ge=0)  # steps between top-k overlap / symmetric KL; 0 = off
+    topk: int = Field(10, gt=0)
+    pair_sequences: int = Field(16, gt=0)  # student rollouts the pair metrics average over
+
+
+class WandbConfig(Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "copd-ray"
 
 
 class Config(Section):
@@ -151,9 +249,20 @@ class Config(Section):
     num_threads: int = Field(2, gt=0)  # torch threads per process; the machine has few cores
     model: ModelConfig = ModelConfig()
     capabilities: list[CapabilityConfig] = Field(default_factory=_default_capabilities)
+    branches: list[BranchConfig] | None = None  # None: one branch per capability
     bootstrap: BootstrapConfig = BootstrapConfig()
     engine: EngineConfig = EngineConfig()
     eval: EvalConfig = EvalConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    opd: OPDConfig = OPDConfig()
+    topology: TopologyConfig = TopologyConfig()
+    merge: MergeConfig = MergeConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    ray: RayConfig = RayConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    wandb: WandbConfig = WandbConfig()
+    resume: str = "auto"  # "auto": continue from the latest checkpoint in output_dir; "never"; or a checkpoint folder
 
     @field_validator("capabilities")
     @classmethod
@@ -164,6 +273,49 @@ class Config(Section):
         if len(set(names)) != len(names):
             raise ValueError(f"capability names repeat: {names}")
         return v
+
+    @model_validator(mode="after")
+    def _wiring(self):
+        """Cross-section checks: branches name capabilities, the topology names branches."""
+        caps = [c.name for c in self.capabilities]
+        branches = self.branch_list()
+        names = [b.name for b in branches]
+        if len(set(names)) != len(names):
+            raise ValueError(f"branch names repeat: {names}")
+        for b in branches:
+            for d in b.data or []:
+                if d not in caps:
+                    raise ValueError(f"branch {b.name!r} trains on unknown capability {d!r}; capabilities: {caps}")
+            if not b.data and b.name not in caps:
+                raise ValueError(f"branch {b.name!r} names no data and no capability is called {b.name!r}")
+        t = self.topology
+        if t.kind == "hub_and_spoke":
+            if t.hub not in names:
+                raise ValueError(f"topology.hub {t.hub!r} is not a branch; branches: {names}")
+        elif t.hub is not None:
+            raise ValueError(f"topology.hub is only for kind=hub_and_spoke, not {t.kind!r}")
+        if t.kind == "edges":
+            if not t.edges:
+                raise ValueError("topology.kind=edges needs topology.edges: [[teacher, student], ...]")
+        for teacher, student in t.edges:
+            for end in (teacher, student):
+                if end not in names:
+                    raise ValueError(f"topology.edges names {end!r}, which is not a branch; branches: {names}")
+            if teacher == student:
+                raise ValueError(f"topology.edges: {teacher!r} cannot teach itself")
+        if self.merge.weights is not None and set(self.merge.weights) != set(names):
+            raise ValueError(f"merge.weights must name every branch exactly: {names}")
+        if self.ray.sync_backend == "nccl" and self.resources.trainer_gpus == 0:
+            raise ValueError("ray.sync_backend=nccl needs GPUs (resources.trainer_gpus > 0)")
+        return self
+
+    def branch_list(self) -> list[BranchConfig]:
+        if self.branches is not None:
+            return self.branches
+        return [BranchConfig(name=c.name) for c in self.capabilities]
+
+    def branch_data(self, branch: BranchConfig) -> list[str]:
+        return branch.data or [branch.name]
 
     def capability(self, name: str) -> CapabilityConfig:
         for c in self.capabilities:
@@ -219,6 +371,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return Config.model_validate(tree)
     except ValidationError as e:
         problems = "\n".join(
-            f"  {'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in e.errors()
+            f"  {'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors()
         )
         raise ConfigError(f"invalid config{f' {path}' if path else ''}:\n{problems}") from None

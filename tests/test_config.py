@@ -7,8 +7,8 @@ from conftest import REPO
 from copd_ray.config import Config, ConfigError, load_config
 
 
-def test_default_yaml_is_the_embedded_default():
-    assert load_config(REPO / "configs" / "default.yaml") == Config() == load_config()
+def test_demo_yaml_is_the_embedded_default():
+    assert load_config(REPO / "configs" / "demo.yaml") == Config() == load_config()
 
 
 def test_dotted_overrides_are_typed(tmp_path):
@@ -56,3 +56,29 @@ def test_a_yaml_file_with_overrides(tmp_path: Path):
         load_config(tmp_path / "list.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["topology.kind=hub_and_spoke", "topology.hub=text"], "topology.hub 'text' is not a branch"),
+        (["topology.hub=add"], "topology.hub is only for kind=hub_and_spoke"),
+        (["topology.kind=edges"], "needs topology.edges"),
+        (["topology.kind=edges", "topology.edges=[[add, video]]"], "names 'video', which is not a branch"),
+        (["branches=[{name: mixed, data: [add, sub]}]"], "unknown capability 'sub'"),
+        (["branches=[{name: a}, {name: a, data: [add]}]"], "branch names repeat"),
+        (["merge.weights={add: 1.0}"], "merge.weights must name every branch"),
+        (["schedule.rl_steps=0", "schedule.opd_steps=0"], "rl_steps + opd_steps must be > 0"),
+        (["schedule.cycles=zero"], "schedule.cycles: Input should be a valid integer"),
+    ],
+)
+def test_bad_wiring_fails_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_mixed_branch_and_hub_config():
+    cfg = load_config(None, ["branches=[{name: mixed, data: [add, mul]}]"])
+    assert [b.name for b in cfg.branch_list()] == ["mixed"] and cfg.branch_data(cfg.branch_list()[0]) == ["add", "mul"]
+    hub = load_config(None, ["topology.kind=hub_and_spoke", "topology.hub=mul"])
+    assert hub.topology.hub == "mul"
