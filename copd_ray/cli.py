@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -16,13 +14,15 @@ from copd_ray.config import Config, ConfigError, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Co-Evolving Policy Distillation on Ray.")
 console = Console()
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; the embedded default when omitted.")
-OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. bootstrap.lr=5e-4 model.path=/ckpt")
+ArgsArg = typer.Argument(None, help="[CONFIG.yaml] [dotted.key=value ...]; the embedded default when no YAML is given.")
 
 
-def _load(config: Optional[Path], overrides: Optional[list[str]]) -> Config:
+def _load(args: Optional[list[str]]) -> Config:
+    """A YAML path (optional, first) and dotted overrides, validated before anything runs."""
+    args = list(args or [])
+    config = args.pop(0) if args and "=" not in args[0] else None
     try:
-        return load_config(config, overrides or [])
+        return load_config(config, args)
     except ConfigError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
@@ -63,7 +63,7 @@ def _eval_table(title: str, results: dict[str, dict[str, dict]]) -> Table:
     for c in caps:
         table.add_column(c, justify="right")
     for model_name, per_cap in results.items():
-        table.add_row(model_name, *(f"{per_cap[c]['pass_rate']:.3f}" for c in caps))
+        table.add_row(model_name, *(f"{per_cap[c]:.3f}" for c in caps))
     return table
 
 
@@ -86,12 +86,11 @@ def _evaluate_folder(cfg: Config, folder: Path) -> dict[str, dict]:
 
 @app.command()
 def bootstrap(
-    config: Optional[Path] = ConfigOpt,
-    overrides: Optional[list[str]] = OverridesArg,
+    args: Optional[list[str]] = ArgsArg,
     force: bool = typer.Option(False, help="Retrain even if a cached policy exists."),
 ) -> None:
     """Build the tiny policy and warm it up until every capability is moderately good."""
-    cfg = _load(config, overrides)
+    cfg = _load(args)
     _setup_torch(cfg)
     _bootstrap(cfg, force)
 
@@ -99,42 +98,43 @@ def bootstrap(
 @app.command("eval")
 def eval_cmd(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder; the base policy when omitted."),
-    config: Optional[Path] = ConfigOpt,
-    overrides: Optional[list[str]] = OverridesArg,
+    args: Optional[list[str]] = ArgsArg,
 ) -> None:
     """Held-out pass@1 (greedy) of a model folder on every capability of the config."""
-    cfg = _load(config, overrides)
+    cfg = _load(args)
     _setup_torch(cfg)
     folder = model or _bootstrap(cfg)[0]
     results = _evaluate_folder(cfg, folder)
-    console.print(_eval_table(f"held-out pass@1: {folder}", {folder.name: results}))
+    rates = {c: r["pass_rate"] for c, r in results.items()}
+    console.print(_eval_table(f"held-out pass@1: {folder}", {folder.name: rates}))
 
 
 @app.command()
-def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """The main job: prepare the base policy, then evaluate it on every capability.
+def train(args: Optional[list[str]] = ArgsArg) -> None:
+    """The main job: CoPD training (Algorithm 1) on Ray, then merge and evaluate.
 
-    (CoPD training cycles join this job when the Ray runtime lands.)
+    Joins the cluster at ray.address or RAY_ADDRESS (as under `ray job submit`), else
+    starts a local Ray.
     """
-    cfg = _load(config, overrides)
+    cfg = _load(args)
     _setup_torch(cfg)
-    start = time.perf_counter()
+    from copd_ray.driver import train as run_copd
+
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    _bootstrap(cfg)
+    summary = run_copd(cfg, console=console)
+    console.print(_eval_table("held-out pass@1 (greedy)", summary["eval"]))
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
-    folder, record = _bootstrap(cfg)
-    results = {"base": _evaluate_folder(cfg, folder)}
-    (out / "eval.json").write_text(json.dumps({"base_model": str(folder), "bootstrap": record, "eval": results}, indent=2))
-    console.print(_eval_table("held-out pass@1 (greedy)", results))
-    console.print(f"wrote {out / 'eval.json'} in {time.perf_counter() - start:.0f} s")
+    console.print(f"{summary['steps']} steps in {summary['seconds']:.0f} s; wrote {out / 'eval.json'}, "
+                  f"{out / 'metrics.jsonl'}, {out / 'merged'}, {', '.join(summary['plots'])}")
 
 
 @app.command("config")
-def show_config(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
+def show_config(args: Optional[list[str]] = ArgsArg) -> None:
     """Print the resolved config (defaults, file and overrides) as YAML."""
     import yaml
 
-    cfg = _load(config, overrides)
+    cfg = _load(args)
     console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", markup=False)
 
 

@@ -31,13 +31,13 @@ def test_short_bootstrap_caches_by_settings(tmp_path):
 
 
 def test_bad_config_fails_before_any_work(tmp_path):
-    result = CliRunner().invoke(app, ["run", f"cache_dir={tmp_path}", "capabilities.0.reward=bleu"])
+    result = CliRunner().invoke(app, ["train", f"cache_dir={tmp_path}", "capabilities.0.reward=bleu"])
     assert result.exit_code == 2 and "unknown reward 'bleu'" in result.output
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
-def test_full_bootstrap_then_main_job(tmp_path):
+def test_full_bootstrap_then_eval(tmp_path):
     cli = [sys.executable, "-m", "copd_ray.cli"]
     start = time.perf_counter()
     boot = subprocess.run(cli + ["bootstrap", f"cache_dir={tmp_path}/cache"], capture_output=True, text=True, timeout=600)
@@ -48,11 +48,9 @@ def test_full_bootstrap_then_main_job(tmp_path):
     assert record["in_range"] and all(0.2 <= r <= 0.6 for r in record["rates"].values()), record
     assert "held-out pass@1 add" in boot.stdout
 
-    out = tmp_path / "run"
-    run = subprocess.run(cli + ["run", f"cache_dir={tmp_path}/cache", f"output_dir={out}"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "(cached)" in run.stdout
-    result = json.loads((out / "eval.json").read_text())
+    evaluated = subprocess.run(cli + ["eval", f"cache_dir={tmp_path}/cache"], capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    assert "(cached)" in evaluated.stdout
     # The saved and reloaded policy scores exactly what the bootstrap measured in memory.
-    assert {c: v["pass_rate"] for c, v in result["eval"]["base"].items()} == record["rates"]
+    row = next(line for line in evaluated.stdout.splitlines() if "tiny-policy-" in line and "│" in line)
+    assert [float(x) for x in row.split("│")[2:4]] == [record["rates"]["add"], record["rates"]["mul"]]

@@ -1,0 +1,387 @@
+"""The CoPD controller: Algorithm 1 of the paper, top to bottom.
+
+    for cycle in 1..N:
+        Phase I  (branch RLVR):  every branch k runs S_RL GRPO steps on D_k with r_k
+        Phase II (mutual OPD):   every branch k runs S_OPD steps; each combines its native
+                                 GRPO batch with, per teacher j, its own rollouts on
+                                 prompts from D_j scored by j: A_t = beta_k (log pi_j - log pi_k)
+    merge the branches in parameter space; evaluate base, branches and merged model
+
+`train` below is that loop; each step fans out to the branches' actors in parallel
+(one driver thread per branch) and ends with a weight broadcast in every branch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+from copd_ray.actors import BranchGroup, TrainBatch
+from copd_ray.algo import symmetric_kl, topk_overlap
+from copd_ray.capabilities import Capability, build_capability
+from copd_ray.config import Config
+from copd_ray.data import PromptRecord, prompt_ids
+from copd_ray.engines import SamplingParams
+from copd_ray.metrics_log import MetricsLog
+from copd_ray.topology import Topology
+from copd_ray.topology.actor import TopologyActor
+
+
+class BranchDataError(ValueError):
+    pass
+
+
+# -- data: each branch's D_k --------------------------------------------------------------
+
+
+@dataclass
+class BranchData:
+    """D_k: the capabilities a branch learns from, drawn in turn (one for a CoPD branch)."""
+
+    name: str
+    capabilities: list[Capability]
+    beta: float
+    drawn: int = 0
+
+    def sample(self, n: int) -> list[PromptRecord]:
+        out = [self.capabilities[(self.drawn + i) % len(self.capabilities)].sample(1)[0] for i in range(n)]
+        self.drawn += n
+        return out
+
+
+def _prompts(records: list[PromptRecord], caps: dict[str, Capability], tokenizer) -> tuple[list, list, list]:
+    """Token ids, answers and reward names of prompt records."""
+    ids = [prompt_ids(r, tokenizer, caps[r.capability].template) for r in records]
+    return ids, [r.answer for r in records], [caps[r.capability].reward_name for r in records]
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+# -- one step of a branch -------------------------------------------------------------------
+
+
+def _rollouts(group: BranchGroup, records, caps, tokenizer, n: int, cfg: Config, seed: int) -> tuple[list, dict]:
+    ids, answers, rewards = _prompts(records, caps, tokenizer)
+    g = cfg.grpo
+    params = SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, seed=seed)
+    return ids, group.rollout(ids, params, answers, rewards)
+
+
+def branch_step(name: str, phase: str, step: int, cfg: Config, groups: dict[str, BranchGroup],
+                data: dict[str, BranchData], caps: dict[str, Capability], tokenizer, topology_actor) -> dict:
+    """One training step of branch `name`: its native GRPO batch and, in Phase II, one
+    cross-branch OPD batch per teacher, all in one update."""
+    group, t = groups[name], {"generate": 0.0, "score": 0.0}
+    record: dict = {"kind": "step", "step": step, "phase": phase, "branch": name}
+
+    # Native GRPO batch: prompts from D_k, rewarded by r_k.
+    records = data[name].sample(cfg.grpo.prompts_per_step)
+    ids, roll = _rollouts(group, records, caps, tokenizer, cfg.grpo.group_size, cfg, _seed(cfg.seed, name, step, "rl"))
+    t["generate"] += roll["seconds"]
+    samples, rewards = roll["samples"], roll["rewards"]
+    batch = TrainBatch(
+        group_size=cfg.grpo.group_size,
+        grpo_sequences=[ids[s.prompt_index] + s.token_ids for s in samples],
+        grpo_prompt_lengths=[len(ids[s.prompt_index]) for s in samples],
+        grpo_rewards=rewards,
+    )
+    record.update(reward_mean=sum(rewards) / len(rewards),
+                  pass_rate=sum(r >= 1.0 for r in rewards) / len(rewards),
+                  response_length=sum(len(s.token_ids) for s in samples) / len(samples))
+
+    if phase == "opd":
+        # The topology says who teaches this branch, and where their scorers live now.
+        for teacher, scorer in ray.get(topology_actor.teachers_of.remote(name)).items():
+            peer_records = data[teacher].sample(cfg.opd.prompts_per_teacher)  # prompts from D_j
+            peer_ids, peer_roll = _rollouts(group, peer_records, caps, tokenizer, cfg.opd.samples_per_prompt, cfg,
+                                            _seed(cfg.seed, name, step, "opd", teacher))
+            sequences = [peer_ids[s.prompt_index] + s.token_ids for s in peer_roll["samples"]]
+            plens = [len(peer_ids[s.prompt_index]) for s in peer_roll["samples"]]
+            scores = ray.get(scorer.score.remote(sequences, plens))  # log pi_j(y_t | x, y_<t)
+            t["generate"] += peer_roll["seconds"]
+            t["score"] += scores.extra["seconds"]
+            batch.opd_sequences += sequences
+            batch.opd_prompt_lengths += plens
+            batch.opd_teacher_logprobs += scores.logprobs
+            batch.opd_beta += [data[name].beta] * len(sequences)
+            student = [lp for s in peer_roll["samples"] for lp in s.logprobs]
+            teacher_lp = [lp for row in scores.logprobs for lp in row]
+            record.update({
+                f"opd/{teacher}/teacher_version": scores.version,
+                f"opd/{teacher}/reward_mean": sum(peer_roll["rewards"]) / len(peer_roll["rewards"]),
+                f"opd/{teacher}/logp_gap": (sum(teacher_lp) - sum(student)) / max(len(student), 1),
+            })
+
+    trained = group.train(batch)  # old log-probs, GRPO + OPD advantages, clipped update
+    t["train"] = trained.pop("seconds")
+    record.update(trained)
+    record.update({f"time/{k}": v for k, v in t.items()})
+    record["_samples"] = (batch.grpo_sequences, batch.grpo_prompt_lengths)  # for pair metrics; not logged
+    return record
+
+
+# -- health signals and evaluation -----------------------------------------------------------------
+
+
+def pair_metrics(teacher: str, student: str, sequences, plens, groups, k: int) -> dict:
+    """Top-k overlap and symmetric KL of teacher and student along the student's rollouts."""
+    t_rows, s_rows = ray.get([groups[teacher].scorer.distributions.remote(sequences, plens),
+                              groups[student].scorer.distributions.remote(sequences, plens)])
+    width = max(r.shape[0] for r in s_rows)
+    vocab = s_rows[0].shape[-1]
+    s_pad, t_pad = torch.zeros(len(s_rows), width, vocab), torch.zeros(len(s_rows), width, vocab)
+    mask = torch.zeros(len(s_rows), width)
+    for i, (s, t) in enumerate(zip(s_rows, t_rows)):
+        s_pad[i, : len(s)], t_pad[i, : len(t)], mask[i, : len(s)] = s, t, 1.0
+    return {"topk_overlap": topk_overlap(s_pad, t_pad, k, mask).item(),
+            "symmetric_kl": symmetric_kl(s_pad, t_pad, mask).item()}
+
+
+def evaluate_branches(groups, caps, tokenizer, cfg: Config, size: int) -> dict[str, dict[str, float]]:
+    """Greedy held-out pass@1 of every branch's live policy on every capability."""
+    def one(name):
+        out = {}
+        for cap in caps.values():
+            ids, answers, rewards = _prompts(cap.heldout[:size], caps, tokenizer)
+            out[cap.name] = groups[name].evaluate(ids, answers, rewards, cfg.eval.max_new_tokens)
+        return out
+    return _each(groups, one)
+
+
+@ray.remote
+def evaluate_folder(folder: str, cfg: Config, held: dict[str, list[PromptRecord]]) -> dict[str, float]:
+    """Greedy held-out pass@1 of a saved model folder on every capability, as a Ray task
+    (it runs wherever the cluster has room, on a GPU when there is one)."""
+    from copd_ray.engines import HFEngine
+    from copd_ray.evaluation import evaluate
+    from copd_ray.models import load_policy
+    from copd_ray.rewards import get_reward
+
+    torch.set_num_threads(cfg.resources.actor_threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_policy(folder, cfg.model.dtype, cfg.model.trust_remote_code, device)
+    engine = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.engine.max_batch_size)
+    return {
+        c.name: evaluate(engine, tokenizer, held[c.name], get_reward(c.reward), c.template, cfg.eval.max_new_tokens)["pass_rate"]
+        for c in cfg.capabilities
+    }
+
+
+def _log_eval(log: MetricsLog, step: int, results: dict[str, dict[str, float]]) -> None:
+    for branch, per_cap in results.items():
+        for cap, rate in per_cap.items():
+            log.log({"kind": "eval", "step": step, "branch": branch, "capability": cap, "pass_rate": rate})
+
+
+def _step_line(step: int, phase: str, records: dict[str, dict]) -> str:
+    parts = []
+    for n, r in records.items():
+        t = r["time/generate"] + r["time/score"] + r["time/train"] + r["time/sync"]
+        parts.append(f"{n}: reward {r['reward_mean']:.2f} loss {r['loss']:+.3f} v{r['version']} {t:.1f}s")
+    return f"step {step:4d} {phase:3s} | " + " | ".join(parts)
+
+
+def _each(names, fn) -> dict:
+    """fn(name) for every branch at once, one driver thread each (Ray calls are thread-safe)."""
+    names = list(names)
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        return dict(zip(names, pool.map(fn, names)))
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    done = sorted(p.parent for p in (output_dir / "checkpoints").glob("step_*/driver_state.json"))
+    return done[-1] if done else None
+
+
+def _resume_from(cfg: Config) -> Path | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        return _latest_checkpoint(Path(cfg.output_dir))
+    path = Path(cfg.resume)
+    if not (path / "driver_state.json").exists():
+        raise FileNotFoundError(f"resume={cfg.resume}: no driver_state.json there (not a complete checkpoint)")
+    return path
+
+
+def save_checkpoint(output_dir: Path, step: int, groups, data, keep: int = 2) -> Path:
+    """Each branch (weights, tokenizer, optimizer) then the driver state; a checkpoint counts
+    only once its driver_state.json exists, and that file is renamed into place last."""
+    folder = output_dir / "checkpoints" / f"step_{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    _each(groups, lambda n: groups[n].save(str(folder / "branches" / n)))
+    state = {"step": step, "drawn": {n: d.drawn for n, d in data.items()},
+             "versions": {n: g.version for n, g in groups.items()}}
+    tmp = folder / "driver_state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, folder / "driver_state.json")
+    for old in sorted((output_dir / "checkpoints").glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def init_ray(cfg: Config) -> bool:
+    """Join the cluster named by ray.address or RAY_ADDRESS (as under `ray job submit`), or
+    start a local Ray. Returns whether this call started it."""
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def schedule(cfg: Config) -> list[tuple[int, str]]:
+    """(cycle, phase) of every global step, in order."""
+    s = cfg.schedule
+    return [(c, phase) for c in range(s.cycles) for phase, n in (("rl", s.rl_steps), ("opd", s.opd_steps)) for _ in range(n)]
+
+
+def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
+    """Run CoPD end to end and return {"eval": ..., "output_dir": ...}."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from transformers import AutoTokenizer
+
+    from copd_ray.models.bootstrap import ensure_base_policy
+    from copd_ray.models.merge_folders import merge_folders
+    from copd_ray.plots import plot_run
+
+    console = console or Console()
+    out = Path(cfg.output_dir)
+    started = time.perf_counter()
+
+    # Everything that can fail does so before any actor starts.
+    branch_cfgs = cfg.branch_list()
+    names = [b.name for b in branch_cfgs]
+    topology = topology or Topology.from_config(cfg.topology.kind, names, cfg.topology.hub, cfg.topology.edges)
+    if sorted(topology.branches) != sorted(names):
+        raise ValueError(f"the topology's branches {list(topology.branches)} are not the config's {names}")
+    caps = {}
+    for c in cfg.capabilities:
+        try:
+            caps[c.name] = build_capability(c, cfg.seed)
+        except ValueError as e:
+            users = [b.name for b in branch_cfgs if c.name in cfg.branch_data(b)]
+            raise BranchDataError(f"branch(es) {users} cannot train: {e}") from None
+        for report in caps[c.name].reports:
+            console.print(f"data: {report}")
+    data = {b.name: BranchData(b.name, [caps[d] for d in cfg.branch_data(b)], cfg.opd.beta if b.beta is None else b.beta)
+            for b in branch_cfgs}
+    resume = _resume_from(cfg)
+    base_path, _ = ensure_base_policy(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    plan = schedule(cfg)
+
+    started_ray = init_ray(cfg)
+    run_id = uuid.uuid4().hex[:8]
+    groups: dict[str, BranchGroup] = {}
+    log = None
+    try:
+        # The runtime: a topology actor and one actor group per branch.
+        topology_actor = TopologyActor.remote(topology)
+        groups = {n: BranchGroup(n, cfg, str(base_path), run_id) for n in names}
+        for g in groups.values():
+            g.wait_placed()
+        ray.get([ref for g in groups.values() for ref in g.start_actors()])
+        _each(groups, lambda n: groups[n].wire())
+        ray.get([topology_actor.register.remote(n, g.scorer) for n, g in groups.items()])
+        console.print(f"ray: {len(names)} branches up ({', '.join(names)}), topology "
+                      f"{[f'{t}->{s}' for t, s in topology.edges]}, {time.perf_counter() - started:.0f} s")
+
+        first_step = 0
+        if resume is not None:
+            state = json.loads((resume / "driver_state.json").read_text())
+            first_step = state["step"]
+            _each(groups, lambda n: groups[n].load(str(resume / "branches" / n), state["versions"][n]))
+            for n, d in data.items():
+                d.sample(state["drawn"][n])  # replay the data streams to where they were
+            console.print(f"resumed from {resume} at step {first_step}")
+        log = MetricsLog(out, cfg.wandb, cfg.run_name, cfg.model_dump(mode="json"), append=resume is not None)
+        if resume is not None:
+            log.log({"kind": "event", "step": first_step, "event": "resumed", "from": str(resume)})
+        elif cfg.eval.every:
+            _log_eval(log, 0, evaluate_branches(groups, caps, tokenizer, cfg, cfg.eval.during_training_size))
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("CoPD", total=len(plan), completed=first_step)
+            for step, (cycle, phase) in enumerate(plan[first_step:], start=first_step + 1):
+                progress.update(task, description=f"cycle {cycle + 1}/{cfg.schedule.cycles} "
+                                                  f"{'Phase I  (RLVR)' if phase == 'rl' else 'Phase II (OPD) '}")
+                # Every branch takes its step in parallel ...
+                records = _each(groups, lambda n: branch_step(n, phase, step, cfg, groups, data, caps, tokenizer,
+                                                              topology_actor))
+                # ... then every branch broadcasts its new weights to its generators and scorer.
+                synced = _each(groups, lambda n: groups[n].sync()) if step % cfg.schedule.sync_every == 0 else {}
+                for n, r in records.items():
+                    r.update({"cycle": cycle, "version": groups[n].version,
+                              "time/sync": synced[n]["seconds"] if synced else 0.0})
+                if cfg.metrics.pair_every and step % cfg.metrics.pair_every == 0:
+                    for teacher, student in topology.edges:
+                        seqs, plens = records[student]["_samples"]
+                        m = cfg.metrics.pair_sequences
+                        log.log({"kind": "pair", "step": step, "teacher": teacher, "student": student,
+                                 **pair_metrics(teacher, student, seqs[:m], plens[:m], groups, cfg.metrics.topk)})
+                for r in records.values():
+                    r.pop("_samples")
+                    log.log(r)
+                    if r["nan_skipped"]:
+                        log.log({"kind": "event", "step": step, "event": "nan_loss_skipped", "branch": r["branch"],
+                                 "updates": r["nan_skipped"]})
+                if cfg.eval.every and step % cfg.eval.every == 0:
+                    _log_eval(log, step, evaluate_branches(groups, caps, tokenizer, cfg, cfg.eval.during_training_size))
+                progress.console.print(_step_line(step, phase, records))
+                end_of_cycle = step == len(plan) or plan[step][0] != cycle
+                if end_of_cycle or (cfg.schedule.save_every and step % cfg.schedule.save_every == 0):
+                    save_checkpoint(out, step, groups, data)
+                progress.advance(task)
+
+        # Merge: the unified model, in parameter space.
+        branch_dirs = _each(groups, lambda n: groups[n].save(str(out / "branches" / n), with_optimizer=False))
+        weights = [cfg.merge.weights[n] for n in names] if cfg.merge.weights else None
+        merged = merge_folders([branch_dirs[n] for n in names], out / "merged", cfg.merge.method, weights,
+                               base_folder=base_path if cfg.merge.method == "task_arithmetic" else None)
+        for g in groups.values():
+            g.shutdown()  # frees the cluster for the evaluation tasks
+        groups = {}
+
+        # Evaluate base, every branch and the merged model on every capability.
+        held = {n: c.heldout for n, c in caps.items()}
+        models = {"base": str(base_path), **{f"branch:{n}": branch_dirs[n] for n in names}, "merged": str(merged)}
+        results = dict(zip(models, ray.get([evaluate_folder.remote(p, cfg, held) for p in models.values()])))
+        log.log({"kind": "event", "step": len(plan), "event": "final_eval",
+                 **{f"{m}/{c}": v for m, per in results.items() for c, v in per.items()}})
+    finally:
+        for g in groups.values():
+            g.shutdown()
+        if log is not None:
+            log.close()
+        if started_ray:
+            ray.shutdown()
+
+    summary = {"eval": results, "models": models, "steps": len(plan), "seconds": round(time.perf_counter() - started, 1)}
+    (out / "eval.json").write_text(json.dumps(summary, indent=2))
+    summary["plots"] = [str(p) for p in plot_run(out)]
+    return summary

@@ -1,0 +1,51 @@
+"""Where a run's numbers go: `<output_dir>/metrics.jsonl` (one record a line, each with a
+`kind`: step, eval, pair or event) and wandb (offline unless the config says otherwise)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, output_dir: Path, wandb_cfg, run_name: str, config: dict, append: bool) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = self.path.open("a" if append else "w", encoding="utf-8")
+        self.wandb = None
+        if wandb_cfg.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_cfg.project, name=run_name, dir=str(output_dir),
+                                    mode=wandb_cfg.mode, config=config, resume="allow")
+
+    def log(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(self._flat(record), step=record["step"])
+
+    @staticmethod
+    def _flat(record: dict) -> dict:
+        kind = record["kind"]
+        if kind == "step":
+            prefix = f"{record['branch']}/"
+        elif kind == "eval":
+            prefix = f"eval/{record['branch']}/{record['capability']}/"
+        elif kind == "pair":
+            prefix = f"pair/{record['teacher']}->{record['student']}/"
+        else:
+            prefix = f"{kind}/"
+        skip = {"kind", "step", "branch", "capability", "teacher", "student", "cycle", "phase"}
+        return {prefix + k: v for k, v in record.items() if k not in skip and isinstance(v, (int, float))}
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

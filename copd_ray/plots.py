@@ -1,0 +1,62 @@
+"""PNG plots beside metrics.jsonl: held-out accuracy per capability over steps, and top-k
+overlap and symmetric KL per directed pair (the shape of the paper's Figure 4 a-b)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from copd_ray.metrics_log import read_metrics  # noqa: E402
+
+
+def plot_run(output_dir: str | Path) -> list[Path]:
+    output_dir = Path(output_dir)
+    records = read_metrics(output_dir / "metrics.jsonl")
+    written = []
+
+    evals = defaultdict(list)  # (capability, branch) -> [(step, rate)]
+    for r in records:
+        if r["kind"] == "eval":
+            evals[(r["capability"], r["branch"])].append((r["step"], r["pass_rate"]))
+    capabilities = sorted({c for c, _ in evals})
+    if capabilities:
+        fig, axes = plt.subplots(1, len(capabilities), figsize=(5 * len(capabilities), 4), squeeze=False)
+        for ax, cap in zip(axes[0], capabilities):
+            for (c, branch), points in sorted(evals.items()):
+                if c == cap:
+                    xs, ys = zip(*sorted(points))
+                    ax.plot(xs, ys, marker="o", markersize=3, label=f"branch {branch}")
+            ax.set(title=f"held-out accuracy: {cap}", xlabel="step", ylabel="pass@1 (greedy)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        written.append(_save(fig, output_dir / "accuracy.png"))
+
+    pairs = defaultdict(list)  # "teacher->student" -> [(step, overlap, kl)]
+    for r in records:
+        if r["kind"] == "pair":
+            pairs[f"{r['teacher']}->{r['student']}"].append((r["step"], r["topk_overlap"], r["symmetric_kl"]))
+    if pairs:
+        fig, (ax_o, ax_k) = plt.subplots(1, 2, figsize=(10, 4))
+        for name, points in sorted(pairs.items()):
+            steps, overlap, kl = zip(*sorted(points))
+            ax_o.plot(steps, overlap, marker="o", markersize=3, label=name)
+            ax_k.plot(steps, kl, marker="o", markersize=3, label=name)
+        ax_o.set(title="top-k token overlap (teacher vs student)", xlabel="step", ylabel="overlap")
+        ax_k.set(title="symmetric KL along student rollouts", xlabel="step", ylabel="KL(S||T) + KL(T||S)")
+        for ax in (ax_o, ax_k):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        written.append(_save(fig, output_dir / "pair_metrics.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,111 @@
+"""Algorithm 1 end to end on a real local Ray, with the untrained tiny policy."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from copd_ray.config import load_config
+from copd_ray.driver import BranchDataError, train
+from copd_ray.topology import Topology
+
+FAST = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
+        "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4",
+        "opd.prompts_per_teacher=4", "opd.samples_per_prompt=2", "capabilities.0.heldout_size=40",
+        "capabilities.1.heldout_size=40", "eval.during_training_size=20", "metrics.pair_sequences=8"]
+
+
+def _records(out, kind):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["kind"] == kind]
+
+
+def test_one_cycle_completes_and_merges_to_the_mean(ray_session, tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, FAST + [f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1",
+                                    "schedule.rl_steps=2", "schedule.opd_steps=1", "eval.every=3", "metrics.pair_every=1"])
+    summary = train(cfg)
+
+    evals = json.loads((out / "eval.json").read_text())["eval"]
+    assert set(evals) == {"base", "branch:add", "branch:mul", "merged"}
+    assert all(set(per) == {"add", "mul"} for per in evals.values())
+
+    add, mul = (load_file(str(out / "branches" / n / "model.safetensors")) for n in ("add", "mul"))
+    merged = load_file(str(out / "merged" / "model.safetensors"))
+    assert merged.keys() == add.keys()
+    assert all(torch.allclose(merged[k], (add[k] + mul[k]) / 2, atol=1e-7) for k in merged)
+    assert any(not torch.equal(add[k], mul[k]) for k in add)  # the branches really diverged
+    AutoModelForCausalLM.from_pretrained(out / "merged")
+    AutoModelForCausalLM.from_pretrained(out / "branches" / "add")
+
+    steps = _records(out, "step")
+    assert [(r["step"], r["phase"]) for r in steps if r["branch"] == "add"] == [(1, "rl"), (2, "rl"), (3, "opd")]
+    keys = {"reward_mean", "pass_rate", "response_length", "loss", "clip_fraction", "entropy", "grad_norm",
+            "version", "time/generate", "time/score", "time/train", "time/sync"}
+    assert all(keys <= r.keys() for r in steps)
+    assert [r["version"] for r in steps if r["branch"] == "mul"] == [1, 2, 3]
+    opd = [r for r in steps if r["phase"] == "opd"]
+    assert {r["branch"]: r["opd/" + ("mul" if r["branch"] == "add" else "add") + "/teacher_version"] for r in opd} == {"add": 2, "mul": 2}
+    pairs = _records(out, "pair")
+    assert {(p["teacher"], p["student"]) for p in pairs} == {("add", "mul"), ("mul", "add")}
+    assert all(0 <= p["topk_overlap"] <= 1 and p["symmetric_kl"] >= 0 for p in pairs)
+    assert {(e["step"], e["branch"], e["capability"]) for e in _records(out, "eval")} >= {(3, "add", "mul"), (0, "mul", "add")}
+    assert {p.rsplit("/", 1)[-1] for p in summary["plots"]} == {"accuracy.png", "pair_metrics.png"}
+
+
+def test_three_branches_hub_and_spoke_from_python(ray_session, tiny_folder, tmp_path):
+    out = tmp_path / "hub"
+    cfg = load_config(None, FAST + [
+        f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1", "schedule.rl_steps=0",
+        "schedule.opd_steps=1", "eval.every=0", "metrics.pair_every=0",
+        "branches=[{name: add}, {name: mul}, {name: mixed, data: [add, mul]}]"])
+    train(cfg, topology=Topology.hub_and_spoke("mixed", ["add", "mul"]))
+    teachers = {r["branch"]: sorted(k.split("/")[1] for k in r if k.endswith("/teacher_version"))
+                for r in _records(out, "step")}
+    assert teachers == {"mixed": ["add", "mul"], "add": ["mixed"], "mul": ["mixed"]}
+    assert set(json.loads((out / "eval.json").read_text())["eval"]) == {"base", "branch:add", "branch:mul", "branch:mixed", "merged"}
+
+
+def test_a_branch_without_usable_rows_stops_the_run_naming_it(tmp_path, tiny_folder):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1="}\n{oops\n')
+    cfg = load_config(None, FAST + [f"model.path={tiny_folder}", f"output_dir={tmp_path / 'o'}",
+                                    f"capabilities.1.source={bad}"])
+    with pytest.raises(BranchDataError, match=r"branch\(es\) \['mul'\] cannot train: capability 'mul': no usable rows"):
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes(tmp_path, tiny_folder):
+    out = tmp_path / "resume"
+    args = [sys.executable, "-m", "copd_ray.cli", "train", *FAST, f"model.path={tiny_folder}", f"output_dir={out}",
+            "schedule.cycles=1", "schedule.rl_steps=30", "schedule.opd_steps=0", "schedule.save_every=2",
+            "eval.every=0", "metrics.pair_every=0", "ray.num_cpus=2"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 240
+    while not list(out.glob("checkpoints/step_*/driver_state.json")):
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)  # Ctrl-C mid-run
+    first.wait(timeout=120)
+    assert not (out / "eval.json").exists()
+    saved = max(json.loads(p.read_text())["step"] for p in out.glob("checkpoints/step_*/driver_state.json"))
+    assert saved < 30
+
+    second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"at step {saved}" in second.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    at = next(i for i, r in enumerate(records) if r["kind"] == "event" and r["event"] == "resumed")
+    assert records[at]["step"] == saved
+    after = [r["step"] for r in records[at:] if r["kind"] == "step" and r["branch"] == "add"]
+    assert after == list(range(saved + 1, 31))
+    assert json.loads((out / "eval.json").read_text())["steps"] == 30
