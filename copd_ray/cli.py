@@ -67,6 +67,19 @@ def _eval_table(title: str, results: dict[str, dict[str, dict]]) -> Table:
     return table
 
 
+def _time_table(metrics_path: Path) -> Table:
+    from copd_ray.metrics_log import read_metrics, time_split
+
+    table = Table(title="mean seconds per branch step (actor-measured)")
+    for col in ("phase", "generate", "score", "train", "sync", "sync+score share"):
+        table.add_column(col, justify="right")
+    for phase, t in time_split(read_metrics(metrics_path)).items():
+        total = sum(t.values())
+        table.add_row("I (RLVR)" if phase == "rl" else "II (OPD)", *(f"{v:.3f}" for v in t.values()),
+                      f"{(t['sync'] + t['score']) / total:.1%}" if total else "-")
+    return table
+
+
 def _evaluate_folder(cfg: Config, folder: Path) -> dict[str, dict]:
     from copd_ray.capabilities import build_capability
     from copd_ray.engines import HFEngine
@@ -125,6 +138,7 @@ def train(args: Optional[list[str]] = ArgsArg) -> None:
     summary = run_copd(cfg, console=console)
     console.print(_eval_table("held-out pass@1 (greedy)", summary["eval"]))
     out = Path(cfg.output_dir)
+    console.print(_time_table(out / "metrics.jsonl"))
     console.print(f"{summary['steps']} steps in {summary['seconds']:.0f} s; wrote {out / 'eval.json'}, "
                   f"{out / 'metrics.jsonl'}, {out / 'merged'}, {', '.join(summary['plots'])}")
 

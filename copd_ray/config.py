@@ -161,9 +161,9 @@ class BranchConfig(Section):
 class ScheduleConfig(Section):
     """Algorithm 1: `cycles` x (Phase I: rl_steps GRPO steps; Phase II: opd_steps OPD steps)."""
 
-    cycles: int = Field(3, ge=1)
-    rl_steps: int = Field(20, ge=0)
-    opd_steps: int = Field(10, ge=0)
+    cycles: int = Field(4, ge=1)
+    rl_steps: int = Field(50, ge=0)
+    opd_steps: int = Field(25, ge=0)
     sync_every: int = Field(1, ge=1)  # optimizer steps between weight broadcasts
     save_every: int = Field(0, ge=0)  # steps between checkpoints; 0 = only at the end of each cycle
 
@@ -233,7 +233,7 @@ class RayConfig(Section):
 class MetricsConfig(Section):
     pair_every: int = Field(5, ge=0)  # steps between top-k overlap / symmetric KL; 0 = off
     topk: int = Field(10, gt=0)
-    pair_sequences: int = Field(16, gt=0)  # student rollouts the pair metrics average over
+    pair_sequences: int = Field(32, gt=0)  # student rollouts the pair metrics average over
 
 
 class WandbConfig(Section):

@@ -189,8 +189,8 @@ def _step_line(step: int, phase: str, records: dict[str, dict]) -> str:
     parts = []
     for n, r in records.items():
         t = r["time/generate"] + r["time/score"] + r["time/train"] + r["time/sync"]
-        parts.append(f"{n}: reward {r['reward_mean']:.2f} loss {r['loss']:+.3f} v{r['version']} {t:.1f}s")
-    return f"step {step:4d} {phase:3s} | " + " | ".join(parts)
+        parts.append(f"{n} r={r['reward_mean']:.2f} L={r['loss']:+.3f} v{r['version']} {t:.1f}s")
+    return f"{step:4d} {phase:3s}| " + " | ".join(parts)
 
 
 def _each(names, fn) -> dict:

@@ -49,3 +49,15 @@ class MetricsLog:
 
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def time_split(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean seconds per step of each part (generate, score, train, sync), per phase,
+    averaged over branches: where a step's time goes."""
+    parts = ("generate", "score", "train", "sync")
+    out: dict[str, dict[str, float]] = {}
+    for phase in ("rl", "opd"):
+        rows = [r for r in records if r["kind"] == "step" and r["phase"] == phase]
+        if rows:
+            out[phase] = {p: sum(r[f"time/{p}"] for r in rows) / len(rows) for p in parts}
+    return out

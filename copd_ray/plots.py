@@ -18,6 +18,7 @@ def plot_run(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     records = read_metrics(output_dir / "metrics.jsonl")
     written = []
+    opd_spans = _phase_spans(records, "opd")
 
     evals = defaultdict(list)  # (capability, branch) -> [(step, rate)]
     for r in records:
@@ -31,7 +32,8 @@ def plot_run(output_dir: str | Path) -> list[Path]:
                 if c == cap:
                     xs, ys = zip(*sorted(points))
                     ax.plot(xs, ys, marker="o", markersize=3, label=f"branch {branch}")
-            ax.set(title=f"held-out accuracy: {cap}", xlabel="step", ylabel="pass@1 (greedy)")
+            _shade(ax, opd_spans)
+            ax.set(title=f"held-out accuracy: {cap} (shaded: Phase II, OPD)", xlabel="step", ylabel="pass@1 (greedy)")
             ax.grid(alpha=0.3)
             ax.legend()
         written.append(_save(fig, output_dir / "accuracy.png"))
@@ -49,10 +51,28 @@ def plot_run(output_dir: str | Path) -> list[Path]:
         ax_o.set(title="top-k token overlap (teacher vs student)", xlabel="step", ylabel="overlap")
         ax_k.set(title="symmetric KL along student rollouts", xlabel="step", ylabel="KL(S||T) + KL(T||S)")
         for ax in (ax_o, ax_k):
+            _shade(ax, opd_spans)
             ax.grid(alpha=0.3)
             ax.legend()
         written.append(_save(fig, output_dir / "pair_metrics.png"))
     return written
+
+
+def _phase_spans(records: list[dict], phase: str) -> list[tuple[int, int]]:
+    """(first step - 1, last step) of each run of consecutive steps in `phase`."""
+    steps = sorted({r["step"] for r in records if r["kind"] == "step" and r["phase"] == phase})
+    spans: list[tuple[int, int]] = []
+    for s in steps:
+        if spans and spans[-1][1] == s - 1:
+            spans[-1] = (spans[-1][0], s)
+        else:
+            spans.append((s - 1, s))
+    return spans
+
+
+def _shade(ax, spans: list[tuple[int, int]]) -> None:
+    for lo, hi in spans:
+        ax.axvspan(lo, hi, color="tab:green", alpha=0.08, linewidth=0)
 
 
 def _save(fig, path: Path) -> Path:
