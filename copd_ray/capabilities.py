@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 
 from copd_ray.config import CapabilityConfig
 from copd_ray.data import LoadReport, PromptRecord, heldout_set, load_records, training_stream
@@ -20,9 +20,15 @@ class Capability:
     heldout: list[PromptRecord]
     train: Iterator[PromptRecord]
     reports: list[LoadReport] = field(default_factory=list)
+    new_stream: Callable[[str], Iterator[PromptRecord]] | None = None
 
     def sample(self, n: int) -> list[PromptRecord]:
         return [next(self.train) for _ in range(n)]
+
+    def fork(self, salt: str) -> Capability:
+        """The same capability with its own training stream (one per user, so that each
+        stream's position alone says where a run is, and no two threads share one)."""
+        return replace(self, train=self.new_stream(salt))
 
 
 def _cycle_shuffled(records: list[PromptRecord], seed: str) -> Iterator[PromptRecord]:
@@ -49,7 +55,8 @@ def build_capability(cfg: CapabilityConfig, seed: int = 0) -> Capability:
         heldout = (
             load(cfg.heldout) if cfg.heldout else heldout_set(task, cfg.heldout_size, seed, capability=cfg.name)
         )
-        train = training_stream(task, heldout, seed, capability=cfg.name)
+        def new_stream(salt: str) -> Iterator[PromptRecord]:
+            return training_stream(task, heldout, f"{seed}{salt}", capability=cfg.name)
     else:
         records = load(cfg.source)
         if cfg.heldout:
@@ -64,5 +71,7 @@ def build_capability(cfg: CapabilityConfig, seed: int = 0) -> Capability:
                     f"capability {cfg.name!r}: {len(shuffled)} rows cannot spare {cfg.heldout_size} held out"
                 )
             heldout, pool = shuffled[: cfg.heldout_size], shuffled[cfg.heldout_size :]
-        train = _cycle_shuffled(pool, f"copd-ray/{cfg.name}/train/{seed}")
-    return Capability(cfg.name, cfg.reward, reward, cfg.template, heldout, train, reports)
+
+        def new_stream(salt: str) -> Iterator[PromptRecord]:
+            return _cycle_shuffled(pool, f"copd-ray/{cfg.name}/train/{seed}{salt}")
+    return Capability(cfg.name, cfg.reward, reward, cfg.template, heldout, new_stream(""), reports, new_stream)

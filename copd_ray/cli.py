@@ -31,8 +31,11 @@ def _load(args: Optional[list[str]]) -> Config:
 def _setup_torch(cfg: Config) -> None:
     import torch
 
+    from copd_ray.models.loading import quiet_transformers
+
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
+    quiet_transformers()
 
 
 def _bootstrap(cfg: Config, force: bool = False):

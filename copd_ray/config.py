@@ -175,7 +175,7 @@ class ScheduleConfig(Section):
 
 
 class GRPOConfig(Section):
-    prompts_per_step: int = Field(16, gt=0)
+    prompts_per_step: int = Field(32, gt=0)
     group_size: int = Field(8, gt=0)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -79,16 +79,30 @@ def _rollouts(group: BranchGroup, records, caps, tokenizer, n: int, cfg: Config,
     return ids, group.rollout(ids, params, answers, rewards)
 
 
-def branch_step(name: str, phase: str, step: int, cfg: Config, groups: dict[str, BranchGroup],
-                data: dict[str, BranchData], caps: dict[str, Capability], tokenizer, topology_actor) -> dict:
+def draw_prompts(names, phase: str, cfg: Config, data: dict[str, BranchData], topology_actor) -> dict:
+    """Every prompt of this step, drawn in the driver's thread (streams are not thread-safe
+    and a fixed draw order makes resuming exact). Each branch asks the topology for its
+    teachers now, so a re-registered scorer is used from the next step on."""
+    plan = {}
+    for name in names:
+        step_plan = {"native": data[name].sample(cfg.grpo.prompts_per_step), "teachers": {}}
+        if phase == "opd":
+            for teacher, scorer in ray.get(topology_actor.teachers_of.remote(name)).items():
+                step_plan["teachers"][teacher] = (scorer, data[teacher].sample(cfg.opd.prompts_per_teacher))
+        plan[name] = step_plan
+    return plan
+
+
+def branch_step(name: str, phase: str, step: int, cfg: Config, group: BranchGroup, prompts: dict,
+                caps: dict[str, Capability], tokenizer, beta: float) -> dict:
     """One training step of branch `name`: its native GRPO batch and, in Phase II, one
     cross-branch OPD batch per teacher, all in one update."""
-    group, t = groups[name], {"generate": 0.0, "score": 0.0}
+    t = {"generate": 0.0, "score": 0.0}
     record: dict = {"kind": "step", "step": step, "phase": phase, "branch": name}
 
     # Native GRPO batch: prompts from D_k, rewarded by r_k.
-    records = data[name].sample(cfg.grpo.prompts_per_step)
-    ids, roll = _rollouts(group, records, caps, tokenizer, cfg.grpo.group_size, cfg, _seed(cfg.seed, name, step, "rl"))
+    ids, roll = _rollouts(group, prompts["native"], caps, tokenizer, cfg.grpo.group_size, cfg,
+                          _seed(cfg.seed, name, step, "rl"))
     t["generate"] += roll["seconds"]
     samples, rewards = roll["samples"], roll["rewards"]
     batch = TrainBatch(
@@ -101,28 +115,26 @@ def branch_step(name: str, phase: str, step: int, cfg: Config, groups: dict[str,
                   pass_rate=sum(r >= 1.0 for r in rewards) / len(rewards),
                   response_length=sum(len(s.token_ids) for s in samples) / len(samples))
 
-    if phase == "opd":
-        # The topology says who teaches this branch, and where their scorers live now.
-        for teacher, scorer in ray.get(topology_actor.teachers_of.remote(name)).items():
-            peer_records = data[teacher].sample(cfg.opd.prompts_per_teacher)  # prompts from D_j
-            peer_ids, peer_roll = _rollouts(group, peer_records, caps, tokenizer, cfg.opd.samples_per_prompt, cfg,
-                                            _seed(cfg.seed, name, step, "opd", teacher))
-            sequences = [peer_ids[s.prompt_index] + s.token_ids for s in peer_roll["samples"]]
-            plens = [len(peer_ids[s.prompt_index]) for s in peer_roll["samples"]]
-            scores = ray.get(scorer.score.remote(sequences, plens))  # log pi_j(y_t | x, y_<t)
-            t["generate"] += peer_roll["seconds"]
-            t["score"] += scores.extra["seconds"]
-            batch.opd_sequences += sequences
-            batch.opd_prompt_lengths += plens
-            batch.opd_teacher_logprobs += scores.logprobs
-            batch.opd_beta += [data[name].beta] * len(sequences)
-            student = [lp for s in peer_roll["samples"] for lp in s.logprobs]
-            teacher_lp = [lp for row in scores.logprobs for lp in row]
-            record.update({
-                f"opd/{teacher}/teacher_version": scores.version,
-                f"opd/{teacher}/reward_mean": sum(peer_roll["rewards"]) / len(peer_roll["rewards"]),
-                f"opd/{teacher}/logp_gap": (sum(teacher_lp) - sum(student)) / max(len(student), 1),
-            })
+    # Phase II: per teacher j, the student's rollouts on prompts from D_j, scored by j.
+    for teacher, (scorer, peer_records) in prompts["teachers"].items():
+        peer_ids, peer_roll = _rollouts(group, peer_records, caps, tokenizer, cfg.opd.samples_per_prompt, cfg,
+                                        _seed(cfg.seed, name, step, "opd", teacher))
+        sequences = [peer_ids[s.prompt_index] + s.token_ids for s in peer_roll["samples"]]
+        plens = [len(peer_ids[s.prompt_index]) for s in peer_roll["samples"]]
+        scores = ray.get(scorer.score.remote(sequences, plens))  # log pi_j(y_t | x, y_<t)
+        t["generate"] += peer_roll["seconds"]
+        t["score"] += scores.extra["seconds"]
+        batch.opd_sequences += sequences
+        batch.opd_prompt_lengths += plens
+        batch.opd_teacher_logprobs += scores.logprobs
+        batch.opd_beta += [beta] * len(sequences)
+        student = [lp for s in peer_roll["samples"] for lp in s.logprobs]
+        teacher_lp = [lp for row in scores.logprobs for lp in row]
+        record.update({
+            f"opd/{teacher}/teacher_version": scores.version,
+            f"opd/{teacher}/reward_mean": sum(peer_roll["rewards"]) / len(peer_roll["rewards"]),
+            f"opd/{teacher}/logp_gap": (sum(teacher_lp) - sum(student)) / max(len(student), 1),
+        })
 
     trained = group.train(batch)  # old log-probs, GRPO + OPD advantages, clipped update
     t["train"] = trained.pop("seconds")
@@ -287,7 +299,8 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
             raise BranchDataError(f"branch(es) {users} cannot train: {e}") from None
         for report in caps[c.name].reports:
             console.print(f"data: {report}")
-    data = {b.name: BranchData(b.name, [caps[d] for d in cfg.branch_data(b)], cfg.opd.beta if b.beta is None else b.beta)
+    data = {b.name: BranchData(b.name, [caps[d].fork(f"/{b.name}") for d in cfg.branch_data(b)],
+                               cfg.opd.beta if b.beta is None else b.beta)
             for b in branch_cfgs}
     resume = _resume_from(cfg)
     base_path, _ = ensure_base_policy(cfg)
@@ -331,8 +344,9 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
                 progress.update(task, description=f"cycle {cycle + 1}/{cfg.schedule.cycles} "
                                                   f"{'Phase I  (RLVR)' if phase == 'rl' else 'Phase II (OPD) '}")
                 # Every branch takes its step in parallel ...
-                records = _each(groups, lambda n: branch_step(n, phase, step, cfg, groups, data, caps, tokenizer,
-                                                              topology_actor))
+                prompts = draw_prompts(names, phase, cfg, data, topology_actor)
+                records = _each(groups, lambda n: branch_step(n, phase, step, cfg, groups[n], prompts[n], caps,
+                                                              tokenizer, data[n].beta))
                 # ... then every branch broadcasts its new weights to its generators and scorer.
                 synced = _each(groups, lambda n: groups[n].sync()) if step % cfg.schedule.sync_every == 0 else {}
                 for n, r in records.items():

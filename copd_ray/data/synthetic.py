@@ -51,7 +51,7 @@ def heldout_set(task: str, size: int, seed: int = 0, capability: str | None = No
 
 
 def training_stream(
-    task: str, heldout: list[PromptRecord], seed: int = 0, capability: str | None = None
+    task: str, heldout: list[PromptRecord], seed: int | str = 0, capability: str | None = None
 ) -> Iterator[PromptRecord]:
     """An endless stream of training problems that excludes the held-out prompts."""
     make = _task(task)
