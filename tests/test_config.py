@@ -36,6 +36,7 @@ def test_a_whole_list_can_be_overridden():
         ("model.tiny.num_heads=3", "not divisible by num_heads 3"),
         ("bootstrap.aim=0.9", "need low <= aim <= high"),
         ("engine.kind=tensorrt", "engine.kind"),
+        ("engine.scorer_kind=sglang", "engine 'sglang' is not installed"),
         ("capabilities.0.template='Q {x}'", "must contain '{prompt}'"),
         ("novalue", "not of the form key=value"),
     ],

@@ -126,3 +126,23 @@ def test_topology_actor_routes_hub_and_spoke_and_takes_replacements(ray_session)
     assert teachers("video") == {"text": "text-restarted"}
     with pytest.raises(ray.exceptions.RayTaskError, match="'audio' is not a branch"):
         ray.get(actor.register.remote("audio", endpoints["text"]))
+
+
+def test_standalone_torch_transport_delivers_the_same_tensors(ray_session, tiny_folder, tiny_tokenizer):
+    """The transport vLLM/SGLang branches use, checked here with pure-torch engines."""
+    cfg = load_config(None, SMALL + ["ray.sync_transport=torch", "ray.bucket_mb=0.25"])
+    group = BranchGroup("torchsync", cfg, str(tiny_folder), "test-torch-transport")
+    try:
+        group.wait_placed()
+        ray.get(group.start_actors())
+        group.wire()
+        assert group.transport == "torch"
+        _, batch = _batch(group, tiny_tokenizer, seed=4)
+        group.train(batch)
+        assert group.sync()["version"] == 1
+        trained = ray.get(group.trainers[0].state_dict.remote())
+        for receiver in group.generators + [group.scorer]:
+            held = ray.get(receiver.state_dict.remote())
+            assert all(torch.equal(held[k], trained[k]) for k in trained)
+    finally:
+        group.shutdown()

@@ -74,14 +74,14 @@ class BranchGroup:
                 self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump(), gpus=r.trainer_gpus, seed=c.seed, **common)
             for i in range(r.num_trainers)
         ]
-        engine = dict(engine_kind=c.engine.kind, max_batch_size=c.engine.max_batch_size, **common)
+        engine = dict(engine_cfg=c.engine.model_dump(), seed=c.seed, **common)
         self.generators = [
             GeneratorActor.options(**at(r.num_trainers + i, r.generator_cpus, r.generator_gpus)).remote(
-                self.name, self.model_path, gpus=r.generator_gpus, **engine)
+                self.name, self.model_path, c.engine.kind, gpus=r.generator_gpus, **engine)
             for i in range(r.num_generators)
         ]
         self.scorer = ScorerActor.options(**at(len(self.bundles) - 1, r.scorer_cpus, r.scorer_gpus)).remote(
-            self.name, self.model_path, gpus=r.scorer_gpus, **engine)
+            self.name, self.model_path, c.engine.scorer_kind or c.engine.kind, gpus=r.scorer_gpus, **engine)
         return [a.ready.remote() for a in self.trainers + self.generators + [self.scorer]]
 
     def wire(self) -> None:
@@ -94,8 +94,16 @@ class BranchGroup:
         group = f"copd-{self.run_id}-{self.name}-weights"
         world = 1 + len(receivers)
         backend = self.cfg.ray.sync_backend
-        ray.get([self.trainers[0].join_weight_group.remote(group, world, 0, backend)]
-                + [a.join_weight_group.remote(group, world, i + 1, backend) for i, a in enumerate(receivers)])
+        # vLLM and SGLang engines take torch's default process group in their actor, where a
+        # Ray collective group would also need it: their branches use a standalone group.
+        e = self.cfg.engine
+        self.transport = self.cfg.ray.sync_transport
+        if self.transport == "auto":
+            self.transport = "ray" if {e.kind, e.scorer_kind or e.kind} == {"hf"} else "torch"
+        address = ray.get(self.trainers[0].weight_store.remote(world)) if self.transport == "torch" else None
+        ray.get([self.trainers[0].join_weight_group.remote(group, world, 0, backend, self.transport)]
+                + [a.join_weight_group.remote(group, world, i + 1, backend, self.transport, address)
+                   for i, a in enumerate(receivers)])
         self.plan = ray.get(self.trainers[0].weight_plan.remote(self.cfg.ray.bucket_mb))
 
     # -- the three jobs of a step -------------------------------------------------------------

