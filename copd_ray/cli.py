@@ -146,6 +146,30 @@ def train(args: Optional[list[str]] = ArgsArg) -> None:
                   f"{out / 'metrics.jsonl'}, {out / 'merged'}, {', '.join(summary['plots'])}")
 
 
+@app.command("serve")
+def serve_cmd(
+    paths: list[str] = typer.Argument(..., help="A run's output folder (its branches/ and merged/) or model folders."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 127.0.0.1 unless you mean to expose it."),
+    port: int = typer.Option(8000),
+    token: Optional[str] = typer.Option(None, envvar="COPD_RAY_SERVE_TOKEN",
+                                        help="Bearer token required on every request (or COPD_RAY_SERVE_TOKEN)."),
+    engine: str = typer.Option("hf", help="Engine of the scorers: hf, vllm or sglang."),
+) -> None:
+    """Serve saved branches as live teacher-scoring endpoints (POST /score/<branch>, GET /branches)."""
+    from copd_ray.config import EngineConfig
+    from copd_ray.serve.saved import find_branches, serve_saved
+
+    try:
+        names = list(find_branches(paths))
+        engine_cfg = EngineConfig(kind=engine).model_dump()
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"serving {', '.join(names)} at http://{host}:{port}/score/<branch>"
+                  f"{' (bearer token required)' if token else ''}; Ctrl-C stops")
+    serve_saved(paths, host, port, token, engine_cfg, engine)
+
+
 @app.command("config")
 def show_config(args: Optional[list[str]] = ArgsArg) -> None:
     """Print the resolved config (defaults, file and overrides) as YAML."""

@@ -234,6 +234,21 @@ class TopologyConfig(Section):
     kind: Literal["pairwise", "hub_and_spoke", "edges"] = "pairwise"
     hub: str | None = None
     edges: list[tuple[str, str]] = []  # (teacher, student) pairs for kind=edges
+    # How a student reaches its teachers' scorers: actor handles, or the Serve deployment
+    # handles of the live endpoints (needs serve.enabled).
+    transport: Literal["actor", "serve"] = "actor"
+
+
+class ServeConfig(Section):
+    """Live HTTP teacher-scoring endpoints through Ray Serve, during training."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    token: str | None = None  # bearer token; None: COPD_RAY_SERVE_TOKEN if set, else no auth
+    max_sequences: int = Field(256, gt=0)  # per request
+    max_tokens: int = Field(8192, gt=0)  # per sequence
+    max_top_k: int = Field(64, ge=0)
 
 
 class MergeConfig(Section):
@@ -299,6 +314,7 @@ class Config(Section):
     ray: RayConfig = RayConfig()
     metrics: MetricsConfig = MetricsConfig()
     wandb: WandbConfig = WandbConfig()
+    serve: ServeConfig = ServeConfig()
     resume: str = "auto"  # "auto": continue from the latest checkpoint in output_dir; "never"; or a checkpoint folder
 
     @field_validator("capabilities")
@@ -342,6 +358,8 @@ class Config(Section):
                 raise ValueError(f"topology.edges: {teacher!r} cannot teach itself")
         if self.merge.weights is not None and set(self.merge.weights) != set(names):
             raise ValueError(f"merge.weights must name every branch exactly: {names}")
+        if t.transport == "serve" and not self.serve.enabled:
+            raise ValueError("topology.transport=serve needs serve.enabled=true")
         if self.ray.sync_backend == "nccl" and self.resources.trainer_gpus == 0:
             raise ValueError("ray.sync_backend=nccl needs GPUs (resources.trainer_gpus > 0)")
         return self

@@ -121,7 +121,7 @@ def branch_step(name: str, phase: str, step: int, cfg: Config, group: BranchGrou
                                         _seed(cfg.seed, name, step, "opd", teacher))
         sequences = [peer_ids[s.prompt_index] + s.token_ids for s in peer_roll["samples"]]
         plens = [len(peer_ids[s.prompt_index]) for s in peer_roll["samples"]]
-        scores = ray.get(scorer.score.remote(sequences, plens))  # log pi_j(y_t | x, y_<t)
+        scores = _score(scorer, sequences, plens)  # log pi_j(y_t | x, y_<t)
         t["generate"] += peer_roll["seconds"]
         t["score"] += scores.extra["seconds"]
         batch.opd_sequences += sequences
@@ -142,6 +142,16 @@ def branch_step(name: str, phase: str, step: int, cfg: Config, group: BranchGrou
     record.update({f"time/{k}": v for k, v in t.items()})
     record["_samples"] = (batch.grpo_sequences, batch.grpo_prompt_lengths)  # for pair metrics; not logged
     return record
+
+
+def _score(endpoint, sequences, plens):
+    """A teacher's scores through whichever endpoint the topology gave: a ScorerActor
+    handle, or the Serve deployment handle in front of it."""
+    from ray.serve.handle import DeploymentHandle
+
+    if isinstance(endpoint, DeploymentHandle):
+        return endpoint.score.remote(sequences, plens).result()
+    return ray.get(endpoint.score.remote(sequences, plens))
 
 
 # -- health signals and evaluation -----------------------------------------------------------------
@@ -310,6 +320,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
     run_id = uuid.uuid4().hex[:8]
     groups: dict[str, BranchGroup] = {}
     log = None
+    serving = False
     try:
         # The runtime: a topology actor and one actor group per branch.
         topology_actor = TopologyActor.remote(topology)
@@ -318,7 +329,20 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
             g.wait_placed()
         ray.get([ref for g in groups.values() for ref in g.start_actors()])
         _each(groups, lambda n: groups[n].wire())
-        ray.get([topology_actor.register.remote(n, g.scorer) for n, g in groups.items()])
+        endpoints = {n: g.scorer for n, g in groups.items()}
+        if cfg.serve.enabled:
+            from copd_ray.serve import start_serving
+
+            sv = cfg.serve
+            handles = start_serving(endpoints, {n: str(base_path) for n in names}, sv.host, sv.port,
+                                    sv.token or os.environ.get("COPD_RAY_SERVE_TOKEN"), sv.max_sequences,
+                                    sv.max_tokens, sv.max_top_k)
+            serving = True
+            console.print(f"serve: live teacher scoring at http://{sv.host}:{sv.port}/score/<branch> "
+                          f"({', '.join(names)}); GET /branches")
+            if cfg.topology.transport == "serve":
+                endpoints = handles
+        ray.get([topology_actor.register.remote(n, e) for n, e in endpoints.items()])
         console.print(f"ray: {len(names)} branches up ({', '.join(names)}), topology "
                       f"{[f'{t}->{s}' for t, s in topology.edges]}, {time.perf_counter() - started:.0f} s")
 
@@ -384,6 +408,11 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
         weights = [cfg.merge.weights[n] for n in names] if cfg.merge.weights else None
         merged = merge_folders([branch_dirs[n] for n in names], out / "merged", cfg.merge.method, weights,
                                base_folder=base_path if cfg.merge.method == "task_arithmetic" else None)
+        if serving:
+            from copd_ray.serve import stop_serving
+
+            stop_serving()
+            serving = False
         for g in groups.values():
             g.shutdown()  # frees the cluster for the evaluation tasks
         groups = {}
@@ -395,6 +424,10 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
         log.log({"kind": "event", "step": len(plan), "event": "final_eval",
                  **{f"{m}/{c}": v for m, per in results.items() for c, v in per.items()}})
     finally:
+        if serving:
+            from copd_ray.serve import stop_serving
+
+            stop_serving()
         for g in groups.values():
             g.shutdown()
         if log is not None:

@@ -19,6 +19,9 @@ class ScorerActor(EngineHost):
         scores.extra["seconds"] = time.perf_counter() - start
         return scores
 
+    def info(self) -> dict:
+        return {"branch": self.branch, "version": self.engine.version, "vocab_size": self.engine.vocab_size}
+
     def distributions(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[torch.Tensor]:
         """Full-vocabulary log-probs at each response position (for overlap and KL metrics)."""
         if not hasattr(self.engine, "response_logprob_rows"):

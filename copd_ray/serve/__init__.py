@@ -1,0 +1,5 @@
+"""Ray Serve: live teacher-scoring endpoints over the branches' scorers."""
+
+from copd_ray.serve.app import APP_NAME, build_app, start_serving, stop_serving
+
+__all__ = ["APP_NAME", "build_app", "start_serving", "stop_serving"]

@@ -1,0 +1,205 @@
+"""Live teacher scoring through Ray Serve: real HTTP on 127.0.0.1, real deployments."""
+
+import socket
+
+import pytest
+import ray
+import requests
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+from copd_ray.actors import ScorerActor
+from copd_ray.config import EngineConfig
+
+TOKEN = "s3cret-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tiny_folder):
+    from ray import serve
+
+    from copd_ray.serve import start_serving
+
+    port = _free_port()
+    scorer = ScorerActor.options(num_cpus=0.1).remote("add", str(tiny_folder), "hf", EngineConfig().model_dump())
+    handles = start_serving({"add": scorer}, {"add": str(tiny_folder)}, "127.0.0.1", port, TOKEN, max_sequences=8,
+                            max_tokens=64)
+    yield {"url": f"http://127.0.0.1:{port}", "scorer": scorer, "handle": handles["add"]}
+    serve.shutdown()
+    ray.kill(scorer)
+
+
+def _post(served, body, branch="add", token=TOKEN, raw=None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if raw is not None:
+        return requests.post(f"{served['url']}/score/{branch}", data=raw, headers=headers, timeout=60)
+    return requests.post(f"{served['url']}/score/{branch}", json=body, headers=headers, timeout=60)
+
+
+SEQS = [[1, 5, 6, 7, 14, 4, 8, 9, 16, 5, 7, 12, 2], [1, 12, 21, 13, 16, 9, 9, 2]]
+PLENS = [9, 6]
+
+
+def test_http_handle_and_actor_agree_with_a_forward_pass(served, tiny_folder):
+    http = _post(served, {"sequences": SEQS, "prompt_lengths": PLENS, "top_k": 3})
+    assert http.status_code == 200, http.text
+    body = http.json()
+    assert body["branch"] == "add" and body["version"] == 0
+    handle = served["handle"].score.remote(SEQS, PLENS).result()
+    actor = ray.get(served["scorer"].score.remote(SEQS, PLENS))
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    for i, (seq, p) in enumerate(zip(SEQS, PLENS)):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0], dim=-1)
+        direct = [logp[t - 1, seq[t]].item() for t in range(p, len(seq))]
+        for got in (body["logprobs"][i], handle.logprobs[i], actor.logprobs[i]):
+            assert got == pytest.approx(direct, abs=1e-4)
+        assert body["top_k_ids"][i] == [logp[t - 1].topk(3).indices.tolist() for t in range(p, len(seq))]
+
+
+def test_text_form_and_branch_listing(served):
+    body = _post(served, {"prompt": "12+34=", "response": "46"}).json()
+    assert body["prompt_length"] == 7 and len(body["tokens"]) == 9 and len(body["logprobs"][0]) == 2
+    listing = requests.get(f"{served['url']}/branches", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert listing.json() == {"branches": [{"branch": "add", "version": 0}]}
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_a_missing_or_wrong_token_gets_401(served, token):
+    assert _post(served, {"sequences": SEQS, "prompt_lengths": PLENS}, token=token).status_code == 401
+    assert requests.get(f"{served['url']}/branches", timeout=30).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "body, raw, status, message",
+    [
+        (None, b"{not json", 400, "not valid JSON"),
+        ([1, 2], None, 422, "must be a JSON object"),
+        ({"sequences": SEQS}, None, 422, "one length per sequence"),
+        ({"sequences": "abc", "prompt_lengths": [1]}, None, 422, "sequences"),
+        ({"sequences": [[1, 2.5]], "prompt_lengths": [1]}, None, 422, "sequences.0.1"),
+        ({"sequences": [[1, 2, 999]], "prompt_lengths": [1]}, None, 422, "outside the vocabulary"),
+        ({"sequences": [[1, 2, -3]], "prompt_lengths": [1]}, None, 422, "outside the vocabulary"),
+        ({"sequences": [[1, 2]], "prompt_lengths": [5]}, None, 422, "prompt length 5 outside"),
+        ({"sequences": [[1, 2]], "prompt_lengths": [0]}, None, 422, "prompt length 0 outside"),
+        ({"sequences": [[1, 2]] * 9, "prompt_lengths": [1] * 9}, None, 413, "at most 8"),
+        ({"sequences": [[1] * 65], "prompt_lengths": [1]}, None, 413, "at most 64"),
+        ({"sequences": [[1, 2]], "prompt_lengths": [1], "top_k": 1000}, None, 422, "top_k"),
+        ({"sequences": [[1, 2]], "prompt_lengths": [1], "extra": 1}, None, 422, "extra"),
+        ({}, None, 422, "give sequences"),
+        ({"sequences": [], "prompt_lengths": []}, None, 422, "no sequences"),
+    ],
+)
+def test_bad_requests_get_a_4xx_naming_the_problem(served, body, raw, status, message):
+    response = _post(served, body, raw=raw)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_unknown_branch_is_404(served):
+    response = _post(served, {"sequences": SEQS, "prompt_lengths": PLENS}, branch="video")
+    assert response.status_code == 404 and "unknown branch 'video'" in response.json()["error"]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=30,
+)
+bodies = st.one_of(
+    json_values,
+    st.fixed_dictionaries({}, optional={"sequences": json_values, "prompt_lengths": json_values,
+                                        "top_k": json_values, "prompt": json_values, "response": json_values}),
+    st.fixed_dictionaries({"sequences": st.lists(st.lists(st.integers(-5, 200), max_size=70), max_size=10),
+                           "prompt_lengths": st.lists(st.integers(-3, 80), max_size=10),
+                           "top_k": st.integers(-2, 100)}),
+)
+
+
+def test_fuzzed_requests_never_get_a_5xx(served):
+    statuses = []
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(body=bodies | st.binary(max_size=200).map(lambda raw: ("raw", raw)))
+    def check(body):
+        if isinstance(body, tuple) and body and body[0] == "raw":
+            response = _post(served, None, raw=body[1])
+        else:
+            response = _post(served, body)
+        statuses.append(response.status_code)
+        assert response.status_code < 500, (body, response.text)
+
+    check()
+    assert len(statuses) >= 300 and any(s == 422 for s in statuses)
+    assert _post(served, {"sequences": SEQS, "prompt_lengths": PLENS}).status_code == 200
+
+
+def test_training_routes_teacher_scoring_through_serve_with_the_same_results(ray_session, tiny_folder, tmp_path):
+    """The same run twice, teachers reached by actor handles and by Serve deployment
+    handles: every training number agrees, and the versions the teachers report too."""
+    import json
+
+    from copd_ray.config import load_config
+    from copd_ray.driver import train
+
+    common = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
+              "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4", "opd.prompts_per_teacher=4",
+              "opd.samples_per_prompt=2", "capabilities.0.heldout_size=20", "capabilities.1.heldout_size=20",
+              "eval.every=0", "metrics.pair_every=0", "schedule.cycles=1", "schedule.rl_steps=1",
+              "schedule.opd_steps=2", f"model.path={tiny_folder}"]
+    runs = {}
+    for transport in ("actor", "serve"):
+        out = tmp_path / transport
+        extra = [f"serve.enabled={transport == 'serve'}", f"topology.transport={transport}",
+                 f"serve.port={_free_port()}", f"output_dir={out}"]
+        train(load_config(None, common + extra))
+        runs[transport] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                           if json.loads(line)["kind"] == "step"]
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
+    assert [strip(r) for r in runs["serve"]] == [strip(r) for r in runs["actor"]]
+    assert {r["opd/mul/teacher_version"] for r in runs["serve"] if r["branch"] == "add" and r["phase"] == "opd"} == {1, 2}
+
+
+def test_copd_ray_serve_serves_a_runs_saved_branches(tmp_path, tiny_folder):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    for name in ("add", "mul"):
+        shutil.copytree(tiny_folder, run / "branches" / name)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "copd_ray.cli", "serve", str(run), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, "COPD_RAY_SERVE_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"})
+    try:
+        url, deadline, listing = f"http://127.0.0.1:{port}", time.time() + 180, None
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                listing = requests.get(f"{url}/branches", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+                if listing.status_code == 200:
+                    break
+            except requests.RequestException:  # not up yet
+                pass
+            time.sleep(1)
+        assert listing is not None and listing.json()["branches"] == [{"branch": "add", "version": 0},
+                                                                      {"branch": "mul", "version": 0}]
+        scored = requests.post(f"{url}/score/mul", json={"sequences": SEQS, "prompt_lengths": PLENS},
+                               headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+        assert scored.status_code == 200 and len(scored.json()["logprobs"][0]) == len(SEQS[0]) - PLENS[0]
+        assert requests.get(f"{url}/branches", timeout=5).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
