@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from copd_ray.data.synthetic import TASKS
 from copd_ray.rewards import get_reward
@@ -20,6 +20,11 @@ from copd_ray.rewards import get_reward
 
 class ConfigError(ValueError):
     """A config that cannot run, with every problem named."""
+
+
+def _check_paths(info: ValidationInfo) -> bool:
+    """Paths must exist unless the loader says otherwise (a cluster config read on a laptop)."""
+    return (info.context or {}).get("check_paths", True)
 
 
 class Section(BaseModel):
@@ -50,8 +55,8 @@ class ModelConfig(Section):
 
     @field_validator("path")
     @classmethod
-    def _path_exists(cls, v):
-        if v is not None and not Path(v).expanduser().exists():
+    def _path_exists(cls, v, info: ValidationInfo):
+        if v is not None and _check_paths(info) and not Path(v).expanduser().exists():
             raise ValueError(f"model folder {v} does not exist (nothing is downloaded from a hub here)")
         return v
 
@@ -79,14 +84,14 @@ class CapabilityConfig(Section):
 
     @field_validator("source", "heldout")
     @classmethod
-    def _source(cls, v):
+    def _source(cls, v, info: ValidationInfo):
         if v is None:
             return v
         if v.startswith("synthetic:"):
             task = v.split(":", 1)[1]
             if task not in TASKS:
                 raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}")
-        elif not Path(v).expanduser().exists():
+        elif _check_paths(info) and not Path(v).expanduser().exists():
             raise ValueError(f"dataset {v} does not exist")
         return v
 
@@ -402,11 +407,13 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             node = node[key]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                check_paths: bool = True) -> Config:
     """The config from a YAML file (or the embedded default) with "a.b=value" overrides.
 
     Values are read as YAML, so `bootstrap.lr=5e-4`, `model.path=null` and
-    `capabilities=[...]` all work.
+    `capabilities=[...]` all work. `check_paths=False` accepts model and dataset paths that
+    do not exist here (a config meant for a cluster, checked on a laptop).
     """
     tree: dict = Config().model_dump(mode="json")
     if path is not None:
@@ -423,7 +430,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {item!r} is not of the form key=value")
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
     try:
-        return Config.model_validate(tree)
+        return Config.model_validate(tree, context={"check_paths": check_paths})
     except ValidationError as e:
         problems = "\n".join(
             f"  {'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors()
