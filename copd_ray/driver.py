@@ -278,22 +278,85 @@ def schedule(cfg: Config) -> list[tuple[int, str]]:
     return [(c, phase) for c in range(s.cycles) for phase, n in (("rl", s.rl_steps), ("opd", s.opd_steps)) for _ in range(n)]
 
 
-def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
-    """Run CoPD end to end and return {"eval": ..., "output_dir": ...}."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class Runtime:
+    """The Ray side of a run: the topology actor, one actor group per branch, and (when
+    asked for) the Serve app in front of the scorers. `close()` releases all of it."""
 
+    def __init__(self, cfg: Config, topology: Topology, base_path: str, console) -> None:
+        self.groups: dict[str, BranchGroup] = {}
+        self.serving = False
+        try:
+            self._start(cfg, topology, base_path, console)
+        except BaseException:
+            self.close()  # a branch that cannot be placed must not leave the others holding the cluster
+            raise
+
+    def _start(self, cfg: Config, topology: Topology, base_path: str, console) -> None:
+        names = list(topology.branches)
+        run_id = uuid.uuid4().hex[:8]
+        self.topology_actor = TopologyActor.remote(topology)
+        for n in names:
+            self.groups[n] = BranchGroup(n, cfg, base_path, run_id)
+        for g in self.groups.values():
+            g.wait_placed()
+        ray.get([ref for g in self.groups.values() for ref in g.start_actors()])
+        _each(self.groups, lambda n: self.groups[n].wire())
+        endpoints = {n: g.scorer for n, g in self.groups.items()}
+        if cfg.serve.enabled:
+            from copd_ray.serve import start_serving
+
+            sv = cfg.serve
+            handles = start_serving(endpoints, {n: base_path for n in names}, sv.host, sv.port,
+                                    sv.token or os.environ.get("COPD_RAY_SERVE_TOKEN"), sv.max_sequences,
+                                    sv.max_tokens, sv.max_top_k)
+            self.serving = True
+            console.print(f"serve: live teacher scoring at http://{sv.host}:{sv.port}/score/<branch>; GET /branches")
+            if cfg.topology.transport == "serve":
+                endpoints = handles
+        # Each branch's scorer becomes reachable as a teacher through the topology.
+        ray.get([self.topology_actor.register.remote(n, e) for n, e in endpoints.items()])
+
+    def close(self) -> None:
+        if self.serving:
+            from copd_ray.serve import stop_serving
+
+            stop_serving()
+            self.serving = False
+        for g in self.groups.values():
+            g.shutdown()
+        self.groups = {}
+
+
+def log_step(log: MetricsLog, step: int, records: dict, cfg: Config, topology: Topology, groups, pair_state: dict,
+             console) -> None:
+    """Per-branch step records, NaN events and, at the interval, the pair metrics."""
+    if pair_state["every"] and step % pair_state["every"] == 0:
+        try:
+            for teacher, student in topology.edges:
+                seqs, plens = records[student]["_samples"]
+                m = cfg.metrics.pair_sequences
+                log.log({"kind": "pair", "step": step, "teacher": teacher, "student": student,
+                         **pair_metrics(teacher, student, seqs[:m], plens[:m], groups, cfg.metrics.topk)})
+        except ray.exceptions.RayTaskError as e:
+            if not isinstance(e.cause, NotImplementedError):
+                raise
+            pair_state["every"] = 0  # this scorer engine cannot give full distributions
+            log.log({"kind": "event", "step": step, "event": "pair_metrics_off", "why": str(e.cause)})
+            console.print(f"[yellow]pair metrics off: {e.cause}[/yellow]")
+    for r in records.values():
+        r.pop("_samples")
+        log.log(r)
+        if r["nan_skipped"]:
+            log.log({"kind": "event", "step": step, "event": "nan_loss_skipped", "branch": r["branch"],
+                     "updates": r["nan_skipped"]})
+
+
+def prepare(cfg: Config, topology: Topology | None, console):
+    """Everything that can fail before any actor starts: topology, data, base policy."""
     from transformers import AutoTokenizer
 
     from copd_ray.models.bootstrap import ensure_base_policy
-    from copd_ray.models.merge_folders import merge_folders
-    from copd_ray.plots import plot_run
 
-    console = console or Console()
-    out = Path(cfg.output_dir)
-    started = time.perf_counter()
-
-    # Everything that can fail does so before any actor starts.
     branch_cfgs = cfg.branch_list()
     names = [b.name for b in branch_cfgs]
     topology = topology or Topology.from_config(cfg.topology.kind, names, cfg.topology.hub, cfg.topology.edges)
@@ -308,44 +371,38 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
             raise BranchDataError(f"branch(es) {users} cannot train: {e}") from None
         for report in caps[c.name].reports:
             console.print(f"data: {report}")
+    # D_k for every branch, each with streams of its own.
     data = {b.name: BranchData(b.name, [caps[d].fork(f"/{b.name}") for d in cfg.branch_data(b)],
                                cfg.opd.beta if b.beta is None else b.beta)
             for b in branch_cfgs}
     resume = _resume_from(cfg)
     base_path, _ = ensure_base_policy(cfg)
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    return topology, caps, data, resume, str(base_path), tokenizer
+
+
+def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
+    """Algorithm 1 end to end; returns {"eval", "models", "steps", "seconds", "plots"}."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from copd_ray.models.merge_folders import merge_folders
+    from copd_ray.plots import plot_run
+
+    console = console or Console()
+    out = Path(cfg.output_dir)
+    started = time.perf_counter()
+    topology, caps, data, resume, base_path, tokenizer = prepare(cfg, topology, console)
+    names = list(topology.branches)
     plan = schedule(cfg)
 
     started_ray = init_ray(cfg)
-    run_id = uuid.uuid4().hex[:8]
-    groups: dict[str, BranchGroup] = {}
-    log = None
-    serving = False
+    runtime, log = None, None
     try:
-        # The runtime: a topology actor and one actor group per branch.
-        topology_actor = TopologyActor.remote(topology)
-        groups = {n: BranchGroup(n, cfg, str(base_path), run_id) for n in names}
-        for g in groups.values():
-            g.wait_placed()
-        ray.get([ref for g in groups.values() for ref in g.start_actors()])
-        _each(groups, lambda n: groups[n].wire())
-        endpoints = {n: g.scorer for n, g in groups.items()}
-        if cfg.serve.enabled:
-            from copd_ray.serve import start_serving
-
-            sv = cfg.serve
-            handles = start_serving(endpoints, {n: str(base_path) for n in names}, sv.host, sv.port,
-                                    sv.token or os.environ.get("COPD_RAY_SERVE_TOKEN"), sv.max_sequences,
-                                    sv.max_tokens, sv.max_top_k)
-            serving = True
-            console.print(f"serve: live teacher scoring at http://{sv.host}:{sv.port}/score/<branch> "
-                          f"({', '.join(names)}); GET /branches")
-            if cfg.topology.transport == "serve":
-                endpoints = handles
-        ray.get([topology_actor.register.remote(n, e) for n, e in endpoints.items()])
+        runtime = Runtime(cfg, topology, base_path, console)
+        groups = runtime.groups
         console.print(f"ray: {len(names)} branches up ({', '.join(names)}), topology "
                       f"{[f'{t}->{s}' for t, s in topology.edges]}, {time.perf_counter() - started:.0f} s")
-
         first_step = 0
         if resume is not None:
             state = json.loads((resume / "driver_state.json").read_text())
@@ -360,15 +417,16 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
         elif cfg.eval.every:
             _log_eval(log, 0, evaluate_branches(groups, caps, tokenizer, cfg, cfg.eval.during_training_size))
 
-        pair_every = cfg.metrics.pair_every
+        pair_state = {"every": cfg.metrics.pair_every}
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("CoPD", total=len(plan), completed=first_step)
+            # for cycle in 1..N: Phase I (rl_steps of RLVR), then Phase II (opd_steps of mutual OPD)
             for step, (cycle, phase) in enumerate(plan[first_step:], start=first_step + 1):
                 progress.update(task, description=f"cycle {cycle + 1}/{cfg.schedule.cycles} "
                                                   f"{'Phase I  (RLVR)' if phase == 'rl' else 'Phase II (OPD) '}")
                 # Every branch takes its step in parallel ...
-                prompts = draw_prompts(names, phase, cfg, data, topology_actor)
+                prompts = draw_prompts(names, phase, cfg, data, runtime.topology_actor)
                 records = _each(groups, lambda n: branch_step(n, phase, step, cfg, groups[n], prompts[n], caps,
                                                               tokenizer, data[n].beta))
                 # ... then every branch broadcasts its new weights to its generators and scorer.
@@ -376,25 +434,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
                 for n, r in records.items():
                     r.update({"cycle": cycle, "version": groups[n].version,
                               "time/sync": synced[n]["seconds"] if synced else 0.0})
-                if pair_every and step % pair_every == 0:
-                    try:
-                        for teacher, student in topology.edges:
-                            seqs, plens = records[student]["_samples"]
-                            m = cfg.metrics.pair_sequences
-                            log.log({"kind": "pair", "step": step, "teacher": teacher, "student": student,
-                                     **pair_metrics(teacher, student, seqs[:m], plens[:m], groups, cfg.metrics.topk)})
-                    except ray.exceptions.RayTaskError as e:
-                        if not isinstance(e.cause, NotImplementedError):
-                            raise
-                        pair_every = 0  # this scorer engine cannot give full distributions
-                        log.log({"kind": "event", "step": step, "event": "pair_metrics_off", "why": str(e.cause)})
-                        progress.console.print(f"[yellow]pair metrics off: {e.cause}[/yellow]")
-                for r in records.values():
-                    r.pop("_samples")
-                    log.log(r)
-                    if r["nan_skipped"]:
-                        log.log({"kind": "event", "step": step, "event": "nan_loss_skipped", "branch": r["branch"],
-                                 "updates": r["nan_skipped"]})
+                log_step(log, step, records, cfg, topology, groups, pair_state, progress.console)
                 if cfg.eval.every and step % cfg.eval.every == 0:
                     _log_eval(log, step, evaluate_branches(groups, caps, tokenizer, cfg, cfg.eval.during_training_size))
                 progress.console.print(_step_line(step, phase, records))
@@ -403,33 +443,22 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
                     save_checkpoint(out, step, groups, data)
                 progress.advance(task)
 
-        # Merge: the unified model, in parameter space.
+        # Merge the branches in parameter space into the unified model.
         branch_dirs = _each(groups, lambda n: groups[n].save(str(out / "branches" / n), with_optimizer=False))
         weights = [cfg.merge.weights[n] for n in names] if cfg.merge.weights else None
         merged = merge_folders([branch_dirs[n] for n in names], out / "merged", cfg.merge.method, weights,
                                base_folder=base_path if cfg.merge.method == "task_arithmetic" else None)
-        if serving:
-            from copd_ray.serve import stop_serving
-
-            stop_serving()
-            serving = False
-        for g in groups.values():
-            g.shutdown()  # frees the cluster for the evaluation tasks
-        groups = {}
+        runtime.close()  # frees the cluster for the evaluation tasks
 
         # Evaluate base, every branch and the merged model on every capability.
         held = {n: c.heldout for n, c in caps.items()}
-        models = {"base": str(base_path), **{f"branch:{n}": branch_dirs[n] for n in names}, "merged": str(merged)}
+        models = {"base": base_path, **{f"branch:{n}": branch_dirs[n] for n in names}, "merged": str(merged)}
         results = dict(zip(models, ray.get([evaluate_folder.remote(p, cfg, held) for p in models.values()])))
         log.log({"kind": "event", "step": len(plan), "event": "final_eval",
                  **{f"{m}/{c}": v for m, per in results.items() for c, v in per.items()}})
     finally:
-        if serving:
-            from copd_ray.serve import stop_serving
-
-            stop_serving()
-        for g in groups.values():
-            g.shutdown()
+        if runtime is not None:
+            runtime.close()
         if log is not None:
             log.close()
         if started_ray:

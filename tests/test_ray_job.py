@@ -50,14 +50,18 @@ def test_ray_job_submit_runs_a_short_demo(tmp_path, tiny_folder):
                 pass
             assert time.time() < deadline, "the head's dashboard did not come up in 120 s"
             time.sleep(1)
-        submit = subprocess.run(
-            [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "copd-ray", "train", "configs/demo.yaml", f"output_dir={out}", f"model.path={tiny_folder}",
-             "schedule.cycles=1", "schedule.rl_steps=2", "schedule.opd_steps=1", "grpo.prompts_per_step=8",
-             "opd.prompts_per_teacher=8", "eval.every=0", "metrics.pair_every=1", "wandb.mode=disabled",
-             "capabilities.0.heldout_size=50", "capabilities.1.heldout_size=50", "resume=never"],
-            capture_output=True, text=True, timeout=600, env=env,
-        )
+        command = [
+            ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+            "copd-ray", "train", "configs/demo.yaml", f"output_dir={out}", f"model.path={tiny_folder}",
+            "schedule.cycles=1", "schedule.rl_steps=2", "schedule.opd_steps=1", "grpo.prompts_per_step=8",
+            "opd.prompts_per_teacher=8", "eval.every=0", "metrics.pair_every=1", "wandb.mode=disabled",
+            "capabilities.0.heldout_size=50", "capabilities.1.heldout_size=50", "resume=never"]
+        for _ in range(12):
+            submit = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+            # The dashboard answers before the node's job agent has registered with it.
+            if "No available agent to submit job" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(5)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout + submit.stderr
         result = json.loads((out / "eval.json").read_text())

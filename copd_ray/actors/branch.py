@@ -48,7 +48,7 @@ class BranchGroup:
             ray.get(self.pg.ready(), timeout=self.cfg.ray.placement_timeout_s)
         except ray.exceptions.GetTimeoutError:
             free = ray.available_resources()
-            remove_placement_group(self.pg)
+            self.shutdown()
             asked = {}
             for b in self.bundles:
                 for k, v in b.items():
@@ -168,7 +168,11 @@ class BranchGroup:
         self.sync()
 
     def shutdown(self) -> None:
+        """Kill the actors and free the placement group (safe to call more than once)."""
         for a in self.trainers + self.generators + [self.scorer]:
             if a is not None:
                 ray.kill(a)
-        remove_placement_group(self.pg)
+        self.trainers, self.generators, self.scorer = [], [], None
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
