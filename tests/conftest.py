@@ -6,6 +6,15 @@ REPO = Path(__file__).resolve().parents[1]
 EVAL_DATA = REPO / "data" / "eval"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from copd_ray.models import build_char_tokenizer

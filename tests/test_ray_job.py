@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,13 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import REPO, free_port
 
 
 @pytest.mark.slow
@@ -29,7 +22,7 @@ def test_ray_job_submit_runs_a_short_demo(tmp_path, tiny_folder):
     # head and submit both run with it disabled (on 127.0.0.1 only).
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # its own session dir; short for Unix sockets
     # --block keeps the head in this child process: ending it stops exactly this cluster,
     # not the test session's own Ray (which `ray stop` would also kill).

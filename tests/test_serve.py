@@ -1,6 +1,5 @@
 """Live teacher scoring through Ray Serve: real HTTP on 127.0.0.1, real deployments."""
 
-import socket
 
 import pytest
 import ray
@@ -10,16 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
+from conftest import free_port
 from copd_ray.actors import ScorerActor
 from copd_ray.config import EngineConfig
 
 TOKEN = "s3cret-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +22,7 @@ def served(ray_session, tiny_folder):
 
     from copd_ray.serve import start_serving
 
-    port = _free_port()
+    port = free_port()
     scorer = ScorerActor.options(num_cpus=0.1).remote("add", str(tiny_folder), "hf", EngineConfig().model_dump())
     handles = start_serving({"add": scorer}, {"add": str(tiny_folder)}, "127.0.0.1", port, TOKEN, max_sequences=8,
                             max_tokens=64)
@@ -160,7 +154,7 @@ def test_training_routes_teacher_scoring_through_serve_with_the_same_results(ray
     for transport in ("actor", "serve"):
         out = tmp_path / transport
         extra = [f"serve.enabled={transport == 'serve'}", f"topology.transport={transport}",
-                 f"serve.port={_free_port()}", f"output_dir={out}"]
+                 f"serve.port={free_port()}", f"output_dir={out}"]
         train(load_config(None, common + extra))
         runs[transport] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                            if json.loads(line)["kind"] == "step"]
@@ -179,7 +173,7 @@ def test_copd_ray_serve_serves_a_runs_saved_branches(tmp_path, tiny_folder):
     run = tmp_path / "run"
     for name in ("add", "mul"):
         shutil.copytree(tiny_folder, run / "branches" / name)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "copd_ray.cli", "serve", str(run), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**__import__("os").environ, "COPD_RAY_SERVE_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"})
