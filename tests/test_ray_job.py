@@ -23,12 +23,17 @@ def test_ray_job_submit_runs_a_short_demo(tmp_path, tiny_folder):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
+    # Every fixed default port moved to a free one: the test session's own Ray may already
+    # hold them (its dashboard agent on 52365 would leave this head without a job agent).
+    own_ports = [f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "ray-client-server-port", "runtime-env-agent-port")]
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # its own session dir; short for Unix sockets
     # --block keeps the head in this child process: ending it stops exactly this cluster,
     # not the test session's own Ray (which `ray stop` would also kill).
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}", *own_ports],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     out = tmp_path / "job-run"
