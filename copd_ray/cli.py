@@ -85,12 +85,11 @@ def _time_table(metrics_path: Path) -> Table:
 
 def _evaluate_folder(cfg: Config, folder: Path) -> dict[str, dict]:
     from copd_ray.capabilities import build_capability
-    from copd_ray.engines import HFEngine
+    from copd_ray.engines.factory import make_engine
     from copd_ray.evaluation import evaluate
-    from copd_ray.models import load_policy
 
-    model, tokenizer = load_policy(str(folder), cfg.model.dtype, cfg.model.trust_remote_code)
-    engine = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.engine.max_batch_size)
+    engine, tokenizer = make_engine("hf", str(folder), cfg.engine.model_dump(), cfg.model.dtype,
+                                    cfg.model.trust_remote_code)
     results = {}
     for cap_cfg in cfg.capabilities:
         cap = build_capability(cap_cfg, cfg.seed)

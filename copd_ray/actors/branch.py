@@ -128,14 +128,10 @@ class BranchGroup:
                 "version": min(p["version"] for p in parts)}
 
     def evaluate(self, prompts: list[list[int]], answers: list[str], rewards: list[str], max_new_tokens: int) -> float:
-        g = len(self.generators)
-        cuts = [len(prompts) * i // g for i in range(g + 1)]
-        parts = ray.get([
-            gen.evaluate.remote(prompts[lo:hi], answers[lo:hi], rewards[lo:hi], max_new_tokens)
-            for gen, lo, hi in zip(self.generators, cuts, cuts[1:]) if hi > lo
-        ])
-        flat = [x for p in parts for x in p]
-        return sum(flat) / len(flat)
+        """Greedy pass@1 over the prompts, spread over the generators like any rollout."""
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+        scored = self.rollout(prompts, params, answers, rewards)["rewards"]
+        return sum(scored) / len(scored)
 
     def train(self, batch: TrainBatch) -> dict:
         world = len(self.trainers)

@@ -26,8 +26,3 @@ class GeneratorActor(EngineHost):
             ]
         out["seconds"] = time.perf_counter() - start
         return out
-
-    def evaluate(self, prompts: list[list[int]], answers: list[str], rewards: list[str], max_new_tokens: int) -> list[float]:
-        """Greedy pass@1 rewards, one per prompt."""
-        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-        return self.rollout(prompts, params, answers, rewards)["rewards"]

@@ -58,11 +58,8 @@ class TrainerActor:
 
     def dp_address(self) -> tuple[str, int]:
         """Rank 0 hosts the rendezvous store of the data-parallel group."""
-        self._store = torch.distributed.TCPStore(
-            ray.util.get_node_ip_address(), 0, self.world_size, is_master=True,
-            timeout=datetime.timedelta(seconds=120), wait_for_workers=False,
-        )
-        return ray.util.get_node_ip_address(), self._store.port
+        self._store, host, port = host_store(self.world_size)
+        return host, port
 
     def join_dp_group(self, host: str, port: int) -> None:
         # A standalone process group, not the default one: the weight-sync collective
