@@ -1,3 +1,4 @@
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,20 @@ def tiny_folder(tmp_path_factory, tiny_model, tiny_tokenizer):
     from copd_ray.models import save_policy
 
     return save_policy(tiny_model, tiny_tokenizer, tmp_path_factory.mktemp("tiny") / "policy")
+
+
+@contextlib.contextmanager
+def started_branch(name, cfg, model_folder, run_id):
+    """A BranchGroup placed, started and wired, shut down on exit."""
+    import ray
+
+    from copd_ray.actors import BranchGroup
+
+    group = BranchGroup(name, cfg, str(model_folder), run_id)
+    try:
+        group.wait_placed()
+        ray.get(group.start_actors())
+        group.wire()
+        yield group
+    finally:
+        group.shutdown()

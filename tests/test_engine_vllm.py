@@ -10,7 +10,8 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from copd_ray.actors import BranchGroup, GeneratorActor, ScorerActor, TrainBatch
+from conftest import started_branch
+from copd_ray.actors import GeneratorActor, ScorerActor, TrainBatch
 from copd_ray.config import load_config
 from copd_ray.engines import HFEngine, SamplingParams
 from copd_ray.engines.vllm import parse_completion, parse_prompt_logprobs
@@ -108,11 +109,7 @@ def test_vllm_scores_equal_a_direct_forward_pass(ray_session, tiny_folder, vllm_
 def test_vllm_follows_a_weight_broadcast(ray_session, tiny_folder, tiny_tokenizer):
     cfg = load_config(None, ["engine.kind=vllm", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
                              "resources.scorer_cpus=0.1"])
-    group = BranchGroup("vsync", cfg, str(tiny_folder), "test-vllm-sync")
-    try:
-        group.wait_placed()
-        ray.get(group.start_actors())
-        group.wire()
+    with started_branch("vsync", cfg, tiny_folder, "test-vllm-sync") as group:
         assert group.transport == "torch"
         prompts = [tiny_tokenizer(p)["input_ids"] for p in ["123+045=", "500+500="]]
         out = group.rollout(prompts, SamplingParams(n=8, max_new_tokens=6, seed=1), ["168", "1000"], ["exact_match"] * 2)
@@ -132,8 +129,6 @@ def test_vllm_follows_a_weight_broadcast(ray_session, tiny_folder, tiny_tokenize
         assert max(abs(a - b) for r, e in zip(before, expected) for a, b in zip(r, e)) > 1e-3
         greedy = group.rollout(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=8))["samples"]
         assert [s.token_ids for s in greedy] == [s.token_ids for s in reference.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))]
-    finally:
-        group.shutdown()
 
 
 @needs_vllm

@@ -8,6 +8,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import started_branch
 from copd_ray.actors import BranchGroup, PlacementError, TrainBatch
 from copd_ray.config import load_config
 from copd_ray.engines import SamplingParams
@@ -21,12 +22,8 @@ SMALL = ["resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resource
 def branch(ray_session, tiny_folder):
     """One branch with two data-parallel trainers and two generators."""
     cfg = load_config(None, SMALL + ["resources.num_trainers=2", "resources.num_generators=2", "ray.bucket_mb=0.5"])
-    group = BranchGroup("add", cfg, str(tiny_folder), "test-actors")
-    group.wait_placed()
-    ray.get(group.start_actors())
-    group.wire()
-    yield group
-    group.shutdown()
+    with started_branch("add", cfg, tiny_folder, "test-actors") as group:
+        yield group
 
 
 def _batch(group, tokenizer, seed=0):
@@ -131,11 +128,7 @@ def test_topology_actor_routes_hub_and_spoke_and_takes_replacements(ray_session)
 def test_standalone_torch_transport_delivers_the_same_tensors(ray_session, tiny_folder, tiny_tokenizer):
     """The transport vLLM/SGLang branches use, checked here with pure-torch engines."""
     cfg = load_config(None, SMALL + ["ray.sync_transport=torch", "ray.bucket_mb=0.25"])
-    group = BranchGroup("torchsync", cfg, str(tiny_folder), "test-torch-transport")
-    try:
-        group.wait_placed()
-        ray.get(group.start_actors())
-        group.wire()
+    with started_branch("torchsync", cfg, tiny_folder, "test-torch-transport") as group:
         assert group.transport == "torch"
         _, batch = _batch(group, tiny_tokenizer, seed=4)
         group.train(batch)
@@ -144,5 +137,3 @@ def test_standalone_torch_transport_delivers_the_same_tensors(ray_session, tiny_
         for receiver in group.generators + [group.scorer]:
             held = ray.get(receiver.state_dict.remote())
             assert all(torch.equal(held[k], trained[k]) for k in trained)
-    finally:
-        group.shutdown()
