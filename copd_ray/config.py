@@ -190,11 +190,22 @@ class BranchConfig(Section):
     # a CoPD branch, several for a mixed-data baseline. Default: the one named like the branch.
     data: list[str] | None = None
     beta: float | None = Field(None, ge=0)  # OPD coefficient; default opd.beta
+    # The model folder this branch starts from; None = the base policy. Baselines start
+    # students from trained experts this way.
+    init: str | None = None
+    # A frozen branch never trains: it only serves its `init` weights as a teacher (static
+    # OPD, multi-teacher OPD). It may not be a student in the topology.
+    frozen: bool = False
 
     @field_validator("name")
     @classmethod
     def _name(cls, v):
         return CapabilityConfig._name(v)
+
+    @field_validator("init")
+    @classmethod
+    def _init_exists(cls, v, info: ValidationInfo):
+        return ModelConfig._path_exists(v, info)
 
 
 class ScheduleConfig(Section):
@@ -205,6 +216,7 @@ class ScheduleConfig(Section):
     opd_steps: int = Field(25, ge=0)
     sync_every: int = Field(1, ge=1)  # optimizer steps between weight broadcasts
     save_every: int = Field(0, ge=0)  # steps between checkpoints; 0 = only at the end of each cycle
+    keep_checkpoints: int = Field(2, gt=0)  # the newest N are kept
 
     @model_validator(mode="after")
     def _some_steps(self):
@@ -233,10 +245,16 @@ class OPDConfig(Section):
     beta: float = Field(1.0, ge=0)
     prompts_per_teacher: int = Field(16, gt=0)  # cross-branch prompts per teacher per step
     samples_per_prompt: int = Field(4, gt=0)
+    # Sampling temperature of the student's rollouts on a teacher's prompts; None = grpo.temperature.
+    temperature: float | None = Field(None, ge=0)
+    # Phase II keeps each branch's own GRPO batch (Algorithm 1). False: distillation only
+    # (the pilot study); every trainable branch then needs a teacher.
+    native_rl: bool = True
 
 
 class TopologyConfig(Section):
-    kind: Literal["pairwise", "hub_and_spoke", "edges"] = "pairwise"
+    # "none": no branch teaches another (independent experts; Phase II is then plain RLVR).
+    kind: Literal["pairwise", "hub_and_spoke", "edges", "none"] = "pairwise"
     hub: str | None = None
     edges: list[tuple[str, str]] = []  # (teacher, student) pairs for kind=edges
     # How a student reaches its teachers' scorers: actor handles, or the Serve deployment
@@ -352,22 +370,43 @@ class Config(Section):
                 raise ValueError(f"topology.hub {t.hub!r} is not a branch; branches: {names}")
         elif t.hub is not None:
             raise ValueError(f"topology.hub is only for kind=hub_and_spoke, not {t.kind!r}")
-        if t.kind == "edges":
-            if not t.edges:
-                raise ValueError("topology.kind=edges needs topology.edges: [[teacher, student], ...]")
+        if t.kind == "edges" and not t.edges:
+            raise ValueError("topology.kind=edges needs topology.edges: [[teacher, student], ...]")
+        if t.kind != "edges" and t.edges:
+            raise ValueError(f"topology.edges is only for kind=edges, not {t.kind!r}")
         for teacher, student in t.edges:
             for end in (teacher, student):
                 if end not in names:
                     raise ValueError(f"topology.edges names {end!r}, which is not a branch; branches: {names}")
             if teacher == student:
                 raise ValueError(f"topology.edges: {teacher!r} cannot teach itself")
-        if self.merge.weights is not None and set(self.merge.weights) != set(names):
-            raise ValueError(f"merge.weights must name every branch exactly: {names}")
+        trainable = [b.name for b in branches if not b.frozen]
+        if not trainable:
+            raise ValueError("every branch is frozen: at least one must train")
+        for b in branches:
+            if b.frozen and b.init is None:
+                raise ValueError(f"frozen branch {b.name!r} needs an init model folder (it would only be the base)")
+        from copd_ray.topology.graph import Topology
+
+        frozen_students = {s for _, s in Topology.from_config(t.kind, names, t.hub, t.edges).edges} - set(trainable)
+        if frozen_students:
+            raise ValueError(f"frozen branch(es) {sorted(frozen_students)} would be students under topology "
+                             f"{t.kind!r}; a frozen branch only teaches (use topology.kind=edges)")
+        if self.merge.weights is not None and set(self.merge.weights) != set(trainable):
+            raise ValueError(f"merge.weights must name every trainable branch exactly: {trainable}")
         if t.transport == "serve" and not self.serve.enabled:
             raise ValueError("topology.transport=serve needs serve.enabled=true")
         if self.ray.sync_backend == "nccl" and self.resources.trainer_gpus == 0:
             raise ValueError("ray.sync_backend=nccl needs GPUs (resources.trainer_gpus > 0)")
+        if not self.opd.native_rl and self.schedule.opd_steps:
+            taught = {s for _, s in Topology.from_config(t.kind, names, t.hub, t.edges).edges}
+            if set(trainable) - taught:
+                raise ValueError(f"opd.native_rl=false leaves branch(es) {sorted(set(trainable) - taught)} "
+                                 "with no teacher: their Phase II steps would be empty")
         return self
+
+    def trainable_branches(self) -> list[BranchConfig]:
+        return [b for b in self.branch_list() if not b.frozen]
 
     def branch_list(self) -> list[BranchConfig]:
         if self.branches is not None:

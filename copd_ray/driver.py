@@ -72,11 +72,17 @@ def _seed(*parts) -> int:
 # -- one step of a branch -------------------------------------------------------------------
 
 
-def _rollouts(group: BranchGroup, records, caps, tokenizer, n: int, cfg: Config, seed: int) -> tuple[list, dict]:
+def _rollouts(group: BranchGroup, records, caps, tokenizer, n: int, cfg: Config, seed: int,
+              temperature: float | None = None) -> tuple[list, dict]:
     ids, answers, rewards = _prompts(records, caps, tokenizer)
     g = cfg.grpo
-    params = SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, seed=seed)
+    params = SamplingParams(n=n, temperature=g.temperature if temperature is None else temperature, top_p=g.top_p,
+                            max_new_tokens=g.max_new_tokens, seed=seed)
     return ids, group.rollout(ids, params, answers, rewards)
+
+
+def _opd_temperature(cfg: Config) -> float:
+    return cfg.grpo.temperature if cfg.opd.temperature is None else cfg.opd.temperature
 
 
 def draw_prompts(names, phase: str, cfg: Config, data: dict[str, BranchData], topology_actor) -> dict:
@@ -85,7 +91,8 @@ def draw_prompts(names, phase: str, cfg: Config, data: dict[str, BranchData], to
     teachers now, so a re-registered scorer is used from the next step on."""
     plan = {}
     for name in names:
-        step_plan = {"native": data[name].sample(cfg.grpo.prompts_per_step), "teachers": {}}
+        native = phase == "rl" or cfg.opd.native_rl
+        step_plan = {"native": data[name].sample(cfg.grpo.prompts_per_step) if native else [], "teachers": {}}
         if phase == "opd":
             for teacher, scorer in ray.get(topology_actor.teachers_of.remote(name)).items():
                 step_plan["teachers"][teacher] = (scorer, data[teacher].sample(cfg.opd.prompts_per_teacher))
@@ -96,29 +103,30 @@ def draw_prompts(names, phase: str, cfg: Config, data: dict[str, BranchData], to
 def branch_step(name: str, phase: str, step: int, cfg: Config, group: BranchGroup, prompts: dict,
                 caps: dict[str, Capability], tokenizer, beta: float) -> dict:
     """One training step of branch `name`: its native GRPO batch and, in Phase II, one
-    cross-branch OPD batch per teacher, all in one update."""
+    cross-branch OPD batch per teacher, all in one update. The record counts what the
+    step spent (rollouts generated, teacher tokens scored) for the budget tables."""
     t = {"generate": 0.0, "score": 0.0}
-    record: dict = {"kind": "step", "step": step, "phase": phase, "branch": name}
+    record: dict = {"kind": "step", "step": step, "phase": phase, "branch": name,
+                    "opd_batches": len(prompts["teachers"]), "teacher_tokens": 0}
+    batch = TrainBatch(group_size=cfg.grpo.group_size)
 
-    # Native GRPO batch: prompts from D_k, rewarded by r_k.
-    ids, roll = _rollouts(group, prompts["native"], caps, tokenizer, cfg.grpo.group_size, cfg,
-                          _seed(cfg.seed, name, step, "rl"))
-    t["generate"] += roll["seconds"]
-    samples, rewards = roll["samples"], roll["rewards"]
-    batch = TrainBatch(
-        group_size=cfg.grpo.group_size,
-        grpo_sequences=[ids[s.prompt_index] + s.token_ids for s in samples],
-        grpo_prompt_lengths=[len(ids[s.prompt_index]) for s in samples],
-        grpo_rewards=rewards,
-    )
-    record.update(reward_mean=sum(rewards) / len(rewards),
-                  pass_rate=sum(r >= 1.0 for r in rewards) / len(rewards),
-                  response_length=sum(len(s.token_ids) for s in samples) / len(samples))
+    # Native GRPO batch: prompts from D_k, rewarded by r_k (absent only when opd.native_rl=false).
+    if prompts["native"]:
+        ids, roll = _rollouts(group, prompts["native"], caps, tokenizer, cfg.grpo.group_size, cfg,
+                              _seed(cfg.seed, name, step, "rl"))
+        t["generate"] += roll["seconds"]
+        samples, rewards = roll["samples"], roll["rewards"]
+        batch.grpo_sequences = [ids[s.prompt_index] + s.token_ids for s in samples]
+        batch.grpo_prompt_lengths = [len(ids[s.prompt_index]) for s in samples]
+        batch.grpo_rewards = rewards
+        record.update(reward_mean=sum(rewards) / len(rewards),
+                      pass_rate=sum(r >= 1.0 for r in rewards) / len(rewards),
+                      response_length=sum(len(s.token_ids) for s in samples) / len(samples))
 
     # Phase II: per teacher j, the student's rollouts on prompts from D_j, scored by j.
     for teacher, (scorer, peer_records) in prompts["teachers"].items():
         peer_ids, peer_roll = _rollouts(group, peer_records, caps, tokenizer, cfg.opd.samples_per_prompt, cfg,
-                                        _seed(cfg.seed, name, step, "opd", teacher))
+                                        _seed(cfg.seed, name, step, "opd", teacher), _opd_temperature(cfg))
         sequences = [peer_ids[s.prompt_index] + s.token_ids for s in peer_roll["samples"]]
         plens = [len(peer_ids[s.prompt_index]) for s in peer_roll["samples"]]
         scores = _score(scorer, sequences, plens)  # log pi_j(y_t | x, y_<t)
@@ -130,6 +138,7 @@ def branch_step(name: str, phase: str, step: int, cfg: Config, group: BranchGrou
         batch.opd_beta += [beta] * len(sequences)
         student = [lp for s in peer_roll["samples"] for lp in s.logprobs]
         teacher_lp = [lp for row in scores.logprobs for lp in row]
+        record["teacher_tokens"] += len(teacher_lp)
         record.update({
             f"opd/{teacher}/teacher_version": scores.version,
             f"opd/{teacher}/reward_mean": sum(peer_roll["rewards"]) / len(peer_roll["rewards"]),
@@ -139,8 +148,8 @@ def branch_step(name: str, phase: str, step: int, cfg: Config, group: BranchGrou
     trained = group.train(batch)  # old log-probs, GRPO + OPD advantages, clipped update
     t["train"] = trained.pop("seconds")
     record.update(trained)
+    record["rollouts"] = len(batch.grpo_sequences) + len(batch.opd_sequences)
     record.update({f"time/{k}": v for k, v in t.items()})
-    record["_samples"] = (batch.grpo_sequences, batch.grpo_prompt_lengths)  # for pair metrics; not logged
     return record
 
 
@@ -157,8 +166,19 @@ def _score(endpoint, sequences, plens):
 # -- health signals and evaluation -----------------------------------------------------------------
 
 
-def pair_metrics(teacher: str, student: str, sequences, plens, groups, k: int) -> dict:
-    """Top-k overlap and symmetric KL of teacher and student along the student's rollouts."""
+def pair_metrics(teacher: str, student: str, groups, data: dict[str, BranchData], caps, tokenizer,
+                 cfg: Config) -> dict:
+    """Top-k overlap and symmetric KL of teacher and student along the student's own
+    rollouts on a fixed probe set: the first metrics.pair_sequences held-out prompts of the
+    teacher's data, sampled as in OPD with a fixed seed, so that the curve over training
+    moves with the policies, not with the draw."""
+    m, teacher_caps = cfg.metrics.pair_sequences, data[teacher].capabilities
+    per_cap = -(-m // len(teacher_caps))
+    probe = [r for c in teacher_caps for r in c.heldout[:per_cap]][:m]
+    ids, roll = _rollouts(groups[student], probe, caps, tokenizer, 1, cfg, _seed(cfg.seed, "probe", teacher, student),
+                          _opd_temperature(cfg))
+    sequences = [ids[s.prompt_index] + s.token_ids for s in roll["samples"]]
+    plens = [len(ids[s.prompt_index]) for s in roll["samples"]]
     t_rows, s_rows = ray.get([groups[teacher].scorer.distributions.remote(sequences, plens),
                               groups[student].scorer.distributions.remote(sequences, plens)])
     width = max(r.shape[0] for r in s_rows)
@@ -167,7 +187,7 @@ def pair_metrics(teacher: str, student: str, sequences, plens, groups, k: int) -
     mask = torch.zeros(len(s_rows), width)
     for i, (s, t) in enumerate(zip(s_rows, t_rows)):
         s_pad[i, : len(s)], t_pad[i, : len(t)], mask[i, : len(s)] = s, t, 1.0
-    return {"topk_overlap": topk_overlap(s_pad, t_pad, k, mask).item(),
+    return {"topk_overlap": topk_overlap(s_pad, t_pad, cfg.metrics.topk, mask).item(),
             "symmetric_kl": symmetric_kl(s_pad, t_pad, mask).item()}
 
 
@@ -210,7 +230,8 @@ def _step_line(step: int, phase: str, records: dict[str, dict]) -> str:
     parts = []
     for n, r in records.items():
         t = r["time/generate"] + r["time/score"] + r["time/train"] + r["time/sync"]
-        parts.append(f"{n} r={r['reward_mean']:.2f} L={r['loss']:+.3f} v{r['version']} {t:.1f}s")
+        reward = f"r={r['reward_mean']:.2f} " if "reward_mean" in r else ""
+        parts.append(f"{n} {reward}L={r['loss']:+.3f} v{r['version']} {t:.1f}s")
     return f"{step:4d} {phase:3s}| " + " | ".join(parts)
 
 
@@ -283,7 +304,8 @@ class Runtime:
     asked for) the Serve app in front of the scorers. `close()` releases all of it."""
 
     def __init__(self, cfg: Config, topology: Topology, base_path: str, console) -> None:
-        self.groups: dict[str, BranchGroup] = {}
+        self.groups: dict[str, BranchGroup] = {}  # every branch, frozen teachers included
+        self.trainable: dict[str, BranchGroup] = {}
         self.serving = False
         try:
             self._start(cfg, topology, base_path, console)
@@ -295,8 +317,11 @@ class Runtime:
         names = list(topology.branches)
         run_id = uuid.uuid4().hex[:8]
         self.topology_actor = TopologyActor.remote(topology)
+        branches = {b.name: b for b in cfg.branch_list()}
+        paths = {n: branches[n].init or base_path for n in names}
         for n in names:
-            self.groups[n] = BranchGroup(n, cfg, base_path, run_id)
+            self.groups[n] = BranchGroup(n, cfg, paths[n], run_id, frozen=branches[n].frozen)
+        self.trainable = {n: g for n, g in self.groups.items() if not g.frozen}
         for g in self.groups.values():
             g.wait_placed()
         ray.get([ref for g in self.groups.values() for ref in g.start_actors()])
@@ -306,7 +331,7 @@ class Runtime:
             from copd_ray.serve import start_serving
 
             sv = cfg.serve
-            handles = start_serving(endpoints, {n: base_path for n in names}, sv.host, sv.port,
+            handles = start_serving(endpoints, paths, sv.host, sv.port,
                                     sv.token or os.environ.get("COPD_RAY_SERVE_TOKEN"), sv.max_sequences,
                                     sv.max_tokens, sv.max_top_k)
             self.serving = True
@@ -324,27 +349,29 @@ class Runtime:
             self.serving = False
         for g in self.groups.values():
             g.shutdown()
-        self.groups = {}
+        self.groups, self.trainable = {}, {}
 
 
-def log_step(log: MetricsLog, step: int, records: dict, cfg: Config, topology: Topology, groups, pair_state: dict,
-             console) -> None:
-    """Per-branch step records, NaN events and, at the interval, the pair metrics."""
-    if pair_state["every"] and step % pair_state["every"] == 0:
-        try:
-            for teacher, student in topology.edges:
-                seqs, plens = records[student]["_samples"]
-                m = cfg.metrics.pair_sequences
-                log.log({"kind": "pair", "step": step, "teacher": teacher, "student": student,
-                         **pair_metrics(teacher, student, seqs[:m], plens[:m], groups, cfg.metrics.topk)})
-        except ray.exceptions.RayTaskError as e:
-            if not isinstance(e.cause, NotImplementedError):
-                raise
-            pair_state["every"] = 0  # this scorer engine cannot give full distributions
-            log.log({"kind": "event", "step": step, "event": "pair_metrics_off", "why": str(e.cause)})
-            console.print(f"[yellow]pair metrics off: {e.cause}[/yellow]")
+def log_pairs(log: MetricsLog, step: int, cfg: Config, topology: Topology, groups, data, caps, tokenizer,
+              pair_state: dict, console) -> None:
+    """At the interval (and at step 0), the pair metrics of every teacher -> student edge."""
+    if not pair_state["every"] or step % pair_state["every"]:
+        return
+    try:
+        for teacher, student in topology.edges:
+            log.log({"kind": "pair", "step": step, "teacher": teacher, "student": student,
+                     **pair_metrics(teacher, student, groups, data, caps, tokenizer, cfg)})
+    except ray.exceptions.RayTaskError as e:
+        if not isinstance(e.cause, NotImplementedError):
+            raise
+        pair_state["every"] = 0  # this scorer engine cannot give full distributions
+        log.log({"kind": "event", "step": step, "event": "pair_metrics_off", "why": str(e.cause)})
+        console.print(f"[yellow]pair metrics off: {e.cause}[/yellow]")
+
+
+def log_step(log: MetricsLog, step: int, records: dict) -> None:
+    """Per-branch step records and NaN events."""
     for r in records.values():
-        r.pop("_samples")
         log.log(r)
         if r["nan_skipped"]:
             log.log({"kind": "event", "step": step, "event": "nan_loss_skipped", "branch": r["branch"],
@@ -382,10 +409,11 @@ def prepare(cfg: Config, topology: Topology | None, console):
 
 
 def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
-    """Algorithm 1 end to end; returns {"eval", "models", "steps", "seconds", "plots"}."""
+    """Algorithm 1 end to end; returns {"eval", "models", "budget", "steps", "seconds", "plots"}."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from copd_ray.metrics_log import budget, read_metrics
     from copd_ray.models.merge_folders import merge_folders
     from copd_ray.plots import plot_run
 
@@ -393,31 +421,35 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
     out = Path(cfg.output_dir)
     started = time.perf_counter()
     topology, caps, data, resume, base_path, tokenizer = prepare(cfg, topology, console)
-    names = list(topology.branches)
     plan = schedule(cfg)
 
     started_ray = init_ray(cfg)
     runtime, log = None, None
     try:
         runtime = Runtime(cfg, topology, base_path, console)
-        groups = runtime.groups
-        console.print(f"ray: {len(names)} branches up ({', '.join(names)}), topology "
+        groups, trainable = runtime.groups, runtime.trainable  # frozen teachers never step
+        names = list(trainable)
+        frozen = [n for n in groups if n not in trainable]
+        console.print(f"ray: {len(groups)} branches up ({', '.join(names)}"
+                      f"{'; frozen teachers ' + ', '.join(frozen) if frozen else ''}), topology "
                       f"{[f'{t}->{s}' for t, s in topology.edges]}, {time.perf_counter() - started:.0f} s")
         first_step = 0
         if resume is not None:
             state = json.loads((resume / "driver_state.json").read_text())
             first_step = state["step"]
-            _each(groups, lambda n: groups[n].load(str(resume / "branches" / n), state["versions"][n]))
+            _each(trainable, lambda n: trainable[n].load(str(resume / "branches" / n), state["versions"][n]))
             for n, d in data.items():
                 d.sample(state["drawn"][n])  # replay the data streams to where they were
             console.print(f"resumed from {resume} at step {first_step}")
         log = MetricsLog(out, cfg.wandb, cfg.run_name, cfg.model_dump(mode="json"), append=resume is not None)
+        pair_state = {"every": cfg.metrics.pair_every}
         if resume is not None:
             log.log({"kind": "event", "step": first_step, "event": "resumed", "from": str(resume)})
-        elif cfg.eval.every:
-            _log_eval(log, 0, evaluate_branches(groups, caps, tokenizer, cfg, cfg.eval.during_training_size))
+        else:
+            log_pairs(log, 0, cfg, topology, groups, data, caps, tokenizer, pair_state, console)
+            if cfg.eval.every:
+                _log_eval(log, 0, evaluate_branches(trainable, caps, tokenizer, cfg, cfg.eval.during_training_size))
 
-        pair_state = {"every": cfg.metrics.pair_every}
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("CoPD", total=len(plan), completed=first_step)
@@ -427,32 +459,35 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
                                                   f"{'Phase I  (RLVR)' if phase == 'rl' else 'Phase II (OPD) '}")
                 # Every branch takes its step in parallel ...
                 prompts = draw_prompts(names, phase, cfg, data, runtime.topology_actor)
-                records = _each(groups, lambda n: branch_step(n, phase, step, cfg, groups[n], prompts[n], caps,
-                                                              tokenizer, data[n].beta))
+                records = _each(trainable, lambda n: branch_step(n, phase, step, cfg, trainable[n], prompts[n], caps,
+                                                                 tokenizer, data[n].beta))
                 # ... then every branch broadcasts its new weights to its generators and scorer.
-                synced = _each(groups, lambda n: groups[n].sync()) if step % cfg.schedule.sync_every == 0 else {}
+                synced = _each(trainable, lambda n: trainable[n].sync()) if step % cfg.schedule.sync_every == 0 else {}
                 for n, r in records.items():
-                    r.update({"cycle": cycle, "version": groups[n].version,
+                    r.update({"cycle": cycle, "version": trainable[n].version,
                               "time/sync": synced[n]["seconds"] if synced else 0.0})
-                log_step(log, step, records, cfg, topology, groups, pair_state, progress.console)
+                log_pairs(log, step, cfg, topology, groups, data, caps, tokenizer, pair_state, progress.console)
+                log_step(log, step, records)
                 if cfg.eval.every and step % cfg.eval.every == 0:
-                    _log_eval(log, step, evaluate_branches(groups, caps, tokenizer, cfg, cfg.eval.during_training_size))
+                    _log_eval(log, step, evaluate_branches(trainable, caps, tokenizer, cfg, cfg.eval.during_training_size))
                 progress.console.print(_step_line(step, phase, records))
                 end_of_cycle = step == len(plan) or plan[step][0] != cycle
                 if end_of_cycle or (cfg.schedule.save_every and step % cfg.schedule.save_every == 0):
-                    save_checkpoint(out, step, groups, data)
+                    save_checkpoint(out, step, trainable, data, cfg.schedule.keep_checkpoints)
                 progress.advance(task)
 
-        # Merge the branches in parameter space into the unified model.
-        branch_dirs = _each(groups, lambda n: groups[n].save(str(out / "branches" / n), with_optimizer=False))
-        weights = [cfg.merge.weights[n] for n in names] if cfg.merge.weights else None
-        merged = merge_folders([branch_dirs[n] for n in names], out / "merged", cfg.merge.method, weights,
-                               base_folder=base_path if cfg.merge.method == "task_arithmetic" else None)
+        # Merge the branches in parameter space into the unified model (when there are several).
+        branch_dirs = _each(trainable, lambda n: trainable[n].save(str(out / "branches" / n), with_optimizer=False))
+        models = {"base": base_path, **{f"branch:{n}": branch_dirs[n] for n in names}}
+        if len(names) > 1:
+            weights = [cfg.merge.weights[n] for n in names] if cfg.merge.weights else None
+            models["merged"] = str(merge_folders(
+                [branch_dirs[n] for n in names], out / "merged", cfg.merge.method, weights,
+                base_folder=base_path if cfg.merge.method == "task_arithmetic" else None))
         runtime.close()  # frees the cluster for the evaluation tasks
 
         # Evaluate base, every branch and the merged model on every capability.
         held = {n: c.heldout for n, c in caps.items()}
-        models = {"base": base_path, **{f"branch:{n}": branch_dirs[n] for n in names}, "merged": str(merged)}
         results = dict(zip(models, ray.get([evaluate_folder.remote(p, cfg, held) for p in models.values()])))
         log.log({"kind": "event", "step": len(plan), "event": "final_eval",
                  **{f"{m}/{c}": v for m, per in results.items() for c, v in per.items()}})
@@ -464,7 +499,8 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
         if started_ray:
             ray.shutdown()
 
-    summary = {"eval": results, "models": models, "steps": len(plan), "seconds": round(time.perf_counter() - started, 1)}
+    summary = {"eval": results, "models": models, "budget": budget(read_metrics(out / "metrics.jsonl")),
+               "steps": len(plan), "seconds": round(time.perf_counter() - started, 1)}
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     summary["plots"] = [str(p) for p in plot_run(out)]
     return summary

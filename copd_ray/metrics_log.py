@@ -61,3 +61,15 @@ def time_split(records: list[dict]) -> dict[str, dict[str, float]]:
         if rows:
             out[phase] = {p: sum(r[f"time/{p}"] for r in rows) / len(rows) for p in parts}
     return out
+
+
+def budget(records: list[dict], branches: set[str] | None = None, last_step: int | None = None) -> dict[str, int]:
+    """What training spent, summed over branch steps: RL-only steps, steps with an OPD
+    batch, rollouts generated and teacher tokens scored (optionally for some branches, up
+    to some step)."""
+    steps = [r for r in records if r["kind"] == "step"
+             and (branches is None or r["branch"] in branches) and (last_step is None or r["step"] <= last_step)]
+    return {"rl_steps": sum(1 for r in steps if not r["opd_batches"]),
+            "opd_steps": sum(1 for r in steps if r["opd_batches"]),
+            "rollouts": sum(r["rollouts"] for r in steps),
+            "teacher_tokens": sum(r["teacher_tokens"] for r in steps)}

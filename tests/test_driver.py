@@ -72,6 +72,44 @@ def test_three_branches_hub_and_spoke_from_python(ray_session, tiny_folder, tmp_
     assert set(json.loads((out / "eval.json").read_text())["eval"]) == {"base", "branch:add", "branch:mul", "branch:mixed", "merged"}
 
 
+def test_a_frozen_teacher_distils_into_one_student_and_the_budget_adds_up(ray_session, tiny_folder, tmp_path):
+    """Static OPD as configuration: a frozen branch only scores; distillation-only Phase II."""
+    out = tmp_path / "static"
+    cfg = load_config(None, FAST + [
+        f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1", "schedule.rl_steps=1",
+        "schedule.opd_steps=2", "eval.every=0", "metrics.pair_every=2", "opd.native_rl=false", "opd.temperature=0.5",
+        f"branches=[{{name: add}}, {{name: teacher, data: [mul], init: {tiny_folder}, frozen: true}}]",
+        "topology.kind=edges", "topology.edges=[[teacher, add]]"])
+    summary = train(cfg)
+
+    steps = _records(out, "step")
+    assert [(r["branch"], r["phase"], r["opd_batches"]) for r in steps] == [("add", "rl", 0), ("add", "opd", 1), ("add", "opd", 1)]
+    assert "reward_mean" in steps[0] and all("reward_mean" not in r for r in steps[1:])  # no native batch in Phase II
+    assert [r["opd/teacher/teacher_version"] for r in steps[1:]] == [0, 0]  # the teacher never moved
+    # 4 prompts x 4 samples of GRPO, then 4 teacher prompts x 2 samples twice; every OPD token scored.
+    assert [r["rollouts"] for r in steps] == [16, 8, 8]
+    assert summary["budget"] == {"rl_steps": 1, "opd_steps": 2, "rollouts": 32,
+                                 "teacher_tokens": sum(r["teacher_tokens"] for r in steps)}
+    assert steps[0]["teacher_tokens"] == 0 and all(r["teacher_tokens"] >= 8 for r in steps[1:])
+    assert [(p["step"], p["teacher"], p["student"]) for p in _records(out, "pair")] == [(0, "teacher", "add"),
+                                                                                        (2, "teacher", "add")]
+    assert set(summary["eval"]) == {"base", "branch:add"}  # one trainable branch: nothing to merge
+    assert not (out / "branches" / "teacher").exists() and not (out / "merged").exists()
+
+
+def test_a_frozen_branch_can_only_teach():
+    from copd_ray.config import ConfigError
+
+    frozen = "branches=[{name: add}, {name: mul, init: /tmp, frozen: true}]"
+    with pytest.raises(ConfigError, match=r"frozen branch\(es\) \['mul'\] would be students"):
+        load_config(None, [frozen])
+    with pytest.raises(ConfigError, match="needs an init model folder"):
+        load_config(None, ["branches=[{name: add}, {name: mul, frozen: true}]"])
+    with pytest.raises(ConfigError, match=r"no teacher"):
+        load_config(None, ["opd.native_rl=false", "topology.kind=none"])
+    load_config(None, [frozen, "topology.kind=edges", "topology.edges=[[mul, add]]"])
+
+
 def test_a_branch_without_usable_rows_stops_the_run_naming_it(tmp_path, tiny_folder):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1="}\n{oops\n')

@@ -26,14 +26,16 @@ def _bundle(cpus: float, gpus: float) -> dict:
 
 
 class BranchGroup:
-    def __init__(self, name: str, cfg: Config, model_path: str, run_id: str) -> None:
-        self.name, self.cfg, self.run_id = name, cfg, run_id
+    """A branch's actors. A frozen branch (a fixed teacher) is its scorer alone."""
+
+    def __init__(self, name: str, cfg: Config, model_path: str, run_id: str, frozen: bool = False) -> None:
+        self.name, self.cfg, self.run_id, self.frozen = name, cfg, run_id, frozen
         r = cfg.resources
-        self.bundles = (
+        self.bundles = [] if frozen else (
             [_bundle(r.trainer_cpus, r.trainer_gpus)] * r.num_trainers
             + [_bundle(r.generator_cpus, r.generator_gpus)] * r.num_generators
-            + [_bundle(r.scorer_cpus, r.scorer_gpus)]
         )
+        self.bundles.append(_bundle(r.scorer_cpus, r.scorer_gpus))
         self.pg = placement_group(self.bundles, strategy="PACK", name=f"copd-{run_id}-{name}")
         self.model_path = model_path
         self.version = 0
@@ -69,24 +71,29 @@ class BranchGroup:
             return dict(num_cpus=cpus, num_gpus=gpus,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
 
+        engine = dict(engine_cfg=c.engine.model_dump(), seed=c.seed, **common)
+        self.scorer = ScorerActor.options(**at(len(self.bundles) - 1, r.scorer_cpus, r.scorer_gpus)).remote(
+            self.name, self.model_path, c.engine.scorer_kind or c.engine.kind, gpus=r.scorer_gpus, **engine)
+        if self.frozen:
+            return [self.scorer.ready.remote()]
         self.trainers = [
             TrainerActor.options(**at(i, r.trainer_cpus, r.trainer_gpus)).remote(
                 self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump(), gpus=r.trainer_gpus, seed=c.seed, **common)
             for i in range(r.num_trainers)
         ]
-        engine = dict(engine_cfg=c.engine.model_dump(), seed=c.seed, **common)
         self.generators = [
             GeneratorActor.options(**at(r.num_trainers + i, r.generator_cpus, r.generator_gpus)).remote(
                 self.name, self.model_path, c.engine.kind, gpus=r.generator_gpus, **engine)
             for i in range(r.num_generators)
         ]
-        self.scorer = ScorerActor.options(**at(len(self.bundles) - 1, r.scorer_cpus, r.scorer_gpus)).remote(
-            self.name, self.model_path, c.engine.scorer_kind or c.engine.kind, gpus=r.scorer_gpus, **engine)
         return [a.ready.remote() for a in self.trainers + self.generators + [self.scorer]]
 
     def wire(self) -> None:
         """Join the data-parallel group (trainers) and the weight-sync group (trainer rank 0,
-        generators, scorer); every member joins concurrently, as rendezvous requires."""
+        generators, scorer); every member joins concurrently, as rendezvous requires. A
+        frozen branch has nothing to wire: its weights never change."""
+        if self.frozen:
+            return
         if len(self.trainers) > 1:
             host, port = ray.get(self.trainers[0].dp_address.remote())
             ray.get([t.join_dp_group.remote(host, port) for t in self.trainers])
@@ -155,6 +162,8 @@ class BranchGroup:
     # -- checkpoints and shutdown ----------------------------------------------------------------
 
     def save(self, folder: str, with_optimizer: bool = True) -> str:
+        if self.frozen:
+            return self.model_path  # unchanged since it was loaded
         return ray.get(self.trainers[0].save.remote(folder, with_optimizer))
 
     def load(self, folder: str, version: int) -> None:

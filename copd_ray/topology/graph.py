@@ -49,6 +49,8 @@ class Topology:
             return cls.hub_and_spoke(hub, [b for b in branches if b != hub])
         if kind == "edges":
             return cls.from_edges(branches, edges)
+        if kind == "none":
+            return cls(tuple(branches), ())
         raise ValueError(f"unknown topology kind {kind!r}")
 
     def teachers_of(self, student: str) -> list[str]:
