@@ -145,6 +145,36 @@ def train(args: Optional[list[str]] = ArgsArg) -> None:
                   f"{out / 'metrics.jsonl'}, {out / 'merged'}, {', '.join(summary['plots'])}")
 
 
+@app.command()
+def compare(
+    args: Optional[list[str]] = ArgsArg,
+    seeds: int = typer.Option(2, min=1, help="Seeds per run: seed, seed+1, ... (each reseeds the whole pipeline)."),
+    out: Path = typer.Option(Path("outputs/compare"), help="Folder for every run, compare.json, compare.md and plots."),
+    ratios: str = typer.Option("4:1,1:2", help="Other rl_steps:opd_steps ratios to sweep, comma-separated."),
+) -> None:
+    """CoPD against experts, mixed RLVR, static OPD, MOPD and the ablations, at stated budgets.
+
+    Runs every row for every seed (a finished run is skipped, an unfinished one resumes),
+    then writes compare.json, compare.md and the plots to OUT.
+    """
+    cfg = _load(args)
+    _setup_torch(cfg)
+    from copd_ray.compare import plan, run_compare
+
+    ratio_list = [r.strip() for r in ratios.split(",") if r.strip()]
+    try:
+        p = plan(cfg, ratio_list)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"compare: {len(p.runs)} runs x {seeds} seeds ({', '.join(r.name for r in p.runs)}); "
+                  f"{len(p.rows)} rows; T = {p.steps_per_branch} steps per branch")
+    _bootstrap(cfg)
+    result = run_compare(cfg, out, seeds, ratio_list, console)
+    typer.echo((out / "compare.md").read_text())
+    console.print(f"wrote {', '.join(result['files'])}")
+
+
 @app.command("serve")
 def serve_cmd(
     paths: list[str] = typer.Argument(..., help="A run's output folder (its branches/ and merged/) or model folders."),

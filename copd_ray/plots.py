@@ -36,7 +36,7 @@ def plot_run(output_dir: str | Path) -> list[Path]:
             ax.set(title=f"held-out accuracy: {cap} (shaded: Phase II, OPD)", xlabel="step", ylabel="pass@1 (greedy)")
             ax.grid(alpha=0.3)
             ax.legend()
-        written.append(_save(fig, output_dir / "accuracy.png"))
+        written.append(save_figure(fig, output_dir / "accuracy.png"))
 
     pairs = defaultdict(list)  # "teacher->student" -> [(step, overlap, kl)]
     for r in records:
@@ -54,7 +54,7 @@ def plot_run(output_dir: str | Path) -> list[Path]:
             _shade(ax, opd_spans)
             ax.grid(alpha=0.3)
             ax.legend()
-        written.append(_save(fig, output_dir / "pair_metrics.png"))
+        written.append(save_figure(fig, output_dir / "pair_metrics.png"))
     return written
 
 
@@ -75,7 +75,7 @@ def _shade(ax, spans: list[tuple[int, int]]) -> None:
         ax.axvspan(lo, hi, color="tab:green", alpha=0.08, linewidth=0)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

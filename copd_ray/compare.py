@@ -1,0 +1,280 @@
+"""`copd-ray compare`: CoPD against its baselines and ablations, at stated budgets.
+
+Every row is a configuration of the one training loop (`driver.train`), derived from the
+CoPD config the user gives. With T = cycles x (rl_steps + opd_steps) steps per branch and
+K branches:
+
+    experts          each branch alone, RL only, T steps (topology none); its checkpoint
+                     at T/2 is where static OPD and MOPD start from
+    mixed            one branch on the union of the data, K*T RL steps
+    static_opd_a_b   frozen expert a (at T/2) teaches expert b (at T/2) for K*T - K*T/2
+                     steps: the same total as CoPD once the experts' steps are counted
+    mopd             every frozen expert (at T/2) teaches one student from the base, which
+                     also keeps a GRPO batch on the union; K*T - K*T/2 steps
+    copd             the config as given
+    copd_without_a_b CoPD with the edge a -> b removed
+    copd_ratio_x_y   CoPD with rl_steps:opd_steps = x:y in each cycle (same T)
+
+Rows also come from models a run already has: each CoPD branch alone (no merge), the
+merge of the experts (no OPD), and the CoPD branches merged the other way. A finished
+run (its eval.json exists) is never run again, and an unfinished one resumes from its
+checkpoints, so an interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from copd_ray.config import Config, ConfigError
+from copd_ray.metrics_log import budget, read_metrics
+
+
+@dataclass
+class Run:
+    name: str
+    changes: dict  # top-level config keys replaced for this run
+    after: str | None = None  # the run whose checkpoints it starts from
+
+
+@dataclass
+class Row:
+    name: str
+    group: str  # "reference", "baseline", "CoPD" or "ablation"
+    run: str
+    model: str  # a key of the run's eval (or "merged:<method>" for an extra merge)
+    budget_branches: list[str] | None = None  # None: every trained branch of the run
+    inherits: bool = False  # add the experts' first T/2 steps to the budget
+    expected_steps: int | None = None
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    names: list[str]
+    steps_per_branch: int
+    half: int
+    runs: list[Run] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+
+
+def _ratio(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"ratio {text!r} is not of the form RL:OPD, e.g. 1:1") from None
+    if a < 0 or b < 0 or a + b == 0:
+        raise ConfigError(f"ratio {text!r}: both parts must be >= 0 and not both 0")
+    return a, b
+
+
+def plan(cfg: Config, ratios: list[str]) -> Plan:
+    """Every run and row of the comparison, each run's config checked before anything runs."""
+    if any(b.frozen or b.init for b in cfg.branch_list()):
+        raise ConfigError("compare takes a plain CoPD config: no frozen or initialised branches")
+    names = [b.name for b in cfg.branch_list()]
+    if len(names) < 2:
+        raise ConfigError(f"compare needs at least two branches, the config has {names}")
+    s = cfg.schedule
+    per_cycle = s.rl_steps + s.opd_steps
+    t = s.cycles * per_cycle
+    if t < 2:
+        raise ConfigError(f"compare needs at least 2 steps per branch (schedule gives {t})")
+    k, half = len(names), t // 2
+    student_steps = k * t - k * half
+    data = {b.name: cfg.branch_data(b) for b in cfg.branch_list()}
+    branch = lambda n, **kw: {"name": n, "data": data[n], **kw}  # noqa: E731
+    ckpt = f"{{experts}}/checkpoints/step_{half:06d}/branches"
+    only_rl = lambda steps: {"cycles": 1, "rl_steps": steps, "opd_steps": 0}  # noqa: E731
+    opd_only = {"cycles": 1, "rl_steps": 0, "opd_steps": student_steps}
+    transport = cfg.topology.transport
+    topo = lambda kind, edges=(): {"kind": kind, "hub": None, "edges": [list(e) for e in edges],  # noqa: E731
+                                   "transport": transport}
+    alone = {"weights": None}  # merge weights name the CoPD branches, which these runs do not have
+    p = Plan(cfg, names, t, half)
+    p.runs.append(Run("experts", {"topology": topo("none"),
+                                  "schedule": {**only_rl(t), "save_every": half, "keep_checkpoints": 1000}}))
+    p.runs.append(Run("mixed", {"branches": [{"name": "mixed", "data": [c.name for c in cfg.capabilities]}],
+                                "topology": topo("none"), "merge": alone, "schedule": only_rl(k * t)}))
+    edges = [(a, b) for a in names for b in names if a != b]
+    for a, b in edges:
+        p.runs.append(Run(f"static_opd_{a}_{b}", {
+            "branches": [branch(b, init=f"{ckpt}/{b}"), branch(a, init=f"{ckpt}/{a}", frozen=True)],
+            "topology": topo("edges", [(a, b)]), "merge": alone, "schedule": opd_only}, after="experts"))
+    student = "student" if "student" not in names else "mopd_student"
+    p.runs.append(Run("mopd", {
+        "branches": [{"name": student, "data": [c.name for c in cfg.capabilities]}]
+                    + [branch(n, init=f"{ckpt}/{n}", frozen=True) for n in names],
+        "topology": topo("edges", [(n, student) for n in names]), "merge": alone, "schedule": opd_only},
+        after="experts"))
+    p.runs.append(Run("copd", {}))
+    from copd_ray.topology.graph import Topology
+
+    tp = cfg.topology
+    copd_edges = list(Topology.from_config(tp.kind, names, tp.hub, tp.edges).edges)
+    for a, b in copd_edges:
+        rest = [e for e in copd_edges if e != (a, b)]
+        p.runs.append(Run(f"copd_without_{a}_{b}", {"topology": topo("edges", rest) if rest else topo("none")}))
+    swept = []
+    for text in ratios:
+        x, y = _ratio(text)
+        rl = round(per_cycle * x / (x + y))
+        if (rl, per_cycle - rl) != (s.rl_steps, s.opd_steps) and (rl, per_cycle - rl) not in swept:
+            swept.append((rl, per_cycle - rl))
+    for rl, opd in swept:
+        p.runs.append(Run(f"copd_ratio_{rl}_{opd}", {"schedule": {"rl_steps": rl, "opd_steps": opd}}))
+
+    other_merge = "task_arithmetic" if cfg.merge.method == "mean" else "mean"
+    p.rows += [Row("base", "reference", "experts", "base", budget_branches=[], expected_steps=0)]
+    p.rows += [Row(f"expert {n}", "baseline", "experts", f"branch:{n}", budget_branches=[n], expected_steps=t)
+               for n in names]
+    p.rows += [Row("experts merged (no OPD)", "baseline", "experts", "merged", expected_steps=k * t),
+               Row("mixed RLVR", "baseline", "mixed", "branch:mixed", expected_steps=k * t)]
+    p.rows += [Row(f"static OPD {a}→{b}", "baseline", f"static_opd_{a}_{b}", f"branch:{b}", inherits=True,
+                   expected_steps=k * t) for a, b in edges]
+    p.rows += [Row("MOPD (all experts → one student)", "baseline", "mopd", f"branch:{student}", inherits=True,
+                   expected_steps=k * t)]
+    p.rows += [Row(f"CoPD (merged, {cfg.merge.method})", "CoPD", "copd", "merged", expected_steps=k * t)]
+    p.rows += [Row(f"CoPD branch {n} alone (no merge)", "ablation", "copd", f"branch:{n}", expected_steps=k * t)
+               for n in names]
+    p.rows += [Row(f"CoPD merged by {other_merge}", "ablation", "copd", f"merged:{other_merge}", expected_steps=k * t)]
+    p.rows += [Row(f"CoPD without {a}→{b}", "ablation", f"copd_without_{a}_{b}", "merged", expected_steps=k * t)
+               for a, b in copd_edges]
+    p.rows += [Row(f"CoPD ratio {rl}:{opd}", "ablation", f"copd_ratio_{rl}_{opd}", "merged", expected_steps=k * t)
+               for rl, opd in swept]
+    for run in p.runs:  # a run that cannot start must fail now, not an hour in
+        run_config(p, run, Path("/nonexistent"), cfg.seed, check_paths=False)
+    return p
+
+
+def run_config(p: Plan, run: Run, folder: Path, seed: int, check_paths: bool = True) -> Config:
+    tree = p.cfg.model_dump(mode="json")
+    for key, value in copy.deepcopy(run.changes).items():
+        tree[key] = {**tree[key], **value} if isinstance(value, dict) and isinstance(tree.get(key), dict) else value
+    experts = str(folder.parent / "experts")
+    for b in tree.get("branches") or []:
+        if b.get("init"):
+            b["init"] = b["init"].replace("{experts}", experts)
+    tree.update(output_dir=str(folder), seed=seed, run_name=f"{p.cfg.run_name}-{run.name}-s{seed}", resume="auto")
+    from pydantic import ValidationError
+
+    try:
+        return Config.model_validate(tree, context={"check_paths": check_paths})
+    except ValidationError as e:
+        raise ConfigError(f"compare run {run.name!r} has an invalid config:\n{e}") from None
+
+
+# -- running --------------------------------------------------------------------------------------
+
+
+def _extra_merge(p: Plan, folder: Path, method: str, cfg: Config) -> dict[str, float]:
+    """The CoPD branches merged by another method, evaluated once and cached."""
+    import ray
+
+    from copd_ray.capabilities import build_capability
+    from copd_ray.driver import evaluate_folder
+    from copd_ray.models.merge_folders import merge_folders
+
+    cache = folder / f"eval_merged_{method}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    models = json.loads((folder / "eval.json").read_text())["models"]
+    # Task arithmetic adds each branch's whole change (weights 1): with weights 1/K it is the mean.
+    weights = [1.0] * len(p.names) if method == "task_arithmetic" else None
+    merged = merge_folders([models[f"branch:{n}"] for n in p.names], folder / f"merged_{method}", method, weights,
+                           base_folder=models["base"] if method == "task_arithmetic" else None)
+    held = {c.name: build_capability(c, cfg.seed).heldout for c in cfg.capabilities}
+    result = ray.get(evaluate_folder.remote(str(merged), cfg, held))
+    cache.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console) -> dict:
+    """Every run for every seed (skipping finished ones), then compare.json, compare.md and plots."""
+    from copd_ray.driver import init_ray, train
+
+    p = plan(cfg, ratios)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_list = [cfg.seed + i for i in range(seeds)]
+    todo = [(s, r) for s in seed_list for r in p.runs]
+    started = time.perf_counter()
+    started_ray = init_ray(cfg)
+    import ray
+
+    try:
+        for i, (seed, run) in enumerate(todo, start=1):
+            folder = out / f"seed_{seed}" / run.name
+            if (folder / "eval.json").exists():
+                console.print(f"[dim]compare {i}/{len(todo)}: seed {seed} {run.name} done already[/dim]")
+                continue
+            console.rule(f"compare {i}/{len(todo)}: seed {seed}, {run.name} "
+                         f"({time.perf_counter() - started:.0f} s so far)")
+            train(run_config(p, run, folder, seed), console=console)
+        for seed in seed_list:
+            for row in p.rows:
+                if row.model.startswith("merged:"):
+                    folder = out / f"seed_{seed}" / row.run
+                    _extra_merge(p, folder, row.model.split(":", 1)[1], run_config(p, Run(row.run, {}), folder, seed))
+    finally:
+        if started_ray:
+            ray.shutdown()
+    result = collect(p, out, seed_list)
+    result["seconds_this_call"] = round(time.perf_counter() - started, 1)
+    from copd_ray.report import write_report
+
+    result["files"] = [str(f) for f in write_report(result, out)]
+    return result
+
+
+def _row_eval(row: Row, folder: Path) -> dict[str, float]:
+    if row.model.startswith("merged:"):
+        return json.loads((folder / f"eval_merged_{row.model.split(':', 1)[1]}.json").read_text())
+    return json.loads((folder / "eval.json").read_text())["eval"][row.model]
+
+
+def _row_budget(p: Plan, row: Row, seed_dir: Path) -> dict[str, int]:
+    records = read_metrics(seed_dir / row.run / "metrics.jsonl")
+    spent = budget(records, set(row.budget_branches) if row.budget_branches is not None else None)
+    if row.inherits:
+        experts = budget(read_metrics(seed_dir / "experts" / "metrics.jsonl"), last_step=p.half)
+        spent = {k: spent[k] + experts[k] for k in spent}
+    return spent
+
+
+def collect(p: Plan, out: Path, seeds: list[int]) -> dict:
+    """Per row: accuracy per capability and overall for each seed, mean and std, budget."""
+    caps = [c.name for c in p.cfg.capabilities]
+    rows = []
+    for row in p.rows:
+        per_seed, budgets = {}, []
+        for seed in seeds:
+            acc = _row_eval(row, out / f"seed_{seed}" / row.run)
+            per_seed[seed] = {**{c: acc[c] for c in caps}, "overall": statistics.fmean(acc[c] for c in caps)}
+            budgets.append(_row_budget(p, row, out / f"seed_{seed}"))
+        cols = caps + ["overall"]
+        mean = {c: statistics.fmean(v[c] for v in per_seed.values()) for c in cols}
+        std = {c: statistics.stdev([v[c] for v in per_seed.values()]) if len(seeds) > 1 else 0.0 for c in cols}
+        spent = {k: round(statistics.fmean(b[k] for b in budgets)) for k in budgets[0]}
+        steps = spent["rl_steps"] + spent["opd_steps"]
+        rows.append({"name": row.name, "group": row.group, "run": row.run, "model": row.model, "per_seed": per_seed,
+                     "mean": mean, "std": std, "budget": spent, "expected_steps": row.expected_steps,
+                     "budget_ok": row.expected_steps is None or steps == row.expected_steps})
+    pairs = {}
+    for run in [r for r in p.runs if r.name == "copd" or r.name.startswith("static_opd_")]:
+        pairs[run.name] = {seed: [r for r in read_metrics(out / f"seed_{seed}" / run.name / "metrics.jsonl")
+                                  if r["kind"] == "pair"] for seed in seeds}
+    ratio_points = []  # (rl_steps, opd_steps, run) for the ratio plot: RL only, the config, the sweep
+    s = p.cfg.schedule
+    ratio_points.append({"rl_steps": p.steps_per_branch, "opd_steps": 0, "row": "experts merged (no OPD)"})
+    ratio_points.append({"rl_steps": s.rl_steps, "opd_steps": s.opd_steps, "row": f"CoPD (merged, {p.cfg.merge.method})"})
+    for run in p.runs:
+        if run.name.startswith("copd_ratio_"):
+            rl, opd = run.changes["schedule"]["rl_steps"], run.changes["schedule"]["opd_steps"]
+            ratio_points.append({"rl_steps": rl, "opd_steps": opd, "row": f"CoPD ratio {rl}:{opd}"})
+    return {"capabilities": caps, "branches": p.names, "seeds": seeds, "steps_per_branch": p.steps_per_branch,
+            "expert_steps_before_opd": p.half, "schedule": s.model_dump(), "rows": rows, "pairs": pairs,
+            "ratio_points": ratio_points, "config": p.cfg.model_dump(mode="json")}

@@ -1,0 +1,103 @@
+"""`copd-ray compare`: the plan (pure), the report (pure) and every row on a real local Ray."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from copd_ray.cli import app
+from copd_ray.compare import plan, run_compare, run_config
+from copd_ray.config import ConfigError, load_config
+from copd_ray.report import markdown
+
+TINY = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
+        "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4", "opd.prompts_per_teacher=4",
+        "opd.samples_per_prompt=2", "capabilities.0.heldout_size=20", "capabilities.1.heldout_size=20",
+        "eval.every=0", "metrics.pair_sequences=8", "metrics.pair_every=1", "schedule.cycles=1",
+        "schedule.rl_steps=2", "schedule.opd_steps=2"]
+
+
+def test_the_plan_states_every_run_and_budget_before_anything_runs(tmp_path):
+    p = plan(load_config(), ["1:1", "2:1", "4:1"])  # 2:1 is the config's own 50:25, so it is not rerun
+    t = 4 * 75
+    assert p.steps_per_branch == t and p.half == t // 2
+    assert [r.name for r in p.runs] == ["experts", "mixed", "static_opd_add_mul", "static_opd_mul_add", "mopd", "copd",
+                                        "copd_without_mul_add", "copd_without_add_mul", "copd_ratio_38_37",
+                                        "copd_ratio_60_15"]
+    runs = {r.name: run_config(p, r, tmp_path / "seed_0" / r.name, 0, check_paths=False) for r in p.runs}
+    assert runs["mixed"].schedule.rl_steps == 2 * t and runs["mixed"].branch_list()[0].data == ["add", "mul"]
+    static = runs["static_opd_add_mul"]
+    student, teacher = static.branch_list()
+    assert (student.name, student.frozen, teacher.name, teacher.frozen) == ("mul", False, "add", True)
+    assert teacher.init == str(tmp_path / "seed_0" / "experts" / "checkpoints" / f"step_{t // 2:06d}" / "branches" / "add")
+    assert static.topology.edges == [("add", "mul")] and static.schedule.opd_steps == 2 * t - t
+    assert runs["experts"].schedule.save_every == t // 2 and runs["experts"].topology.kind == "none"
+    assert runs["copd_without_add_mul"].topology.edges == [("mul", "add")]
+    assert {r.expected_steps for r in p.rows if r.group != "reference" and not r.name.startswith("expert ")} == {2 * t}
+    with pytest.raises(ConfigError, match="RL:OPD"):
+        plan(load_config(), ["1-2"])
+    with pytest.raises(ConfigError, match="at least two branches"):
+        plan(load_config(None, ["branches=[{name: add}]"]), [])
+
+
+def test_the_report_marks_best_and_worst_and_says_where_copd_loses():
+    def row(name, group, add, overall_std=0.0):
+        return {"name": name, "group": group, "mean": {"add": add, "overall": add}, "std": {"add": 0.1, "overall": overall_std},
+                "budget": {"rl_steps": 4, "opd_steps": 0, "rollouts": 10, "teacher_tokens": 0}, "budget_ok": True,
+                "expected_steps": 4}
+    result = {"capabilities": ["add"], "seeds": [0, 1], "branches": ["add", "mul"], "steps_per_branch": 2,
+              "expert_steps_before_opd": 1,
+              "rows": [row("base", "reference", 0.9), row("mixed", "baseline", 0.7), row("CoPD", "CoPD", 0.5),
+                       row("no merge", "ablation", 0.2)]}
+    md = markdown(result)
+    assert "| mixed | **0.700 ± 0.100** |" in md and "| no merge | _0.200 ± 0.100_ |" in md
+    assert "| base | 0.900 ± 0.100 |" in md  # the reference is never ranked
+    assert "- add: CoPD (merged) 0.500; ahead of it: mixed (+0.200)." in md
+
+
+def test_compare_rejects_a_bad_ratio_before_any_actor_starts():
+    result = CliRunner().invoke(app, ["compare", "--ratios", "3-1"])
+    assert result.exit_code == 2 and "RL:OPD" in result.output
+
+
+def test_compare_runs_every_row_with_budgets_and_resumes(ray_session, tiny_folder, tmp_path):
+    from rich.console import Console
+
+    cfg = load_config(None, TINY + [f"model.path={tiny_folder}"])
+    out = tmp_path / "compare"
+    result = run_compare(cfg, out, seeds=1, ratios=["3:1"], console=Console(quiet=True))
+
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == [
+        "base", "expert add", "expert mul", "experts merged (no OPD)", "mixed RLVR", "static OPD add→mul",
+        "static OPD mul→add", "MOPD (all experts → one student)", "CoPD (merged, mean)",
+        "CoPD branch add alone (no merge)", "CoPD branch mul alone (no merge)", "CoPD merged by task_arithmetic",
+        "CoPD without mul→add", "CoPD without add→mul", "CoPD ratio 3:1"]
+    assert all(r["budget_ok"] for r in rows.values())
+    assert rows["expert add"]["budget"] == {"rl_steps": 4, "opd_steps": 0, "rollouts": 64, "teacher_tokens": 0}
+    assert rows["mixed RLVR"]["budget"]["rl_steps"] == 8 and rows["mixed RLVR"]["budget"]["teacher_tokens"] == 0
+    static = rows["static OPD add→mul"]["budget"]
+    assert (static["rl_steps"], static["opd_steps"]) == (4, 4) and static["teacher_tokens"] > 0  # experts' 2+2, then 4
+    assert rows["CoPD (merged, mean)"]["budget"]["opd_steps"] == 4
+    assert rows["CoPD ratio 3:1"]["budget"]["opd_steps"] == 2
+    for r in rows.values():
+        assert set(r["mean"]) == {"add", "mul", "overall"} and all(0 <= v <= 1 for v in r["mean"].values())
+
+    seed_dir = out / "seed_0"
+    steps = [json.loads(line) for line in (seed_dir / "static_opd_add_mul" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "step"]
+    assert {r["branch"] for r in steps} == {"mul"} and {r["opd/add/teacher_version"] for r in steps} == {0}  # frozen
+    teacher_dir = seed_dir / "experts" / "checkpoints" / "step_000002" / "branches" / "add"
+    assert (teacher_dir / "model.safetensors").exists()
+    assert (seed_dir / "copd" / "merged_task_arithmetic" / "model.safetensors").exists()
+    assert set(result["pairs"]) == {"copd", "static_opd_add_mul", "static_opd_mul_add"}
+    md = (out / "compare.md").read_text()
+    assert all(name in md for name in rows)
+    for f in ("compare.json", "compare_overlap_kl.png", "compare_ratio.png", "compare_overall.png"):
+        assert (out / f).stat().st_size > 0
+
+    # A second call finds every run finished: nothing is trained again, the numbers are the same.
+    stamps = {p: p.stat().st_mtime for p in seed_dir.glob("*/metrics.jsonl")}
+    again = run_compare(cfg, out, seeds=1, ratios=["3:1"], console=Console(quiet=True))
+    assert {p: p.stat().st_mtime for p in seed_dir.glob("*/metrics.jsonl")} == stamps
+    assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in result["rows"]]
