@@ -175,6 +175,45 @@ def compare(
     console.print(f"wrote {', '.join(result['files'])}")
 
 
+@app.command()
+def pilot(
+    args: Optional[list[str]] = ArgsArg,
+    teacher: str = typer.Option("mul", help="The branch whose frozen expert teaches."),
+    student: str = typer.Option("add", help="The branch whose expert learns."),
+    temperatures: str = typer.Option("0.5,0.8,1.1,1.4,1.7,2.0", help="Student sampling temperatures, comma-separated."),
+    steps: int = typer.Option(40, min=1, help="OPD steps per temperature."),
+    experts: Optional[Path] = typer.Option(None, help="A finished experts run (e.g. OUT/seed_0/experts of compare); "
+                                                      "trained here when omitted."),
+    out: Path = typer.Option(Path("outputs/pilot"), help="Folder for the runs, pilot.json and pilot.png."),
+) -> None:
+    """The pilot study: OPD gain against teacher-student top-k overlap, with the fitted line and r."""
+    cfg = _load(args)
+    _setup_torch(cfg)
+    from copd_ray.pilot import run_pilot
+
+    try:
+        taus = [float(t) for t in temperatures.split(",") if t.strip()]
+    except ValueError:
+        console.print(f"[red]--temperatures {temperatures!r} is not a comma-separated list of numbers[/red]")
+        raise typer.Exit(2) from None
+    _bootstrap(cfg)
+    try:
+        result = run_pilot(cfg, out, teacher, student, taus, steps, experts, console)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    table = Table(title=f"pilot: {teacher} teaches {student} by OPD, {steps} steps")
+    for col in ("temperature", "overlap before", "sym. KL before", "gain"):
+        table.add_column(col, justify="right")
+    for p in result["points"]:
+        table.add_row(f"{p['temperature']:g}", f"{p['overlap']:.3f}", f"{p['symmetric_kl']:.3f}", f"{p['gain']:+.3f}")
+    console.print(table)
+    f = result["fit"]
+    console.print(f"gain = {f['slope']:.3f} * overlap + {f['intercept']:.3f}; r = {f['r']:.3f} "
+                  f"(against symmetric KL: r = {result['fit_symmetric_kl']['r']:.3f}); "
+                  f"wrote {out / 'pilot.json'}, {result['plot']}")
+
+
 @app.command("serve")
 def serve_cmd(
     paths: list[str] = typer.Argument(..., help="A run's output folder (its branches/ and merged/) or model folders."),

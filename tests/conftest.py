@@ -7,6 +7,14 @@ REPO = Path(__file__).resolve().parents[1]
 EVAL_DATA = REPO / "data" / "eval"
 
 
+# A whole comparison on the untrained tiny policy in about two minutes: T = 4 steps per branch.
+TINY_COMPARE = [
+    "wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1",
+    "grpo.prompts_per_step=4", "grpo.group_size=4", "opd.prompts_per_teacher=4", "opd.samples_per_prompt=2",
+    "capabilities.0.heldout_size=20", "capabilities.1.heldout_size=20", "eval.every=0", "metrics.pair_sequences=8",
+    "metrics.pair_every=1", "schedule.cycles=1", "schedule.rl_steps=2", "schedule.opd_steps=2"]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket

@@ -1,0 +1,141 @@
+"""`copd-ray pilot`: does OPD gain follow teacher-student overlap? (the paper's Section 2.3)
+
+A fixed teacher (an RL expert, frozen) distils into a student (another expert) by pure
+on-policy distillation for a fixed number of steps. The student is put at several
+overlaps with the teacher by its sampling temperature: at temperature tau it visits
+positions where it agrees with the teacher more or less. For each tau we record the
+top-k overlap along its rollouts before distillation and the gain in held-out accuracy
+on the teacher's capability after it, then fit gain = a * overlap + b and report r.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from copd_ray.compare import plan, run_config
+from copd_ray.config import Config, ConfigError
+from copd_ray.metrics_log import read_metrics
+
+
+def pilot_config(cfg: Config, experts: Path, teacher: str, student: str, tau: float, steps: int, folder: Path,
+                 check_paths: bool = True) -> Config:
+    branches = {b.name: b for b in cfg.branch_list()}
+    tree = cfg.model_dump(mode="json")
+    tree.update(
+        branches=[{"name": student, "data": cfg.branch_data(branches[student]), "init": str(experts / "branches" / student)},
+                  {"name": teacher, "data": cfg.branch_data(branches[teacher]), "init": str(experts / "branches" / teacher),
+                   "frozen": True}],
+        topology={**tree["topology"], "kind": "edges", "hub": None, "edges": [[teacher, student]]},
+        schedule={**tree["schedule"], "cycles": 1, "rl_steps": 0, "opd_steps": steps},
+        opd={**tree["opd"], "native_rl": False, "temperature": tau},
+        metrics={**tree["metrics"], "pair_every": steps},  # overlap before (step 0) and after
+        merge={**tree["merge"], "weights": None},
+        output_dir=str(folder), run_name=f"{cfg.run_name}-pilot-t{tau:g}", resume="auto",
+    )
+    return Config.model_validate(tree, context={"check_paths": check_paths})
+
+
+def fit_line(xs: list[float], ys: list[float]) -> dict[str, float]:
+    """Least-squares line and Pearson r, written out (no numpy needed for five points)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    slope = sxy / sxx if sxx else float("nan")
+    r = sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
+    return {"slope": slope, "intercept": my - slope * mx if sxx else float("nan"), "r": r}
+
+
+def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: list[float], steps: int,
+              experts: Path | None, console) -> dict:
+    from copd_ray.driver import init_ray, train
+
+    names = [b.name for b in cfg.branch_list()]
+    for role, name in (("teacher", teacher), ("student", student)):
+        if name not in names:
+            raise ConfigError(f"pilot {role} {name!r} is not a branch of the config: {names}")
+    if teacher == student:
+        raise ConfigError("pilot teacher and student must differ")
+    if len(temperatures) < 3:
+        raise ConfigError(f"pilot needs at least 3 temperatures to fit a line, got {temperatures}")
+    for tau in temperatures:
+        pilot_config(cfg, Path("/nonexistent"), teacher, student, tau, steps, out, check_paths=False)  # fail now
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    started_ray = init_ray(cfg)
+    import ray
+
+    try:
+        if experts is None:  # the comparison's expert run, trained here
+            p = plan(cfg, [])
+            experts = out / "experts"
+            if not (experts / "eval.json").exists():
+                console.rule("pilot: training the experts")
+                train(run_config(p, p.runs[0], experts, cfg.seed), console=console)
+        if not (experts / "eval.json").exists():
+            raise ConfigError(f"{experts} is not a finished run (no eval.json)")
+        before = json.loads((experts / "eval.json").read_text())["eval"][f"branch:{student}"]
+        points = []
+        for tau in temperatures:
+            folder = out / f"tau_{tau:g}"
+            if not (folder / "eval.json").exists():
+                console.rule(f"pilot: tau {tau:g}, {steps} OPD steps {teacher} -> {student}")
+                train(pilot_config(cfg, experts, teacher, student, tau, steps, folder), console=console)
+            after = json.loads((folder / "eval.json").read_text())["eval"][f"branch:{student}"]
+            pairs = sorted((r for r in read_metrics(folder / "metrics.jsonl") if r["kind"] == "pair"),
+                           key=lambda r: r["step"])
+            caps = cfg.branch_data(next(b for b in cfg.branch_list() if b.name == teacher))
+            gain = statistics.fmean(after[c] - before[c] for c in caps)
+            points.append({"temperature": tau, "overlap": pairs[0]["topk_overlap"],
+                           "symmetric_kl": pairs[0]["symmetric_kl"], "overlap_after": pairs[-1]["topk_overlap"],
+                           "before": before, "after": after, "gain": gain})
+    finally:
+        if started_ray:
+            ray.shutdown()
+    gains = [p["gain"] for p in points]
+    result = {"teacher": teacher, "student": student, "steps": steps, "topk": cfg.metrics.topk,
+              "experts": str(experts), "points": points, "fit": fit_line([p["overlap"] for p in points], gains),
+              "fit_symmetric_kl": fit_line([p["symmetric_kl"] for p in points], gains),
+              "seconds_this_call": round(time.perf_counter() - started, 1)}
+    (out / "pilot.json").write_text(json.dumps(result, indent=2))
+    result["plot"] = str(plot_pilot(result, out / "pilot.png"))
+    return result
+
+
+def plot_pilot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from copd_ray.plots import save_figure
+
+    pts = result["points"]
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
+    taus = [p["temperature"] for p in pts]
+    ax_a.plot(taus, [p["overlap"] for p in pts], marker="o", label=f"top-{result['topk']} overlap")
+    ax_kl = ax_a.twinx()
+    ax_kl.plot(taus, [p["symmetric_kl"] for p in pts], marker="s", color="C1", label="symmetric KL")
+    ax_a.set(title="(a) the student's overlap with the teacher", xlabel="student sampling temperature",
+             ylabel="overlap before OPD")
+    ax_kl.set_ylabel("symmetric KL before OPD")
+    ax_a.legend(loc="lower left", fontsize=8)
+    ax_kl.legend(loc="upper right", fontsize=8)
+    ax_a.grid(alpha=0.3)
+    xs, ys = [p["overlap"] for p in pts], [p["gain"] for p in pts]
+    ax_b.scatter(xs, ys, zorder=3)
+    for p in pts:
+        ax_b.annotate(f"τ={p['temperature']:g}", (p["overlap"], p["gain"]), fontsize=8, xytext=(4, 4),
+                      textcoords="offset points")
+    f = result["fit"]
+    lo, hi = min(xs), max(xs)
+    ax_b.plot([lo, hi], [f["slope"] * lo + f["intercept"], f["slope"] * hi + f["intercept"]], "--", color="black",
+              label=f"gain = {f['slope']:.3f}·overlap + {f['intercept']:.3f}, r = {f['r']:.2f}")
+    ax_b.set(title=f"(b) OPD gain vs overlap ({result['teacher']} teaches {result['student']}, {result['steps']} steps)",
+             xlabel="overlap before OPD", ylabel=f"Δ held-out pass@1 on {result['teacher']}")
+    ax_b.legend(fontsize=8)
+    ax_b.grid(alpha=0.3)
+    return save_figure(fig, path)
