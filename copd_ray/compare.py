@@ -202,7 +202,10 @@ def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console) 
     seed_list = [cfg.seed + i for i in range(seeds)]
     todo = [(s, r) for s in seed_list for r in p.runs]
     started = time.perf_counter()
-    started_ray = init_ray(cfg)
+    extra = [(seed, row) for seed in seed_list for row in p.rows if row.model.startswith("merged:")]
+    pending = [(s, r) for s, r in todo if not (out / f"seed_{s}" / r.name / "eval.json").exists()] + [
+        (s, r) for s, r in extra if not (out / f"seed_{s}" / r.run / f"eval_merged_{r.model.split(':', 1)[1]}.json").exists()]
+    started_ray = bool(pending) and init_ray(cfg)  # a finished comparison only rewrites its report
     import ray
 
     try:
@@ -214,11 +217,9 @@ def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console) 
             console.rule(f"compare {i}/{len(todo)}: seed {seed}, {run.name} "
                          f"({time.perf_counter() - started:.0f} s so far)")
             train(run_config(p, run, folder, seed), console=console)
-        for seed in seed_list:
-            for row in p.rows:
-                if row.model.startswith("merged:"):
-                    folder = out / f"seed_{seed}" / row.run
-                    _extra_merge(p, folder, row.model.split(":", 1)[1], run_config(p, Run(row.run, {}), folder, seed))
+        for seed, row in extra:
+            folder = out / f"seed_{seed}" / row.run
+            _extra_merge(p, folder, row.model.split(":", 1)[1], run_config(p, Run(row.run, {}), folder, seed))
     finally:
         if started_ray:
             ray.shutdown()
@@ -263,6 +264,13 @@ def collect(p: Plan, out: Path, seeds: list[int]) -> dict:
         rows.append({"name": row.name, "group": row.group, "run": row.run, "model": row.model, "per_seed": per_seed,
                      "mean": mean, "std": std, "budget": spent, "expected_steps": row.expected_steps,
                      "budget_ok": row.expected_steps is None or steps == row.expected_steps})
+    # Seeds differ in more than noise (each reseeds the base policy's warm-up), so each row is
+    # also compared with CoPD seed by seed: the paired difference in overall accuracy.
+    copd = next(r for r in rows if r["group"] == "CoPD")
+    for r in rows:
+        diffs = [r["per_seed"][s]["overall"] - copd["per_seed"][s]["overall"] for s in seeds]
+        r["vs_copd"] = {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                        "copd_ahead": sum(d < 0 for d in diffs), "seeds": len(diffs)}
     pairs = {}
     for run in [r for r in p.runs if r.name == "copd" or r.name.startswith("static_opd_")]:
         pairs[run.name] = {seed: [r for r in read_metrics(out / f"seed_{seed}" / run.name / "metrics.jsonl")

@@ -45,16 +45,20 @@ def markdown(result: dict) -> str:
         "",
         f"Held-out pass@1 (greedy) per capability and their mean (overall); "
         f"{'mean ± std over ' + str(len(seeds)) + ' seeds ' + str(seeds) if len(seeds) > 1 else 'one seed'}. "
-        "Best of each column in **bold**, worst in _italics_ (the base model is not ranked).",
+        "Best of each column in **bold**, worst in _italics_ (the base model is not ranked). "
+        "Each seed reseeds the whole pipeline, the base policy's warm-up included, so the spread "
+        "across seeds is wide; the paired column compares each row with CoPD seed by seed "
+        "(mean ± std of the difference in overall accuracy, and in how many seeds CoPD was ahead).",
         "",
-        "| method | " + " | ".join(cols) + " | RL steps | OPD steps | rollouts | teacher tokens | budget |",
-        "|---|" + "---:|" * len(cols) + "---:|---:|---:|---:|:---:|",
+        "| method | " + " | ".join(cols) + " | Δ overall vs CoPD, paired | RL steps | OPD steps | rollouts "
+        "| teacher tokens | budget |",
+        "|---|" + "---:|" * len(cols) + "---:|---:|---:|---:|---:|:---:|",
     ]
     group = None
     for r in rows:
         if r["group"] != group:
             group = r["group"]
-            lines.append(f"| *{group}* |" + " |" * (len(cols) + 5))
+            lines.append(f"| *{group}* |" + " |" * (len(cols) + 6))
         cells = []
         for c in cols:
             text = _cell(r["mean"][c], r["std"][c], len(seeds))
@@ -63,9 +67,12 @@ def markdown(result: dict) -> str:
             elif r["group"] != "reference" and r["mean"][c] == worst[c]:
                 text = f"_{text}_"
             cells.append(text)
-        b = r["budget"]
+        b, v = r["budget"], r["vs_copd"]
         ok = "✓" if r["budget_ok"] else f"≠ {r['expected_steps']}"
-        lines.append(f"| {r['name']} | " + " | ".join(cells)
+        vs = "" if r["group"] == "CoPD" else (
+            f"{v['mean']:+.3f}" + (f" ± {v['std']:.3f}" if v["seeds"] > 1 else "")
+            + f" (CoPD ahead {v['copd_ahead']}/{v['seeds']})")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {vs}"
                      + f" | {b['rl_steps']} | {b['opd_steps']} | {b['rollouts']} | {b['teacher_tokens']} | {ok} |")
     lines += [
         "",

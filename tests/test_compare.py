@@ -5,17 +5,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from conftest import TINY_COMPARE as TINY
+
 from copd_ray.cli import app
 from copd_ray.compare import plan, run_compare, run_config
 from copd_ray.config import ConfigError, load_config
 from copd_ray.report import markdown
-
-TINY = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
-        "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4", "opd.prompts_per_teacher=4",
-        "opd.samples_per_prompt=2", "capabilities.0.heldout_size=20", "capabilities.1.heldout_size=20",
-        "eval.every=0", "metrics.pair_sequences=8", "metrics.pair_every=1", "schedule.cycles=1",
-        "schedule.rl_steps=2", "schedule.opd_steps=2"]
-
 
 def test_the_plan_states_every_run_and_budget_before_anything_runs(tmp_path):
     p = plan(load_config(), ["1:1", "2:1", "4:1"])  # 2:1 is the config's own 50:25, so it is not rerun
@@ -44,13 +39,14 @@ def test_the_report_marks_best_and_worst_and_says_where_copd_loses():
     def row(name, group, add, overall_std=0.0):
         return {"name": name, "group": group, "mean": {"add": add, "overall": add}, "std": {"add": 0.1, "overall": overall_std},
                 "budget": {"rl_steps": 4, "opd_steps": 0, "rollouts": 10, "teacher_tokens": 0}, "budget_ok": True,
-                "expected_steps": 4}
+                "expected_steps": 4, "vs_copd": {"mean": add - 0.5, "std": 0.01, "copd_ahead": int(add < 0.5), "seeds": 2}}
     result = {"capabilities": ["add"], "seeds": [0, 1], "branches": ["add", "mul"], "steps_per_branch": 2,
               "expert_steps_before_opd": 1,
               "rows": [row("base", "reference", 0.9), row("mixed", "baseline", 0.7), row("CoPD", "CoPD", 0.5),
                        row("no merge", "ablation", 0.2)]}
     md = markdown(result)
     assert "| mixed | **0.700 ± 0.100** |" in md and "| no merge | _0.200 ± 0.100_ |" in md
+    assert "| -0.300 ± 0.010 (CoPD ahead 1/2) |" in md  # the paired column of "no merge"
     assert "| base | 0.900 ± 0.100 |" in md  # the reference is never ranked
     assert "- add: CoPD (merged) 0.500; ahead of it: mixed (+0.200)." in md
 

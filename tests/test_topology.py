@@ -33,5 +33,6 @@ def test_explicit_edges_and_errors():
 def test_from_config_matches_constructors():
     assert Topology.from_config("pairwise", ["a", "b"]) == Topology.pairwise(["a", "b"])
     assert Topology.from_config("hub_and_spoke", ["x", "h", "y"], hub="h").teachers_of("h") == ["x", "y"]
+    assert Topology.from_config("none", ["a", "b"]).edges == () and Topology.from_config("none", ["a"]).teachers_of("a") == []
     with pytest.raises(ValueError, match="hub 'q' is not a branch"):
         Topology.from_config("hub_and_spoke", ["a", "b"], hub="q")
