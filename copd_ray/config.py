@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from copd_ray.data.synthetic import TASKS
+from copd_ray.data.synthetic import TASKS, VISUAL_TASKS
 from copd_ray.rewards import get_reward
 
 
@@ -91,6 +91,9 @@ class CapabilityConfig(Section):
             task = v.split(":", 1)[1]
             if task not in TASKS:
                 raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}")
+            if task in VISUAL_TASKS:
+                raise ValueError(f"synthetic task {task!r} has images or videos, which training does not "
+                                 "feed to a policy yet (multimodal branches are in progress)")
         elif _check_paths(info) and not Path(v).expanduser().exists():
             raise ValueError(f"dataset {v} does not exist")
         return v

@@ -1,36 +1,60 @@
 """Synthetic capabilities with verifiable answers, for the tiny policy.
 
 Two arithmetic families that a small model learns at different speeds (addition is
-quick, multiplication slow), which is what makes their RL branches diverge. Held-out
+quick, multiplication slow), which is what makes their RL branches diverge, and two
+visual ones for the vision-language policy (`copd_ray.data.visual_tasks`). Held-out
 sets are fixed by a string seed (stable across processes, unlike `hash()`), and the
-training stream never yields a held-out prompt.
+training stream never yields a held-out problem.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from copd_ray.data.records import PromptRecord
+from copd_ray.data.visual_tasks import count_problem, motion_problem, pixels_key
 
 
-def _add_problem(rng: random.Random) -> tuple[str, str]:
+@dataclass
+class Problem:
+    prompt: str
+    answer: str
+    images: list[Any] = field(default_factory=list)
+    videos: list[Any] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """What makes two problems the same: the prompt, and the pixels if any."""
+        return _key(self)
+
+    def record(self, id: str, capability: str) -> PromptRecord:
+        return PromptRecord(id=id, prompt=self.prompt, answer=self.answer, capability=capability,
+                            images=self.images, videos=self.videos)
+
+
+def _add_problem(rng: random.Random) -> Problem:
     a, b = rng.randrange(1000), rng.randrange(1000)
-    return f"{a:03d}+{b:03d}=", str(a + b)
+    return Problem(f"{a:03d}+{b:03d}=", str(a + b))
 
 
-def _mul_problem(rng: random.Random) -> tuple[str, str]:
+def _mul_problem(rng: random.Random) -> Problem:
     a, b = rng.randrange(1000), rng.randrange(2, 10)
-    return f"{a:03d}*{b}=", str(a * b)
+    return Problem(f"{a:03d}*{b}=", str(a * b))
 
 
-TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+TASKS: dict[str, Callable[[random.Random], Problem]] = {
     "add": _add_problem,
     "mul": _mul_problem,
+    "count": lambda rng: Problem(**count_problem(rng)),
+    "motion": lambda rng: Problem(**motion_problem(rng)),
 }
+VISUAL_TASKS = {"count", "motion"}
 
 
-def _task(name: str) -> Callable[[random.Random], tuple[str, str]]:
+def _task(name: str) -> Callable[[random.Random], Problem]:
     if name not in TASKS:
         raise ValueError(f"unknown synthetic task {name!r}; known: {sorted(TASKS)}")
     return TASKS[name]
@@ -40,14 +64,11 @@ def heldout_set(task: str, size: int, seed: int = 0, capability: str | None = No
     """`size` distinct problems, the same in every process for the same (task, size, seed)."""
     make = _task(task)
     rng = random.Random(f"copd-ray/{task}/heldout/{seed}")
-    seen: dict[str, str] = {}
+    seen: dict[str, Problem] = {}
     while len(seen) < size:
-        prompt, answer = make(rng)
-        seen.setdefault(prompt, answer)
-    return [
-        PromptRecord(id=f"{task}-heldout-{i}", prompt=p, answer=a, capability=capability or task)
-        for i, (p, a) in enumerate(seen.items())
-    ]
+        problem = make(rng)
+        seen.setdefault(problem.key, problem)
+    return [p.record(f"{task}-heldout-{i}", capability or task) for i, p in enumerate(seen.values())]
 
 
 def training_stream(
@@ -55,12 +76,18 @@ def training_stream(
 ) -> Iterator[PromptRecord]:
     """An endless stream of training problems that excludes the held-out prompts."""
     make = _task(task)
-    excluded = {r.prompt for r in heldout}
+    excluded = {_key(r) for r in heldout}
     rng = random.Random(f"copd-ray/{task}/train/{seed}")
     i = 0
     while True:
-        prompt, answer = make(rng)
-        if prompt in excluded:
+        problem = make(rng)
+        if problem.key in excluded:
             continue
-        yield PromptRecord(id=f"{task}-train-{i}", prompt=prompt, answer=answer, capability=capability or task)
+        yield problem.record(f"{task}-train-{i}", capability or task)
         i += 1
+
+
+def _key(problem: Problem | PromptRecord) -> str:
+    if not problem.images and not problem.videos:
+        return problem.prompt
+    return pixels_key(problem.prompt, problem.images, problem.videos)

@@ -1,0 +1,83 @@
+"""The multimodal foundation: visual tasks, the tiny vision-language policy and its inputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from copd_ray.data.synthetic import heldout_set, training_stream
+from copd_ray.models.tiny_vl import build_image_processor, build_tiny_vl_policy, build_vl_tokenizer, save_vl_policy
+from copd_ray.models.vl_inputs import IMAGE, TEXT, VIDEO, VisionInputBuilder
+
+
+@pytest.fixture(scope="module")
+def vl():
+    tokenizer = build_vl_tokenizer()
+    model = build_tiny_vl_policy(tokenizer).eval()
+    processor = build_image_processor()
+    return tokenizer, model, processor, VisionInputBuilder(tokenizer, processor, model.config)
+
+
+def test_count_images_show_as_many_squares_as_the_answer_says():
+    for r in heldout_set("count", 100):
+        white = r.images[0][..., 0] > 0
+        assert white.sum() == 64 * int(r.answer)  # 8x8 squares that never touch
+    assert {r.answer for r in heldout_set("count", 100)} == {"1", "2", "3", "4"}
+
+
+def test_motion_videos_move_the_way_the_answer_says():
+    for r in heldout_set("motion", 100):
+        centres = [np.argwhere(f[..., 0] > 0).mean(axis=0) for f in r.videos[0]]
+        dy, dx = centres[-1] - centres[0]
+        seen = {"down": dy > 0, "up": dy < 0, "right": dx > 0, "left": dx < 0}
+        assert seen[r.answer] and sum(seen.values()) == 1 and len(r.videos[0]) == 4
+
+
+def test_visual_held_out_problems_never_appear_in_training():
+    held = heldout_set("count", 300)
+    keys = {r.images[0].tobytes() for r in held}
+    stream = training_stream("count", held, seed=1)
+    assert not any(next(stream).images[0].tobytes() in keys for _ in range(3000))
+
+
+def test_a_record_with_an_image_builds_the_same_inputs_each_time(vl):
+    tokenizer, _, _, builder = vl
+    record = heldout_set("count", 1)[0]
+    text = tokenizer(record.prompt)["input_ids"]
+    a, b = builder.build(text, record.images), builder.build(text, record.images)
+    assert a.input_ids == b.input_ids and torch.equal(a.pixel_values, b.pixel_values)
+    assert a.token_types.count(IMAGE) == int(a.image_grid_thw.prod()) // 4 == 4
+    assert a.input_ids[-len(text) + 1:] == text[1:] and a.input_ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_a_video_of_one_repeated_frame_patchifies_like_that_image(vl):
+    """The video layout is written here (the Qwen-VL video processor needs torchvision);
+    a still video must give exactly the image processor's patches."""
+    _, _, _, builder = vl
+    frame = (np.random.RandomState(0).rand(70, 90, 3) * 255).astype(np.uint8)
+    image = builder.build([], images=[frame])
+    video = builder.build([], videos=[[frame, frame]])
+    assert torch.equal(video.pixel_values_videos, image.pixel_values)
+    assert video.video_grid_thw.tolist() == image.image_grid_thw.tolist()
+    four = builder.build([], videos=[[frame] * 3])  # padded to 4 frames: 2 temporal patches
+    assert four.video_grid_thw[0, 0] == 2 and four.token_types.count(VIDEO) == 2 * int(image.image_grid_thw.prod()) // 4
+
+
+def test_the_tiny_policy_reads_images_and_videos_and_reloads_as_a_checkpoint(vl, tmp_path):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    tokenizer, model, processor, builder = vl
+    record, clip = heldout_set("count", 1)[0], heldout_set("motion", 1)[0]
+    inputs = builder.build(tokenizer(record.prompt)["input_ids"], record.images, clip.videos)
+    assert set(inputs.token_types) == {TEXT, IMAGE, VIDEO}
+    with torch.no_grad():
+        logits = model(**inputs.model_kwargs()).logits
+    assert logits.shape == (1, len(inputs.input_ids), len(tokenizer)) and torch.isfinite(logits).all()
+
+    folder = save_vl_policy(model, tokenizer, processor, tmp_path / "vl")
+    again = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    reloaded = VisionInputBuilder(AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder),
+                                  again.config)
+    inputs2 = reloaded.build(tokenizer(record.prompt)["input_ids"], record.images, clip.videos)
+    assert inputs2.input_ids == inputs.input_ids and torch.equal(inputs2.pixel_values, inputs.pixel_values)
+    with torch.no_grad():
+        assert torch.allclose(again(**inputs2.model_kwargs()).logits, logits, atol=1e-5)
