@@ -88,14 +88,18 @@ def _evaluate_folder(cfg: Config, folder: Path) -> dict[str, dict]:
     from copd_ray.engines.factory import make_engine
     from copd_ray.evaluation import evaluate
 
+    from copd_ray.models.vl_inputs import VisionInputBuilder
+
     engine, tokenizer = make_engine("hf", str(folder), cfg.engine.model_dump(), cfg.model.dtype,
                                     cfg.model.trust_remote_code)
+    vision = VisionInputBuilder.for_folder(str(folder), cfg.model.trust_remote_code)
     results = {}
     for cap_cfg in cfg.capabilities:
         cap = build_capability(cap_cfg, cfg.seed)
         for report in cap.reports:
             console.print(f"  data: {report}")
-        results[cap.name] = evaluate(engine, tokenizer, cap.heldout, cap.reward, cap.template, cfg.eval.max_new_tokens)
+        results[cap.name] = evaluate(engine, tokenizer, cap.heldout, cap.reward, cap.template, cfg.eval.max_new_tokens,
+                                     vision)
     return results
 
 

@@ -32,6 +32,9 @@ class Section(BaseModel):
 
 
 class TinyModelConfig(Section):
+    # A tiny Qwen2-VL (vision-language) policy instead of the text Llama: needed by
+    # capabilities with images or videos.
+    vision: bool = False
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(4, gt=0)
@@ -91,9 +94,6 @@ class CapabilityConfig(Section):
             task = v.split(":", 1)[1]
             if task not in TASKS:
                 raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}")
-            if task in VISUAL_TASKS:
-                raise ValueError(f"synthetic task {task!r} has images or videos, which training does not "
-                                 "feed to a policy yet (multimodal branches are in progress)")
         elif _check_paths(info) and not Path(v).expanduser().exists():
             raise ValueError(f"dataset {v} does not exist")
         return v
@@ -383,6 +383,11 @@ class Config(Section):
                     raise ValueError(f"topology.edges names {end!r}, which is not a branch; branches: {names}")
             if teacher == student:
                 raise ValueError(f"topology.edges: {teacher!r} cannot teach itself")
+        visual = [c.name for c in self.capabilities
+                  if c.source.startswith("synthetic:") and c.source.split(":", 1)[1] in VISUAL_TASKS]
+        if visual and self.model.path is None and not self.model.tiny.vision:
+            raise ValueError(f"capabilities {visual} have images or videos: set model.tiny.vision=true (or a "
+                             "vision-language model.path)")
         trainable = [b.name for b in branches if not b.frozen]
         if not trainable:
             raise ValueError("every branch is frozen: at least one must train")

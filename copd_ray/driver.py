@@ -30,7 +30,7 @@ from copd_ray.actors import BranchGroup, TrainBatch
 from copd_ray.algo import symmetric_kl, topk_overlap
 from copd_ray.capabilities import Capability, build_capability
 from copd_ray.config import Config
-from copd_ray.data import PromptRecord, prompt_ids
+from copd_ray.data import PromptRecord, encode_prompt
 from copd_ray.engines import SamplingParams
 from copd_ray.metrics_log import MetricsLog
 from copd_ray.topology import Topology
@@ -59,10 +59,18 @@ class BranchData:
         return out
 
 
-def _prompts(records: list[PromptRecord], caps: dict[str, Capability], tokenizer) -> tuple[list, list, list]:
-    """Token ids, answers and reward names of prompt records."""
-    ids = [prompt_ids(r, tokenizer, caps[r.capability].template) for r in records]
-    return ids, [r.answer for r in records], [caps[r.capability].reward_name for r in records]
+@dataclass
+class Prompter:
+    """Prompt records -> what the policy reads (token ids, or VisualInputs with the pixels of
+    a vision-language policy), their answers and reward names."""
+
+    caps: dict[str, Capability]
+    tokenizer: object
+    vision: object = None  # a VisionInputBuilder for a vision-language policy
+
+    def __call__(self, records: list[PromptRecord]) -> tuple[list, list, list]:
+        ids = [encode_prompt(r, self.tokenizer, self.caps[r.capability].template, self.vision) for r in records]
+        return ids, [r.answer for r in records], [self.caps[r.capability].reward_name for r in records]
 
 
 def _seed(*parts) -> int:
@@ -72,9 +80,9 @@ def _seed(*parts) -> int:
 # -- one step of a branch -------------------------------------------------------------------
 
 
-def _rollouts(group: BranchGroup, records, caps, tokenizer, n: int, cfg: Config, seed: int,
+def _rollouts(group: BranchGroup, records, prompter: Prompter, n: int, cfg: Config, seed: int,
               temperature: float | None = None) -> tuple[list, dict]:
-    ids, answers, rewards = _prompts(records, caps, tokenizer)
+    ids, answers, rewards = prompter(records)
     g = cfg.grpo
     params = SamplingParams(n=n, temperature=g.temperature if temperature is None else temperature, top_p=g.top_p,
                             max_new_tokens=g.max_new_tokens, seed=seed)
@@ -101,7 +109,7 @@ def draw_prompts(names, phase: str, cfg: Config, data: dict[str, BranchData], to
 
 
 def branch_step(name: str, phase: str, step: int, cfg: Config, group: BranchGroup, prompts: dict,
-                caps: dict[str, Capability], tokenizer, beta: float) -> dict:
+                prompter: Prompter, beta: float) -> dict:
     """One training step of branch `name`: its native GRPO batch and, in Phase II, one
     cross-branch OPD batch per teacher, all in one update. The record counts what the
     step spent (rollouts generated, teacher tokens scored) for the budget tables."""
@@ -112,7 +120,7 @@ def branch_step(name: str, phase: str, step: int, cfg: Config, group: BranchGrou
 
     # Native GRPO batch: prompts from D_k, rewarded by r_k (absent only when opd.native_rl=false).
     if prompts["native"]:
-        ids, roll = _rollouts(group, prompts["native"], caps, tokenizer, cfg.grpo.group_size, cfg,
+        ids, roll = _rollouts(group, prompts["native"], prompter, cfg.grpo.group_size, cfg,
                               _seed(cfg.seed, name, step, "rl"))
         t["generate"] += roll["seconds"]
         samples, rewards = roll["samples"], roll["rewards"]
@@ -125,7 +133,7 @@ def branch_step(name: str, phase: str, step: int, cfg: Config, group: BranchGrou
 
     # Phase II: per teacher j, the student's rollouts on prompts from D_j, scored by j.
     for teacher, (scorer, peer_records) in prompts["teachers"].items():
-        peer_ids, peer_roll = _rollouts(group, peer_records, caps, tokenizer, cfg.opd.samples_per_prompt, cfg,
+        peer_ids, peer_roll = _rollouts(group, peer_records, prompter, cfg.opd.samples_per_prompt, cfg,
                                         _seed(cfg.seed, name, step, "opd", teacher), _opd_temperature(cfg))
         sequences = [peer_ids[s.prompt_index] + s.token_ids for s in peer_roll["samples"]]
         plens = [len(peer_ids[s.prompt_index]) for s in peer_roll["samples"]]
@@ -166,7 +174,7 @@ def _score(endpoint, sequences, plens):
 # -- health signals and evaluation -----------------------------------------------------------------
 
 
-def pair_metrics(teacher: str, student: str, groups, data: dict[str, BranchData], caps, tokenizer,
+def pair_metrics(teacher: str, student: str, groups, data: dict[str, BranchData], prompter: Prompter,
                  cfg: Config) -> dict:
     """Top-k overlap and symmetric KL of teacher and student along the student's own
     rollouts on a fixed probe set: the first metrics.pair_sequences held-out prompts of the
@@ -175,7 +183,7 @@ def pair_metrics(teacher: str, student: str, groups, data: dict[str, BranchData]
     m, teacher_caps = cfg.metrics.pair_sequences, data[teacher].capabilities
     per_cap = -(-m // len(teacher_caps))
     probe = [r for c in teacher_caps for r in c.heldout[:per_cap]][:m]
-    ids, roll = _rollouts(groups[student], probe, caps, tokenizer, 1, cfg, _seed(cfg.seed, "probe", teacher, student),
+    ids, roll = _rollouts(groups[student], probe, prompter, 1, cfg, _seed(cfg.seed, "probe", teacher, student),
                           _opd_temperature(cfg))
     sequences = [ids[s.prompt_index] + s.token_ids for s in roll["samples"]]
     plens = [len(ids[s.prompt_index]) for s in roll["samples"]]
@@ -191,12 +199,12 @@ def pair_metrics(teacher: str, student: str, groups, data: dict[str, BranchData]
             "symmetric_kl": symmetric_kl(s_pad, t_pad, mask).item()}
 
 
-def evaluate_branches(groups, caps, tokenizer, cfg: Config, size: int) -> dict[str, dict[str, float]]:
+def evaluate_branches(groups, prompter: Prompter, cfg: Config, size: int) -> dict[str, dict[str, float]]:
     """Greedy held-out pass@1 of every branch's live policy on every capability."""
     def one(name):
         out = {}
-        for cap in caps.values():
-            ids, answers, rewards = _prompts(cap.heldout[:size], caps, tokenizer)
+        for cap in prompter.caps.values():
+            ids, answers, rewards = prompter(cap.heldout[:size])
             out[cap.name] = groups[name].evaluate(ids, answers, rewards, cfg.eval.max_new_tokens)
         return out
     return _each(groups, one)
@@ -212,10 +220,14 @@ def evaluate_folder(folder: str, cfg: Config, held: dict[str, list[PromptRecord]
 
     torch.set_num_threads(cfg.resources.actor_threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    from copd_ray.models.vl_inputs import VisionInputBuilder
+
     engine, tokenizer = make_engine(cfg.engine.kind, folder, cfg.engine.model_dump(), cfg.model.dtype,
                                     cfg.model.trust_remote_code, device, cfg.resources.actor_threads, cfg.seed)
+    vision = VisionInputBuilder.for_folder(folder, cfg.model.trust_remote_code)
     return {
-        c.name: evaluate(engine, tokenizer, held[c.name], get_reward(c.reward), c.template, cfg.eval.max_new_tokens)["pass_rate"]
+        c.name: evaluate(engine, tokenizer, held[c.name], get_reward(c.reward), c.template, cfg.eval.max_new_tokens,
+                         vision)["pass_rate"]
         for c in cfg.capabilities
     }
 
@@ -352,7 +364,7 @@ class Runtime:
         self.groups, self.trainable = {}, {}
 
 
-def log_pairs(log: MetricsLog, step: int, cfg: Config, topology: Topology, groups, data, caps, tokenizer,
+def log_pairs(log: MetricsLog, step: int, cfg: Config, topology: Topology, groups, data, prompter: Prompter,
               pair_state: dict, console) -> None:
     """At the interval (and at step 0), the pair metrics of every teacher -> student edge."""
     if not pair_state["every"] or step % pair_state["every"]:
@@ -360,7 +372,7 @@ def log_pairs(log: MetricsLog, step: int, cfg: Config, topology: Topology, group
     try:
         for teacher, student in topology.edges:
             log.log({"kind": "pair", "step": step, "teacher": teacher, "student": student,
-                     **pair_metrics(teacher, student, groups, data, caps, tokenizer, cfg)})
+                     **pair_metrics(teacher, student, groups, data, prompter, cfg)})
     except ray.exceptions.RayTaskError as e:
         if not isinstance(e.cause, NotImplementedError):
             raise
@@ -383,6 +395,7 @@ def prepare(cfg: Config, topology: Topology | None, console):
     from transformers import AutoTokenizer
 
     from copd_ray.models.bootstrap import ensure_base_policy
+    from copd_ray.models.vl_inputs import VisionInputBuilder
 
     branch_cfgs = cfg.branch_list()
     names = [b.name for b in branch_cfgs]
@@ -405,7 +418,13 @@ def prepare(cfg: Config, topology: Topology | None, console):
     resume = _resume_from(cfg)
     base_path, _ = ensure_base_policy(cfg)
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
-    return topology, caps, data, resume, str(base_path), tokenizer
+    vision = VisionInputBuilder.for_folder(str(base_path), cfg.model.trust_remote_code)
+    if vision is None:
+        visual = [n for n, c in caps.items() if any(r.images or r.videos for r in c.heldout)]
+        if visual:
+            raise BranchDataError(f"capabilities {visual} have images or videos but the policy at {base_path} "
+                                  "reads text only: use a vision-language model")
+    return topology, caps, data, resume, str(base_path), Prompter(caps, tokenizer, vision)
 
 
 def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
@@ -420,7 +439,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
     console = console or Console()
     out = Path(cfg.output_dir)
     started = time.perf_counter()
-    topology, caps, data, resume, base_path, tokenizer = prepare(cfg, topology, console)
+    topology, caps, data, resume, base_path, prompter = prepare(cfg, topology, console)
     plan = schedule(cfg)
 
     started_ray = init_ray(cfg)
@@ -446,9 +465,9 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
         if resume is not None:
             log.log({"kind": "event", "step": first_step, "event": "resumed", "from": str(resume)})
         else:
-            log_pairs(log, 0, cfg, topology, groups, data, caps, tokenizer, pair_state, console)
+            log_pairs(log, 0, cfg, topology, groups, data, prompter, pair_state, console)
             if cfg.eval.every:
-                _log_eval(log, 0, evaluate_branches(trainable, caps, tokenizer, cfg, cfg.eval.during_training_size))
+                _log_eval(log, 0, evaluate_branches(trainable, prompter, cfg, cfg.eval.during_training_size))
 
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console, transient=False) as progress:
@@ -459,17 +478,17 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
                                                   f"{'Phase I  (RLVR)' if phase == 'rl' else 'Phase II (OPD) '}")
                 # Every branch takes its step in parallel ...
                 prompts = draw_prompts(names, phase, cfg, data, runtime.topology_actor)
-                records = _each(trainable, lambda n: branch_step(n, phase, step, cfg, trainable[n], prompts[n], caps,
-                                                                 tokenizer, data[n].beta))
+                records = _each(trainable, lambda n: branch_step(n, phase, step, cfg, trainable[n], prompts[n], prompter,
+                                                                 data[n].beta))
                 # ... then every branch broadcasts its new weights to its generators and scorer.
                 synced = _each(trainable, lambda n: trainable[n].sync()) if step % cfg.schedule.sync_every == 0 else {}
                 for n, r in records.items():
                     r.update({"cycle": cycle, "version": trainable[n].version,
                               "time/sync": synced[n]["seconds"] if synced else 0.0})
-                log_pairs(log, step, cfg, topology, groups, data, caps, tokenizer, pair_state, progress.console)
+                log_pairs(log, step, cfg, topology, groups, data, prompter, pair_state, progress.console)
                 log_step(log, step, records)
                 if cfg.eval.every and step % cfg.eval.every == 0:
-                    _log_eval(log, step, evaluate_branches(trainable, caps, tokenizer, cfg, cfg.eval.during_training_size))
+                    _log_eval(log, step, evaluate_branches(trainable, prompter, cfg, cfg.eval.during_training_size))
                 progress.console.print(_step_line(step, phase, records))
                 end_of_cycle = step == len(plan) or plan[step][0] != cycle
                 if end_of_cycle or (cfg.schedule.save_every and step % cfg.schedule.save_every == 0):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from copd_ray.data import PromptRecord, prompt_ids
+from copd_ray.data import PromptRecord, encode_prompt
 from copd_ray.engines import RolloutEngine, SamplingParams
 from copd_ray.rewards import RewardFn
 
@@ -14,8 +14,10 @@ def evaluate(
     reward: RewardFn,
     template: str = "{prompt}",
     max_new_tokens: int = 8,
+    vision=None,
 ) -> dict[str, float]:
-    prompts = [prompt_ids(r, tokenizer, template) for r in records]
+    """`vision`: the VisionInputBuilder of a vision-language policy (None for a text one)."""
+    prompts = [encode_prompt(r, tokenizer, template, vision) for r in records]
     samples = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
     texts = tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
     rewards = [reward(text, r.answer) for text, r in zip(texts, records)]

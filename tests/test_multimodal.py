@@ -81,3 +81,73 @@ def test_the_tiny_policy_reads_images_and_videos_and_reloads_as_a_checkpoint(vl,
     assert inputs2.input_ids == inputs.input_ids and torch.equal(inputs2.pixel_values, inputs.pixel_values)
     with torch.no_grad():
         assert torch.allclose(again(**inputs2.model_kwargs()).logits, logits, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def vl_folder(vl, tmp_path_factory):
+    tokenizer, model, processor, _ = vl
+    return save_vl_policy(model, tokenizer, processor, tmp_path_factory.mktemp("vl") / "policy")
+
+
+def _visual_prompts(builder, tokenizer):
+    records = heldout_set("count", 3) + heldout_set("motion", 2) + heldout_set("add", 2)
+    return records, [builder.build(tokenizer(r.prompt)["input_ids"], r.images, r.videos) for r in records]
+
+
+def test_the_engine_scores_with_pixels_in_context_as_a_direct_forward_does(vl):
+    from copd_ray.engines import HFEngine, SamplingParams
+    from copd_ray.models.vl_inputs import ban_tokens, vision_token_ids
+
+    tokenizer, model, _, builder = vl
+    _, prompts = _visual_prompts(builder, tokenizer)  # images, videos and plain text, of three lengths
+    engine = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    samples = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=0))
+    banned = vision_token_ids(model.config)
+    assert not any(t in banned for s in samples for t in s.token_ids)  # a policy never writes vision tokens
+    sequences = [prompts[s.prompt_index] + s.token_ids for s in samples]
+    scores = engine.score(sequences, [len(prompts[s.prompt_index]) for s in samples])
+    for seq, sample, scored in zip(sequences, samples, scores.logprobs):
+        p = len(prompts[sample.prompt_index])
+        with torch.no_grad():
+            logp = torch.log_softmax(ban_tokens(model(**seq.model_kwargs()).logits[0].float(), banned), dim=-1)
+        direct = [logp[t - 1, seq.input_ids[t]].item() for t in range(p, len(seq))]
+        assert scored == pytest.approx(direct, abs=1e-5)
+        assert sample.logprobs == pytest.approx(direct, abs=1e-5)  # sampling saw the same distribution
+
+    greedy = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=6))
+    for prompt, sample in zip(prompts, greedy):
+        reference = model.generate(**prompt.model_kwargs(), max_new_tokens=6, do_sample=False, suppress_tokens=banned)
+        assert sample.token_ids == reference[0, len(prompt):].tolist()[: len(sample.token_ids)]
+
+
+def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_them(ray_session, vl, vl_folder):
+    import ray
+
+    from conftest import started_branch
+    from copd_ray.actors import TrainBatch
+    from copd_ray.config import load_config
+    from copd_ray.engines import HFEngine, SamplingParams
+
+    tokenizer, _, _, builder = vl
+    records, prompts = _visual_prompts(builder, tokenizer)
+    cfg = load_config(None, ["resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1",
+                             "model.tiny.vision=true"])
+    with started_branch("image", cfg, vl_folder, "test-vl") as student, \
+            started_branch("text", cfg, vl_folder, "test-vl") as teacher:
+        out = student.rollout(prompts, SamplingParams(n=2, max_new_tokens=5, seed=1), [r.answer for r in records],
+                              ["exact_match"] * len(records))
+        sequences = [prompts[s.prompt_index] + s.token_ids for s in out["samples"]]
+        plens = [len(prompts[s.prompt_index]) for s in out["samples"]]
+        scores = ray.get(teacher.scorer.score.remote(sequences, plens))
+        model, _ = __import__("copd_ray.models", fromlist=["load_policy"]).load_policy(str(vl_folder))
+        direct = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id).score(sequences, plens)
+        assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(scores.logprobs, direct.logprobs))
+
+        batch = TrainBatch(2, sequences, plens, [float(i % 2) for i in range(len(sequences))],
+                           opd_sequences=sequences[:4], opd_prompt_lengths=plens[:4],
+                           opd_teacher_logprobs=scores.logprobs[:4], opd_beta=[1.0] * 4)
+        trained = student.train(batch)
+        assert trained["nan_skipped"] == 0 and trained["sequences"] == len(sequences) + 4
+        assert student.sync()["version"] == 1
+        moved = ray.get(student.scorer.score.remote(sequences[:2], plens[:2]))
+        assert moved.version == 1 and moved.logprobs != scores.logprobs[:2]

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from copd_ray.models.vl_inputs import collate
+
 
 @dataclass
 class TrainBatch:
@@ -40,21 +42,18 @@ class TrainBatch:
         )
 
 
-def pad_sequences(sequences: list[list[int]], prompt_lengths: list[int], pad_id: int):
-    """(input_ids [B, L], attention_mask [B, L], targets [B, L-1], response_mask [B, L-1]).
+def pad_sequences(sequences: list, prompt_lengths: list[int], pad_id: int):
+    """(input_ids [B, L], attention_mask [B, L], targets [B, L-1], response_mask [B, L-1],
+    extra forward kwargs) of token-id lists or VisualInputs (whose extras carry the pixels).
 
     Position t of the shifted arrays predicts token t + 1, so response token j of a
     sequence with prompt length p sits at shifted position p - 1 + j.
     """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    response = torch.zeros((len(sequences), width - 1), dtype=torch.float32)
+    ids, attention, extra = collate(sequences, pad_id)
+    response = torch.zeros((len(sequences), ids.shape[1] - 1), dtype=torch.float32)
     for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        attention[i, : len(seq)] = 1
         response[i, p - 1 : len(seq) - 1] = 1.0
-    return ids, attention, ids[:, 1:], response
+    return ids, attention, ids[:, 1:], response, extra
 
 
 def place_per_token(values: list[list[float]], prompt_lengths: list[int], width: int) -> torch.Tensor:

@@ -20,10 +20,14 @@ import torch
 from copd_ray.actors.batch import TrainBatch, pad_sequences, place_per_token
 from copd_ray.actors.weight_sync import WeightGroup, bucket_plan, host_store
 from copd_ray.algo import clip_fraction, grpo_advantages, opd_advantages, policy_loss, token_entropy
+from copd_ray.models.loading import copy_processor_files
+from copd_ray.models.vl_inputs import ban_tokens, pixel_kwargs, vision_token_ids
 
 
-def _token_logprobs(model, ids, attention, targets):
-    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+def _token_logprobs(model, ids, attention, targets, extra, banned):
+    """Log-probs of the targets, over the same distribution the engines sample from (a
+    vision-language policy's vision tokens banned)."""
+    logits = ban_tokens(model(input_ids=ids, attention_mask=attention, **extra).logits[:, :-1].float(), banned)
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), logits
 
 
@@ -40,6 +44,7 @@ class TrainerActor:
         self.device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
         self.cfg = grpo
         self.model, self.tokenizer = load_policy(model_path, dtype, trust_remote_code, self.device)
+        self.model_path = model_path
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=grpo["lr"], weight_decay=grpo["weight_decay"])
         self.reference = None
@@ -95,14 +100,18 @@ class TrainerActor:
         plens = batch.grpo_prompt_lengths + batch.opd_prompt_lengths
         if not sequences:
             raise ValueError(f"branch {self.branch!r} rank {self.rank}: empty training batch")
-        ids, attention, targets, mask = (t.to(self.device) for t in pad_sequences(sequences, plens, self.tokenizer.pad_token_id))
+        ids, attention, targets, mask, extra = pad_sequences(sequences, plens, self.tokenizer.pad_token_id)
+        ids, attention, targets, mask = (t.to(self.device) for t in (ids, attention, targets, mask))
+        extra = {k: v.to(self.device) for k, v in extra.items()}
+        banned = vision_token_ids(self.model.config)
 
         with torch.no_grad():
             self.model.eval()
-            old_logprobs, logits = _token_logprobs(self.model, ids, attention, targets)
+            old_logprobs, logits = _token_logprobs(self.model, ids, attention, targets, extra, banned)
             entropy = token_entropy(logits, mask).item()
             del logits
-            ref_logprobs = _token_logprobs(self.reference, ids, attention, targets)[0] if self.reference is not None else None
+            ref_logprobs = (_token_logprobs(self.reference, ids, attention, targets, extra, banned)[0]
+                            if self.reference is not None else None)
             self.model.train()
 
         n_grpo = len(batch.grpo_sequences)
@@ -121,7 +130,11 @@ class TrainerActor:
         losses, clips, norms, skipped = [], [], [], 0
         for chunk in (ch for ch in chunks if ch):
             idx = torch.tensor(chunk, device=self.device)
-            logprobs, _ = _token_logprobs(self.model, ids[idx], attention[idx], targets[idx])
+            part = {}
+            if extra:  # this minibatch's rows: their token types and their pixels only
+                part = {"mm_token_type_ids": extra["mm_token_type_ids"][idx],
+                        **pixel_kwargs([sequences[i] for i in chunk], self.device)}
+            logprobs, _ = _token_logprobs(self.model, ids[idx], attention[idx], targets[idx], part, banned)
             loss = policy_loss(
                 logprobs, old_logprobs[idx], advantages[idx], mask[idx], c["clip_low"], c["clip_high"], c["loss_agg"],
                 ref_logprobs=ref_logprobs[idx] if ref_logprobs is not None else None, kl_coef=c["kl_coef"],
@@ -187,6 +200,7 @@ class TrainerActor:
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
+        copy_processor_files(self.model_path, tmp)
         if with_optimizer:
             torch.save({"optimizer": self.optimizer.state_dict(), "rng": self.rng.getstate(), "steps": self.steps},
                        tmp / "trainer_state.pt")

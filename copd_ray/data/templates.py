@@ -25,3 +25,14 @@ def prompt_ids(record: PromptRecord, tokenizer, template: str = "{prompt}") -> l
             f"record {record.id!r} has chat messages but the tokenizer has no chat template"
         )
     return tokenizer(template.format(prompt=record.prompt))["input_ids"]
+
+
+def encode_prompt(record: PromptRecord, tokenizer, template: str = "{prompt}", vision=None):
+    """What a policy reads: the prompt's token ids, or for a vision-language policy
+    (`vision`, a VisionInputBuilder) those ids with the record's images and videos."""
+    ids = prompt_ids(record, tokenizer, template)
+    if vision is not None:
+        return vision.build(ids, record.images, record.videos)
+    if record.images or record.videos:
+        raise ValueError(f"record {record.id!r} has images or videos, but the policy reads text only")
+    return ids

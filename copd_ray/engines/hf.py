@@ -1,4 +1,5 @@
-"""The pure-torch rollout engine: batched sampling with a KV cache on any causal LM.
+"""The pure-torch rollout engine: batched sampling with a KV cache on any causal LM,
+including Qwen-VL style vision-language models (prompts given as `VisualInputs`).
 
 The laptop fallback and the reference the other engines are tested against.
 """
@@ -11,6 +12,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from copd_ray.engines.base import RolloutEngine, Sample, SamplingParams, Scores, check_score_request
+from copd_ray.models.vl_inputs import ban_tokens, collate, token_ids, vision_token_ids
 
 
 def _pick_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -40,6 +42,7 @@ class HFEngine(RolloutEngine):
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.version = version
+        self.banned = vision_token_ids(model.config)
         # transformers >= 5.2x names the KV cache `cache`; earlier releases `past_key_values`.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -49,7 +52,7 @@ class HFEngine(RolloutEngine):
         if cache is not None:
             inputs[self._cache_arg] = cache
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], getattr(out, self._cache_arg)
+        return ban_tokens(out.logits[:, -1], self.banned), getattr(out, self._cache_arg)
 
     @property
     def device(self) -> torch.device:
@@ -66,26 +69,30 @@ class HFEngine(RolloutEngine):
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        expanded = [(i, list(p)) for i, p in enumerate(prompts) for _ in range(params.n)]
+        expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(params.n)]
         samples: list[Sample] = []
         for start in range(0, len(expanded), self.max_batch_size):
             samples += self._generate_batch(expanded[start : start + self.max_batch_size], params, generator)
         return samples
 
+    def _positions(self, ids, mask, extra) -> torch.Tensor:
+        """Position ids of a left-padded prompt batch: 0, 1, ... over the real tokens, or for a
+        vision-language model its own multimodal (M-RoPE) positions, [3, B, W]."""
+        if not extra:
+            return (mask.cumsum(dim=1) - 1).clamp(min=0)
+        rope = {k: v for k, v in extra.items() if k in ("image_grid_thw", "video_grid_thw", "mm_token_type_ids")}
+        return self.model.model.get_rope_index(ids, attention_mask=mask, **rope)[0]
+
     def _generate_batch(self, batch, params: SamplingParams, generator) -> list[Sample]:
         device = self.device
         stop_ids = torch.tensor([self.eos_token_id, *params.stop_token_ids], device=device)
-        width = max(len(p) for _, p in batch)
         # Left padding keeps every row's next token in the last column.
-        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for row, (_, p) in enumerate(batch):
-            ids[row, width - len(p):] = torch.tensor(p, device=device)
-            mask[row, width - len(p):] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        ids, mask, extra = collate([p for _, p in batch], self.pad_token_id, left=True, device=device)
+        positions = self._positions(ids, mask, extra)
 
-        logits, cache = self._step(input_ids=ids, attention_mask=mask, position_ids=positions)
-        next_pos = positions[:, -1] + 1
+        logits, cache = self._step(input_ids=ids, attention_mask=mask, position_ids=positions, **extra)
+        # Each new token takes the next position (in every M-RoPE axis: text runs on all three).
+        next_pos = positions.amax(dim=-1) + 1 if extra else positions[:, -1] + 1
 
         rows = len(batch)
         tokens = torch.full((rows, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
@@ -112,7 +119,7 @@ class HFEngine(RolloutEngine):
                 break
             mask = torch.cat([mask, (~done).long().unsqueeze(1)], dim=1)
             logits, cache = self._step(
-                cache, input_ids=chosen.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(1)
+                cache, input_ids=chosen.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1)
             )
             next_pos = next_pos + 1
 
@@ -146,7 +153,7 @@ class HFEngine(RolloutEngine):
             plens = prompt_lengths[start : start + self.max_batch_size]
             logp_rows = self.response_logprob_rows(chunk, plens)
             for seq, p, rows in zip(chunk, plens, logp_rows):
-                targets = torch.tensor(seq[p:], dtype=torch.long, device=rows.device)
+                targets = torch.tensor(token_ids(seq)[p:], dtype=torch.long, device=rows.device)
                 logprobs.append(rows.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist())
                 if top_k:
                     top = rows.topk(min(top_k, rows.shape[-1]), dim=-1)
@@ -159,15 +166,9 @@ class HFEngine(RolloutEngine):
 
     def response_logprob_rows(self, sequences, prompt_lengths) -> list[torch.Tensor]:
         """Full-vocabulary log-probs [len - p, V] at each response position of each sequence."""
-        device = self.device
-        width = max(len(s) for s in sequences)
         # Right padding: causal attention never lets a real token see the padding after it.
-        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.tensor(list(seq), device=device)
-            mask[row, : len(seq)] = 1
-        logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        ids, mask, extra = collate(sequences, self.pad_token_id, device=self.device)
+        logits = ban_tokens(self.model(input_ids=ids, attention_mask=mask, **extra).logits.float(), self.banned)
         logp = torch.log_softmax(logits, dim=-1)
         # The token at position t is predicted by the logits at t - 1.
         return [logp[row, p - 1 : len(seq) - 1] for row, (seq, p) in enumerate(zip(sequences, prompt_lengths))]

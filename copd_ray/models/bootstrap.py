@@ -21,11 +21,13 @@ import torch
 
 from copd_ray.capabilities import Capability, build_capability
 from copd_ray.config import Config
-from copd_ray.data import PromptRecord, prompt_ids
+from copd_ray.data import PromptRecord, encode_prompt
 from copd_ray.engines import HFEngine
 from copd_ray.evaluation import evaluate
 from copd_ray.models.loading import load_policy
 from copd_ray.models.tiny import build_char_tokenizer, build_tiny_policy, save_policy
+from copd_ray.models.tiny_vl import build_image_processor, build_tiny_vl_policy, build_vl_tokenizer, save_vl_policy
+from copd_ray.models.vl_inputs import VisionInputBuilder, collate
 
 CACHE_FORMAT = 1  # bump when the bootstrap procedure changes what it produces
 
@@ -33,7 +35,8 @@ CACHE_FORMAT = 1  # bump when the bootstrap procedure changes what it produces
 def cache_key(cfg: Config) -> str:
     settings = {
         "format": CACHE_FORMAT,
-        "tiny": cfg.model.tiny.model_dump(),
+        # "vision" joined the settings later; leaving it out when off keeps older text caches valid.
+        "tiny": cfg.model.tiny.model_dump(exclude={"vision"} if not cfg.model.tiny.vision else None),
         "bootstrap": cfg.bootstrap.model_dump(),
         "capabilities": [c.model_dump() for c in cfg.capabilities],
         "seed": cfg.seed,
@@ -45,20 +48,20 @@ def cache_path(cfg: Config) -> Path:
     return Path(cfg.cache_dir).expanduser() / f"tiny-policy-{cache_key(cfg)}"
 
 
-def _sft_batch(records: list[PromptRecord], caps: dict[str, Capability], tokenizer):
-    """Right-padded inputs with labels on the answer and eos only."""
-    rows = []
+def _sft_batch(records: list[PromptRecord], caps: dict[str, Capability], tokenizer, vision=None):
+    """Right-padded inputs (with the pixels of a vision-language policy) and labels on the
+    answer and eos only."""
+    sequences, labels = [], []
     for r in records:
-        prompt = prompt_ids(r, tokenizer, caps[r.capability].template)
+        prompt = encode_prompt(r, tokenizer, caps[r.capability].template, vision)
         answer = tokenizer(r.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((prompt + answer, [-100] * len(prompt) + answer))
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids, mask, labels
+        sequences.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    ids, mask, extra = collate(sequences, tokenizer.pad_token_id)
+    targets = torch.full_like(ids, -100)
+    for i, y in enumerate(labels):
+        targets[i, : len(y)] = torch.tensor(y)
+    return ids, mask, targets, extra
 
 
 def _distance(rates: dict[str, float], aim: float, high: float) -> float:
@@ -72,16 +75,23 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
     torch.manual_seed(b.seed)
     rng = random.Random(f"copd-ray/bootstrap/{b.seed}")
     caps = {c.name: build_capability(c, cfg.seed) for c in cfg.capabilities}
-    tokenizer = build_char_tokenizer()
     t = cfg.model.tiny
-    model = build_tiny_policy(tokenizer, t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size, seed=t.seed)
+    vision = processor = None
+    if t.vision:
+        tokenizer, processor = build_vl_tokenizer(), build_image_processor()
+        model = build_tiny_vl_policy(tokenizer, t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size, seed=t.seed)
+        vision = VisionInputBuilder(tokenizer, processor, model.config)
+    else:
+        tokenizer = build_char_tokenizer()
+        model = build_tiny_policy(tokenizer, t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size, seed=t.seed)
     engine = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.engine.max_batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=b.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(b.warmup_steps, 1)))
 
     def measure() -> dict[str, float]:
         return {
-            name: evaluate(engine, tokenizer, cap.heldout, cap.reward, cap.template, cfg.eval.max_new_tokens)["pass_rate"]
+            name: evaluate(engine, tokenizer, cap.heldout, cap.reward, cap.template, cfg.eval.max_new_tokens,
+                           vision)["pass_rate"]
             for name, cap in caps.items()
         }
 
@@ -100,8 +110,8 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
         records = [caps[n].sample(1)[0] for n in names]
 
         model.train()
-        ids, mask, labels = _sft_batch(records, caps, tokenizer)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        ids, mask, labels, extra = _sft_batch(records, caps, tokenizer, vision)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, **extra).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -123,7 +133,8 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
     if state is not None:
         model.load_state_dict(state)
     model.eval()
-    return {"rates": rates, "steps": step, "seconds": time.perf_counter() - start, "model": model, "tokenizer": tokenizer}
+    return {"rates": rates, "steps": step, "seconds": time.perf_counter() - start, "model": model, "tokenizer": tokenizer,
+            "processor": processor}
 
 
 def ensure_base_policy(cfg: Config, progress: Callable[[int, dict], None] | None = None, force: bool = False) -> tuple[Path, dict]:
@@ -136,7 +147,10 @@ def ensure_base_policy(cfg: Config, progress: Callable[[int, dict], None] | None
     if record_file.exists() and not force:
         return folder, {**json.loads(record_file.read_text()), "cached": True}
     result = run_bootstrap(cfg, progress)
-    save_policy(result["model"], result["tokenizer"], folder)
+    if result["processor"] is not None:
+        save_vl_policy(result["model"], result["tokenizer"], result["processor"], folder)
+    else:
+        save_policy(result["model"], result["tokenizer"], folder)
     record = {
         "rates": result["rates"], "steps": result["steps"], "seconds": round(result["seconds"], 1),
         "in_range": all(cfg.bootstrap.low <= r <= cfg.bootstrap.high for r in result["rates"].values()),

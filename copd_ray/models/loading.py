@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -16,13 +18,35 @@ def quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+def model_class(path: str, trust_remote_code: bool = False):
+    """The Auto class a folder loads with: image-text-to-text for a vision-language model."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+
+
 def load_policy(path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu"):
     """(model, tokenizer) from a local folder. Remote code runs only when asked for."""
     quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = model_class(path, trust_remote_code).from_pretrained(
         path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
     ).to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja")
+
+
+def copy_processor_files(src: str | Path, dst: str | Path) -> None:
+    """A vision-language model's processor files travel with its weights into every folder
+    written from it (branches, checkpoints, merges), so each loads on its own."""
+    import shutil
+
+    for name in PROCESSOR_FILES:
+        if (Path(src) / name).exists():
+            shutil.copy(Path(src) / name, Path(dst) / name)

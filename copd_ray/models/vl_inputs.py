@@ -11,7 +11,7 @@ that processor needs torchvision.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,15 +29,71 @@ class VisualInputs:
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
 
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __add__(self, tokens: Sequence[int]) -> VisualInputs:
+        """The prompt followed by response tokens (what a policy is trained and scored on)."""
+        tokens = list(tokens)
+        return replace(self, input_ids=self.input_ids + tokens, token_types=self.token_types + [TEXT] * len(tokens))
+
     def model_kwargs(self, device: str | torch.device = "cpu") -> dict:
         """Keyword arguments for `forward` / `generate` of a batch of one."""
-        out = {"input_ids": torch.tensor([self.input_ids], device=device),
-               "mm_token_type_ids": torch.tensor([self.token_types], device=device)}
-        for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value.to(device)
-        return out
+        ids, mask, extra = collate([self], 0, device=device)
+        return {"input_ids": ids, **extra}
+
+
+PIXELS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+BANNED = -1e9  # a logit no sample takes; finite, so that 0 * log p stays 0 in entropies
+
+
+def vision_token_ids(config) -> list[int]:
+    """Tokens a policy must never write (they mark where pixels go); none for a text model."""
+    names = ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id")
+    return [getattr(config, n) for n in names if getattr(config, n, None) is not None]
+
+
+def ban_tokens(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    """The logits with the banned tokens' set to BANNED, so that sampling, scoring and
+    training all use one distribution over the tokens a response may hold."""
+    if banned:
+        logits = logits.clone()
+        logits[..., banned] = BANNED
+    return logits
+
+
+def token_ids(sequence) -> list[int]:
+    return sequence.input_ids if isinstance(sequence, VisualInputs) else list(sequence)
+
+
+def collate(sequences: Sequence, pad_id: int, left: bool = False, device: str | torch.device = "cpu"):
+    """(input_ids [B, W], attention_mask [B, W], extra forward kwargs) of token-id lists or
+    VisualInputs, padded on the left (generation) or right (scoring, training). For
+    VisualInputs the extras are `mm_token_type_ids`, laid out like the ids, and the
+    pixels and grids of every row, concatenated in row order as Qwen-VL models expect."""
+    rows = [token_ids(s) for s in sequences]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    visual = [s for s in sequences if isinstance(s, VisualInputs)]
+    types = torch.zeros_like(ids) if visual else None
+    for i, (seq, row) in enumerate(zip(sequences, rows)):
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, cols], mask[i, cols] = torch.tensor(row), 1
+        if types is not None and isinstance(seq, VisualInputs):
+            types[i, cols] = torch.tensor(seq.token_types)
+    extra = {} if types is None else {"mm_token_type_ids": types.to(device), **pixel_kwargs(visual, device)}
+    return ids.to(device), mask.to(device), extra
+
+
+def pixel_kwargs(sequences: Sequence, device: str | torch.device = "cpu") -> dict:
+    """The pixels and grids of these sequences (those that have any), concatenated in order."""
+    out = {}
+    for name in PIXELS:
+        parts = [getattr(s, name) for s in sequences if getattr(s, name, None) is not None]
+        if parts:
+            out[name] = torch.cat(parts).to(device)
+    return out
 
 
 def _as_pil(image) -> Image.Image:
@@ -60,11 +116,15 @@ class VisionInputBuilder:
         self.merge = config.vision_config.spatial_merge_size
 
     @classmethod
-    def from_pretrained(cls, folder: str) -> VisionInputBuilder:
+    def for_folder(cls, folder: str, trust_remote_code: bool = False) -> VisionInputBuilder | None:
+        """The builder of a vision-language model folder; None for a text-only model."""
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder),
-                   AutoConfig.from_pretrained(folder))
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        if getattr(config, "vision_config", None) is None:
+            return None
+        return cls(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code),
+                   AutoImageProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code), config)
 
     def build(self, text_ids: Sequence[int], images: Sequence = (), videos: Sequence[Sequence] = ()) -> VisualInputs:
         """bos, then each image and each video as a vision block, then the text ids (which
