@@ -151,3 +151,41 @@ def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_th
         assert student.sync()["version"] == 1
         moved = ray.get(student.scorer.score.remote(sequences[:2], plens[:2]))
         assert moved.version == 1 and moved.logprobs != scores.logprobs[:2]
+
+
+def test_three_visual_branches_hub_and_spoke_one_cycle_then_the_merge_answers_an_image_question(
+        ray_session, vl_folder, tmp_path):
+    import json
+
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from conftest import TINY_COMPARE
+    from copd_ray.config import load_config
+    from copd_ray.driver import train
+    from copd_ray.engines import HFEngine, SamplingParams
+    from copd_ray.models.vl_inputs import VisionInputBuilder
+
+    out = tmp_path / "mm"
+    cfg = load_config("configs/demo_multimodal.yaml", TINY_COMPARE[:8] + [
+        f"model.path={vl_folder}", f"output_dir={out}", "schedule.cycles=1", "schedule.rl_steps=1",
+        "schedule.opd_steps=1", "eval.every=2", "eval.during_training_size=10", "metrics.pair_every=2",
+        "metrics.pair_sequences=4"] + [f"capabilities.{i}.heldout_size=12" for i in range(3)])
+    summary = train(cfg)
+    assert set(summary["eval"]) == {"base", "branch:text", "branch:image", "branch:video", "merged"}
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    teachers = {r["branch"]: sorted(k.split("/")[1] for k in r if k.endswith("/teacher_version"))
+                for r in steps if r["kind"] == "step" and r["phase"] == "opd"}
+    assert teachers == {"text": ["image", "video"], "image": ["text"], "video": ["text"]}
+    pairs = [r for r in steps if r["kind"] == "pair"]
+    assert {(p["teacher"], p["student"]) for p in pairs} == {("text", "image"), ("text", "video"), ("image", "text"),
+                                                             ("video", "text")}
+    assert all(0 <= p["topk_overlap"] <= 1 and p["symmetric_kl"] >= 0 for p in pairs)
+
+    merged = AutoModelForImageTextToText.from_pretrained(out / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    builder = VisionInputBuilder.for_folder(str(out / "merged"))
+    record = heldout_set("count", 1)[0]
+    engine = HFEngine(merged, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    answer = engine.generate([builder.build(tokenizer(record.prompt)["input_ids"], record.images)],
+                             SamplingParams(n=1, temperature=0.0, max_new_tokens=4))[0]
+    assert answer.token_ids and all(t < len(tokenizer) for t in answer.token_ids)

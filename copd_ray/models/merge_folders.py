@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from copd_ray.algo import merge_state_dicts
 
@@ -22,23 +24,28 @@ def read_weights(folder: str | Path) -> dict:
 
 def merge_folders(branch_folders: list[str | Path], out: str | Path, method: str = "mean",
                   weights: list[float] | None = None, base_folder: str | Path | None = None) -> Path:
-    """Merge the branches' weights (see `merge_state_dicts`) and write `out` with the first
-    branch's config and tokenizer, loadable with `AutoModelForCausalLM.from_pretrained`."""
-    from transformers import AutoTokenizer
-
-    from copd_ray.models.loading import copy_processor_files, model_class
+    """Merge the branches' weights (see `merge_state_dicts`) into `out`, laid out exactly like
+    the first branch's folder: the same safetensors files holding the same tensor names,
+    and its config, tokenizer and processor files. It loads with the Auto class the
+    branches load with (a causal LM, or image-text-to-text for a vision-language model)."""
+    from copd_ray.models.loading import model_class
 
     merged = merge_state_dicts(
         [read_weights(f) for f in branch_folders], weights,
         base=read_weights(base_folder) if base_folder else None, method=method,
     )
-    model = model_class(str(branch_folders[0])).from_pretrained(branch_folders[0])
-    missing, unexpected = model.load_state_dict(merged, strict=False)
-    tied = {k for k in missing if model.config.tie_word_embeddings and "lm_head" in k}
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"merged weights do not fit the model: missing {missing}, unexpected {unexpected}")
-    out = Path(out)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(branch_folders[0]).save_pretrained(out)
-    copy_processor_files(branch_folders[0], out)
+    first, out = Path(branch_folders[0]), Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in first.iterdir():
+        if item.suffix == ".safetensors":
+            with safe_open(str(item), "pt") as f:
+                names, metadata = list(f.keys()), f.metadata()
+            save_file({n: merged[n].contiguous() for n in names}, str(tmp / item.name), metadata=metadata)
+        elif item.is_file() and item.name != "trainer_state.pt":
+            shutil.copy(item, tmp / item.name)
+    model_class(str(tmp)).from_pretrained(tmp)  # it must load before it takes the place of a merge
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     return out
