@@ -388,6 +388,10 @@ class Config(Section):
         if visual and self.model.path is None and not self.model.tiny.vision:
             raise ValueError(f"capabilities {visual} have images or videos: set model.tiny.vision=true (or a "
                              "vision-language model.path)")
+        engines = {self.engine.kind, self.engine.scorer_kind} - {None, "hf"}
+        if engines and (visual or self.model.tiny.vision and self.model.path is None):
+            raise ValueError(f"engine {sorted(engines)} does not take images or videos yet: use engine.kind=hf "
+                             "for a vision-language policy")
         trainable = [b.name for b in branches if not b.frozen]
         if not trainable:
             raise ValueError("every branch is frozen: at least one must train")

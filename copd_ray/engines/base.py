@@ -64,6 +64,13 @@ class Scores:
     extra: dict = field(default_factory=dict)
 
 
+def require_token_ids(prompts: Sequence, engine: str) -> None:
+    """Engines other than hf take token ids only: say so instead of failing somewhere inside."""
+    if any(not isinstance(p, (list, tuple)) for p in prompts):
+        raise NotImplementedError(f"the {engine} engine takes token-id prompts only; images and videos need "
+                                  "engine.kind=hf for now")
+
+
 def check_score_request(
     sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], vocab_size: int
 ) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from copd_ray.engines.base import RolloutEngine, Sample, SamplingParams, Scores, check_score_request
+from copd_ray.engines.base import (RolloutEngine, Sample, SamplingParams, Scores, check_score_request,
+                                   require_token_ids)
 
 
 def sampling_requests(prompts: Sequence[Sequence[int]], params: SamplingParams) -> tuple[list[list[int]], list[dict]]:
@@ -101,12 +102,14 @@ class SGLangEngine(RolloutEngine):
         self.version = version
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
+        require_token_ids(prompts, "SGLang")
         input_ids, sampling = sampling_requests(prompts, params)
         outputs = self.engine.generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True,
                                        top_logprobs_num=params.top_k_logprobs)
         return [parse_generation(i // params.n, out, params.top_k_logprobs) for i, out in enumerate(outputs)]
 
     def score(self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], top_k: int = 0) -> Scores:
+        require_token_ids(sequences, "SGLang")
         check_score_request(sequences, prompt_lengths, self.vocab_size)
         requests = [scoring_request(s, p, top_k) for s, p in zip(sequences, prompt_lengths)]
         outputs = self.engine.generate(

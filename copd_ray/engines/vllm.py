@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from copd_ray.engines.base import RolloutEngine, Sample, SamplingParams, Scores, check_score_request
+from copd_ray.engines.base import (RolloutEngine, Sample, SamplingParams, Scores, check_score_request,
+                                   require_token_ids)
 
 
 def _sorted_top(entry: dict, k: int) -> tuple[list[int], list[float]]:
@@ -116,6 +117,8 @@ class VLLMEngine(RolloutEngine):
         """`multimodal`, one dict or None per prompt, is passed to vLLM as `multi_modal_data`."""
         from vllm import SamplingParams as VLLMSamplingParams
 
+        require_token_ids(prompts, "vLLM")
+
         sampling = VLLMSamplingParams(
             n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
             logprobs=params.top_k_logprobs, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
@@ -127,6 +130,7 @@ class VLLMEngine(RolloutEngine):
         ]
 
     def score(self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], top_k: int = 0) -> Scores:
+        require_token_ids(sequences, "vLLM")
         check_score_request(sequences, prompt_lengths, self.vocab_size)
         rows = self._prompt_logprobs(sequences, top_k)
         logprobs, top_ids, top_lps = [], [], []
