@@ -189,3 +189,19 @@ def test_three_visual_branches_hub_and_spoke_one_cycle_then_the_merge_answers_an
     answer = engine.generate([builder.build(tokenizer(record.prompt)["input_ids"], record.images)],
                              SamplingParams(n=1, temperature=0.0, max_new_tokens=4))[0]
     assert answer.token_ids and all(t < len(tokenizer) for t in answer.token_ids)
+
+
+def test_the_vision_warm_up_trains_on_pixels_and_caches_a_loadable_folder(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from copd_ray.config import load_config
+    from copd_ray.models.bootstrap import ensure_base_policy
+
+    cfg = load_config("configs/demo_multimodal.yaml", [
+        f"cache_dir={tmp_path}", "bootstrap.max_steps=2", "bootstrap.batch_size=8", "bootstrap.eval_every=1",
+        "model.tiny.num_layers=1"] + [f"capabilities.{i}.heldout_size=10" for i in range(3)])
+    folder, record = ensure_base_policy(cfg)
+    assert set(record["rates"]) == {"text", "image", "video"} and record["steps"] in (1, 2)
+    AutoModelForImageTextToText.from_pretrained(folder)
+    assert VisionInputBuilder.for_folder(str(folder)) is not None
+    assert ensure_base_policy(cfg)[1]["cached"]
