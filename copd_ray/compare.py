@@ -152,20 +152,28 @@ def plan(cfg: Config, ratios: list[str]) -> Plan:
 
 
 def run_config(p: Plan, run: Run, folder: Path, seed: int, check_paths: bool = True) -> Config:
-    tree = p.cfg.model_dump(mode="json")
-    for key, value in copy.deepcopy(run.changes).items():
-        tree[key] = {**tree[key], **value} if isinstance(value, dict) and isinstance(tree.get(key), dict) else value
+    changes = copy.deepcopy(run.changes)
     experts = str(folder.parent / "experts")
-    for b in tree.get("branches") or []:
+    for b in changes.get("branches") or []:
         if b.get("init"):
             b["init"] = b["init"].replace("{experts}", experts)
-    tree.update(output_dir=str(folder), seed=seed, run_name=f"{p.cfg.run_name}-{run.name}-s{seed}", resume="auto")
+    return derived_config(p.cfg, changes, folder, seed, f"{p.cfg.run_name}-{run.name}-s{seed}", check_paths)
+
+
+def derived_config(cfg: Config, changes: dict, folder: Path, seed: int, run_name: str,
+                   check_paths: bool = True) -> Config:
+    """`cfg` with some sections changed (a dict updates a section, anything else replaces
+    it), writing to `folder` and resuming there, validated."""
+    tree = cfg.model_dump(mode="json")
+    for key, value in copy.deepcopy(changes).items():
+        tree[key] = {**tree[key], **value} if isinstance(value, dict) and isinstance(tree.get(key), dict) else value
+    tree.update(output_dir=str(folder), seed=seed, run_name=run_name, resume="auto")
     from pydantic import ValidationError
 
     try:
         return Config.model_validate(tree, context={"check_paths": check_paths})
     except ValidationError as e:
-        raise ConfigError(f"compare run {run.name!r} has an invalid config:\n{e}") from None
+        raise ConfigError(f"run {run_name!r} has an invalid config:\n{e}") from None
 
 
 # -- running --------------------------------------------------------------------------------------

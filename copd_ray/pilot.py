@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from copd_ray.compare import plan, run_config
+from copd_ray.compare import derived_config, plan, run_config
 from copd_ray.config import Config, ConfigError
 from copd_ray.metrics_log import read_metrics
 
@@ -23,19 +23,18 @@ from copd_ray.metrics_log import read_metrics
 def pilot_config(cfg: Config, experts: Path, teacher: str, student: str, tau: float, steps: int, folder: Path,
                  check_paths: bool = True) -> Config:
     branches = {b.name: b for b in cfg.branch_list()}
-    tree = cfg.model_dump(mode="json")
-    tree.update(
-        branches=[{"name": student, "data": cfg.branch_data(branches[student]), "init": str(experts / "branches" / student)},
-                  {"name": teacher, "data": cfg.branch_data(branches[teacher]), "init": str(experts / "branches" / teacher),
-                   "frozen": True}],
-        topology={**tree["topology"], "kind": "edges", "hub": None, "edges": [[teacher, student]]},
-        schedule={**tree["schedule"], "cycles": 1, "rl_steps": 0, "opd_steps": steps},
-        opd={**tree["opd"], "native_rl": False, "temperature": tau},
-        metrics={**tree["metrics"], "pair_every": steps},  # overlap before (step 0) and after
-        merge={**tree["merge"], "weights": None},
-        output_dir=str(folder), run_name=f"{cfg.run_name}-pilot-t{tau:g}", resume="auto",
-    )
-    return Config.model_validate(tree, context={"check_paths": check_paths})
+    changes = {
+        "branches": [{"name": student, "data": cfg.branch_data(branches[student]),
+                      "init": str(experts / "branches" / student)},
+                     {"name": teacher, "data": cfg.branch_data(branches[teacher]),
+                      "init": str(experts / "branches" / teacher), "frozen": True}],
+        "topology": {"kind": "edges", "hub": None, "edges": [[teacher, student]]},
+        "schedule": {"cycles": 1, "rl_steps": 0, "opd_steps": steps},
+        "opd": {"native_rl": False, "temperature": tau},
+        "metrics": {"pair_every": steps},  # overlap before (step 0) and after
+        "merge": {"weights": None},
+    }
+    return derived_config(cfg, changes, folder, cfg.seed, f"{cfg.run_name}-pilot-t{tau:g}", check_paths)
 
 
 def fit_line(xs: list[float], ys: list[float]) -> dict[str, float]:
