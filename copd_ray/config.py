@@ -400,7 +400,8 @@ class Config(Section):
                 raise ValueError(f"frozen branch {b.name!r} needs an init model folder (it would only be the base)")
         from copd_ray.topology.graph import Topology
 
-        frozen_students = {s for _, s in Topology.from_config(t.kind, names, t.hub, t.edges).edges} - set(trainable)
+        taught = {s for _, s in Topology.from_config(t.kind, names, t.hub, t.edges).edges}
+        frozen_students = taught - set(trainable)
         if frozen_students:
             raise ValueError(f"frozen branch(es) {sorted(frozen_students)} would be students under topology "
                              f"{t.kind!r}; a frozen branch only teaches (use topology.kind=edges)")
@@ -411,7 +412,6 @@ class Config(Section):
         if self.ray.sync_backend == "nccl" and self.resources.trainer_gpus == 0:
             raise ValueError("ray.sync_backend=nccl needs GPUs (resources.trainer_gpus > 0)")
         if not self.opd.native_rl and self.schedule.opd_steps:
-            taught = {s for _, s in Topology.from_config(t.kind, names, t.hub, t.edges).edges}
             if set(trainable) - taught:
                 raise ValueError(f"opd.native_rl=false leaves branch(es) {sorted(set(trainable) - taught)} "
                                  "with no teacher: their Phase II steps would be empty")

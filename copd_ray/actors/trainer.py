@@ -45,6 +45,7 @@ class TrainerActor:
         self.cfg = grpo
         self.model, self.tokenizer = load_policy(model_path, dtype, trust_remote_code, self.device)
         self.model_path = model_path
+        self.banned = vision_token_ids(self.model.config)  # never in a response (vision-language policies)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=grpo["lr"], weight_decay=grpo["weight_decay"])
         self.reference = None
@@ -103,14 +104,13 @@ class TrainerActor:
         ids, attention, targets, mask, extra = pad_sequences(sequences, plens, self.tokenizer.pad_token_id)
         ids, attention, targets, mask = (t.to(self.device) for t in (ids, attention, targets, mask))
         extra = {k: v.to(self.device) for k, v in extra.items()}
-        banned = vision_token_ids(self.model.config)
 
         with torch.no_grad():
             self.model.eval()
-            old_logprobs, logits = _token_logprobs(self.model, ids, attention, targets, extra, banned)
+            old_logprobs, logits = _token_logprobs(self.model, ids, attention, targets, extra, self.banned)
             entropy = token_entropy(logits, mask).item()
             del logits
-            ref_logprobs = (_token_logprobs(self.reference, ids, attention, targets, extra, banned)[0]
+            ref_logprobs = (_token_logprobs(self.reference, ids, attention, targets, extra, self.banned)[0]
                             if self.reference is not None else None)
             self.model.train()
 
@@ -134,7 +134,7 @@ class TrainerActor:
             if extra:  # this minibatch's rows: their token types and their pixels only
                 part = {"mm_token_type_ids": extra["mm_token_type_ids"][idx],
                         **pixel_kwargs([sequences[i] for i in chunk], self.device)}
-            logprobs, _ = _token_logprobs(self.model, ids[idx], attention[idx], targets[idx], part, banned)
+            logprobs, _ = _token_logprobs(self.model, ids[idx], attention[idx], targets[idx], part, self.banned)
             loss = policy_loss(
                 logprobs, old_logprobs[idx], advantages[idx], mask[idx], c["clip_low"], c["clip_high"], c["loss_agg"],
                 ref_logprobs=ref_logprobs[idx] if ref_logprobs is not None else None, kl_coef=c["kl_coef"],
