@@ -120,7 +120,8 @@ def test_the_engine_scores_with_pixels_in_context_as_a_direct_forward_does(vl):
         assert sample.token_ids == reference[0, len(prompt):].tolist()[: len(sample.token_ids)]
 
 
-def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_them(ray_session, vl, vl_folder):
+def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_them(ray_session, vl, vl_folder,
+                                                                                   tmp_path):
     import ray
 
     from conftest import started_branch
@@ -151,6 +152,14 @@ def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_th
         assert student.sync()["version"] == 1
         moved = ray.get(student.scorer.score.remote(sequences[:2], plens[:2]))
         assert moved.version == 1 and moved.logprobs != scores.logprobs[:2]
+
+        # A checkpoint of the vision-language student resumes exactly (its tensor names on
+        # disk differ from those at run time).
+        folder = student.save(str(tmp_path / "ckpt"))
+        student.train(batch)
+        student.load(folder, 1)
+        again = ray.get(student.scorer.score.remote(sequences[:2], plens[:2]))
+        assert all(a == pytest.approx(b, abs=1e-6) for a, b in zip(again.logprobs, moved.logprobs))
 
 
 def test_three_visual_branches_hub_and_spoke_one_cycle_then_the_merge_answers_an_image_question(

@@ -9,7 +9,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from copd_ray.actors.batch import TrainBatch
+from copd_ray.batch import TrainBatch
 from copd_ray.actors.generator import GeneratorActor
 from copd_ray.actors.scorer import ScorerActor
 from copd_ray.actors.trainer import TrainerActor
