@@ -273,14 +273,14 @@ def _resume_from(cfg: Config) -> Path | None:
     return path
 
 
-def save_checkpoint(output_dir: Path, step: int, groups, data, keep: int = 2) -> Path:
+def save_checkpoint(output_dir: Path, step: int, groups, data, base: str, keep: int = 2) -> Path:
     """Each branch (weights, tokenizer, optimizer) then the driver state; a checkpoint counts
     only once its driver_state.json exists, and that file is renamed into place last."""
     folder = output_dir / "checkpoints" / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     _each(groups, lambda n: groups[n].save(str(folder / "branches" / n)))
     state = {"step": step, "drawn": {n: d.drawn for n, d in data.items()},
-             "versions": {n: g.version for n, g in groups.items()}}
+             "versions": {n: g.version for n, g in groups.items()}, "base": base}
     tmp = folder / "driver_state.json.tmp"
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, folder / "driver_state.json")
@@ -417,6 +417,13 @@ def prepare(cfg: Config, topology: Topology | None, console):
             for b in branch_cfgs}
     resume = _resume_from(cfg)
     base_path, _ = ensure_base_policy(cfg)
+    if resume is not None:
+        # A checkpoint of a run from another base policy (say, a re-bootstrapped tiny one)
+        # would load without complaint and train on from the wrong start.
+        saved_base = json.loads((resume / "driver_state.json").read_text()).get("base", str(base_path))
+        if saved_base != str(base_path):
+            raise ValueError(f"{resume} continues a run from the base policy {saved_base}, not {base_path}: "
+                             "set resume=never or another output_dir")
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
     vision = VisionInputBuilder.for_folder(str(base_path), cfg.model.trust_remote_code)
     if vision is None:
@@ -492,7 +499,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
                 progress.console.print(_step_line(step, phase, records))
                 end_of_cycle = step == len(plan) or plan[step][0] != cycle
                 if end_of_cycle or (cfg.schedule.save_every and step % cfg.schedule.save_every == 0):
-                    save_checkpoint(out, step, trainable, data, cfg.schedule.keep_checkpoints)
+                    save_checkpoint(out, step, trainable, data, base_path, cfg.schedule.keep_checkpoints)
                 progress.advance(task)
 
         # Merge the branches in parameter space into the unified model (when there are several).
