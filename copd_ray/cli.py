@@ -52,10 +52,13 @@ def _bootstrap(cfg: Config, force: bool = False):
         how = "cached" if record["cached"] else f"trained in {record['seconds']} s, {record['steps']} steps"
         rates = ", ".join(f"{k} {v:.3f}" for k, v in record["rates"].items())
         console.print(f"  {folder} ({how}): held-out pass@1 {rates}")
+        if "guess" in record:
+            console.print("  always giving the most common answer scores "
+                          + ", ".join(f"{k} {v:.3f}" for k, v in record["guess"].items()))
         if not record["in_range"]:
             b = cfg.bootstrap
-            console.print(f"[yellow]  warning: not every rate lies in [{b.low}, {b.high}]; "
-                          "raise bootstrap.max_steps or change the tasks[/yellow]")
+            console.print(f"[yellow]  warning: not every rate lies in [{b.low}, {b.high}] and {b.above_guess} above "
+                          "guessing; raise bootstrap.max_steps or change the tasks[/yellow]")
     return folder, record
 
 

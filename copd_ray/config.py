@@ -133,6 +133,9 @@ class BootstrapConfig(Section):
     aim: float = Field(0.3, ge=0, le=1)
     high: float = Field(0.6, ge=0, le=1)
     replay_fraction: float = Field(0.1, ge=0, lt=1)
+    # A rate counts only this far above guessing (always giving the most common held-out
+    # answer): a counting task whose majority answer is 35% is not learned at 35%.
+    above_guess: float = Field(0.1, ge=0, le=1)
     seed: int = 0
 
     @model_validator(mode="after")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from copd_ray.data import PromptRecord, encode_prompt
 from copd_ray.engines import RolloutEngine, SamplingParams
 from copd_ray.rewards import RewardFn
@@ -26,3 +28,11 @@ def evaluate(
         "n": len(records),
         "mean_response_tokens": sum(len(s.token_ids) for s in samples) / len(samples),
     }
+
+
+def guessing_rate(records: list[PromptRecord]) -> float:
+    """The pass rate of a policy that ignores its input and always gives the most common
+    answer: a rate at or below it says nothing about whether the policy reads its prompt
+    (four of ten counting images may show four squares)."""
+    answers = Counter(r.answer.strip() for r in records)
+    return max(answers.values()) / len(records) if records else 0.0

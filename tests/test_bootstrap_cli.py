@@ -54,3 +54,27 @@ def test_full_bootstrap_then_eval(tmp_path):
     # The saved and reloaded policy scores exactly what the bootstrap measured in memory.
     row = next(line for line in evaluated.stdout.splitlines() if "tiny-policy-" in line and "│" in line)
     assert [float(x) for x in row.split("│")[2:4]] == [record["rates"]["add"], record["rates"]["mul"]]
+
+
+def test_the_warm_up_window_starts_above_guessing():
+    from copd_ray.capabilities import build_capability
+    from copd_ray.config import load_config
+    from copd_ray.data import PromptRecord
+    from copd_ray.evaluation import guessing_rate
+    from copd_ray.models.bootstrap import guess_floors
+
+    answers = ["4", "4", "4", "2", "1 ", "3", "4", "2", "1", "3"]
+    assert guessing_rate([PromptRecord(str(i), a, "c", prompt="count:") for i, a in enumerate(answers)]) == 0.4
+
+    cfg = load_config("configs/demo_multimodal.yaml", [])
+    caps = {c.name: build_capability(c, cfg.seed) for c in cfg.capabilities}
+    guess, floors = guess_floors(caps, cfg.bootstrap)
+    held = caps["image"].heldout
+    assert guess["image"] == max(sum(r.answer == a for r in held) for a in "1234") / len(held)
+    assert floors["image"] == pytest.approx(guess["image"] + cfg.bootstrap.above_guess)
+    assert floors["image"] > cfg.bootstrap.aim
+    assert floors["text"] == cfg.bootstrap.aim  # addition: guessing scores ~1%, the aim rules
+
+    tight = load_config("configs/demo_multimodal.yaml", ["bootstrap.high=0.4"])
+    with pytest.raises(ValueError, match="capability 'image': always giving its most common answer scores 0.35"):
+        guess_floors(caps, tight.bootstrap)

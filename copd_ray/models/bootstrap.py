@@ -4,8 +4,10 @@ every capability's held-out pass rate is moderate, then cache it on disk.
 RL needs a base that sometimes succeeds: at 0% no GRPO group has a correct sample and
 there is no gradient; near 100% there is nothing left to learn. Addition is learned far
 faster than multiplication, so a capability that reaches `aim` is only replayed while
-the others catch up, and the first evaluated checkpoint with every rate in [aim, high]
-is kept (or, failing that, the one closest to it).
+the others catch up, and the first evaluated checkpoint with every rate in its window is
+kept (or, failing that, the one closest to it). A capability's window is [aim, high], raised
+at the bottom to `above_guess` over its guessing rate: a visual task can sit at 35% by
+always answering "4", and RL from a policy that does not look at its pictures goes nowhere.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from copd_ray.capabilities import Capability, build_capability
 from copd_ray.config import Config
 from copd_ray.data import PromptRecord, encode_prompt
 from copd_ray.engines import HFEngine
-from copd_ray.evaluation import evaluate
+from copd_ray.evaluation import evaluate, guessing_rate
 from copd_ray.models.loading import load_policy
 from copd_ray.models.tiny import build_char_tokenizer, build_tiny_policy, save_policy
 from copd_ray.models.tiny_vl import build_image_processor, build_tiny_vl_policy, build_vl_tokenizer, save_vl_policy
@@ -64,9 +66,23 @@ def _sft_batch(records: list[PromptRecord], caps: dict[str, Capability], tokeniz
     return ids, mask, targets, extra
 
 
-def _distance(rates: dict[str, float], aim: float, high: float) -> float:
-    """How far the rates are from all lying in [aim, high] (0 when they do)."""
-    return sum(max(aim - r, 0.0) + max(r - high, 0.0) for r in rates.values())
+def _distance(rates: dict[str, float], floors: dict[str, float], high: float) -> float:
+    """How far the rates are from all lying in [floor, high] (0 when they do)."""
+    return sum(max(floors[n] - r, 0.0) + max(r - high, 0.0) for n, r in rates.items())
+
+
+def guess_floors(caps: dict[str, Capability], b) -> tuple[dict[str, float], dict[str, float]]:
+    """Each capability's guessing rate and the rate the warm-up aims past: max(aim, guess +
+    above_guess). Fails, naming the capability, when that leaves no room under `high`."""
+    guess = {n: guessing_rate(c.heldout) for n, c in caps.items()}
+    floors = {n: max(b.aim, g + b.above_guess) for n, g in guess.items()}
+    for n, floor in floors.items():
+        if floor > b.high:
+            raise ValueError(
+                f"capability {n!r}: always giving its most common answer scores {guess[n]:.2f}, so no rate "
+                f"in [{floor:.2f}, bootstrap.high={b.high}] can show it learned; lower bootstrap.above_guess "
+                "or raise bootstrap.high")
+    return guess, floors
 
 
 def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = None) -> dict:
@@ -95,11 +111,12 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
             for name, cap in caps.items()
         }
 
+    guess, floors = guess_floors(caps, b)
     start = time.perf_counter()
     rates = {name: 0.0 for name in caps}
     best = (float("inf"), None, rates, 0)  # (distance, state, rates, step)
     for step in range(1, b.max_steps + 1):
-        lagging = [n for n, r in rates.items() if r < b.aim] or list(caps)
+        lagging = [n for n, r in rates.items() if r < floors[n]] or list(caps)
         weights = {n: (1.0 - b.replay_fraction) / len(lagging) if n in lagging else 0.0 for n in caps}
         warm = [n for n in caps if n not in lagging]
         for n in warm:
@@ -121,7 +138,7 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
         if step % b.eval_every == 0 or step == b.max_steps:
             model.eval()
             rates = measure()
-            distance = _distance(rates, b.aim, b.high)
+            distance = _distance(rates, floors, b.high)
             if distance < best[0]:
                 best = (distance, {k: v.clone() for k, v in model.state_dict().items()}, rates, step)
             if progress:
@@ -133,8 +150,8 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
     if state is not None:
         model.load_state_dict(state)
     model.eval()
-    return {"rates": rates, "steps": step, "seconds": time.perf_counter() - start, "model": model, "tokenizer": tokenizer,
-            "processor": processor}
+    return {"rates": rates, "guess": guess, "steps": step, "seconds": time.perf_counter() - start, "model": model,
+            "tokenizer": tokenizer, "processor": processor}
 
 
 def ensure_base_policy(cfg: Config, progress: Callable[[int, dict], None] | None = None, force: bool = False) -> tuple[Path, dict]:
@@ -151,9 +168,11 @@ def ensure_base_policy(cfg: Config, progress: Callable[[int, dict], None] | None
         save_vl_policy(result["model"], result["tokenizer"], result["processor"], folder)
     else:
         save_policy(result["model"], result["tokenizer"], folder)
+    b, guess = cfg.bootstrap, result["guess"]
     record = {
-        "rates": result["rates"], "steps": result["steps"], "seconds": round(result["seconds"], 1),
-        "in_range": all(cfg.bootstrap.low <= r <= cfg.bootstrap.high for r in result["rates"].values()),
+        "rates": result["rates"], "guess": guess, "steps": result["steps"], "seconds": round(result["seconds"], 1),
+        # In range: in [low, high] and clear of guessing.
+        "in_range": all(max(b.low, guess[n] + b.above_guess) <= r <= b.high for n, r in result["rates"].items()),
         "key": cache_key(cfg),
     }
     record_file.write_text(json.dumps(record, indent=2))
