@@ -83,6 +83,53 @@ def test_the_tiny_policy_reads_images_and_videos_and_reloads_as_a_checkpoint(vl,
         assert torch.allclose(again(**inputs2.model_kwargs()).logits, logits, atol=1e-5)
 
 
+# The shape of a Qwen-VL chat template (written here): one vision block per image or video
+# part, in the place the part holds among the message's content.
+QWEN_VL_STYLE = (
+    "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %} ={% endif %}"
+)
+
+
+def test_a_chat_template_places_the_pictures_and_each_placeholder_grows_to_its_patches(vl):
+    import copy
+
+    from copd_ray.data import PromptRecord, encode_prompt
+
+    tokenizer, model, _, builder = vl
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = QWEN_VL_STYLE
+    record = heldout_set("count", 1)[0]
+    plain = builder.build(tokenizer(record.prompt)["input_ids"], record.images)
+    filled = encode_prompt(record, templated, "{prompt}", builder)
+    n = int(plain.image_grid_thw.prod()) // 4
+    start, pad, end = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"])
+    assert filled.input_ids == [start] + [pad] * n + [end] + tokenizer(record.prompt + " =", add_special_tokens=False)["input_ids"]
+    assert filled.token_types == [TEXT] + [IMAGE] * n + [TEXT] * (len(filled) - n - 1)
+    assert torch.equal(filled.pixel_values, plain.pixel_values)
+    again = encode_prompt(record, templated, "{prompt}", builder)  # the same inputs every time
+    assert again.input_ids == filled.input_ids and torch.equal(again.pixel_values, filled.pixel_values)
+
+    # Text first, then the picture, then a video: each block lands where its part is.
+    clip = heldout_set("motion", 1)[0]
+    parts = [{"type": "text", "text": "count:"}, {"type": "image"}, {"type": "video"}]
+    mixed = PromptRecord("m", "3", "image", messages=[{"role": "user", "content": parts}],
+                         images=record.images, videos=clip.videos)
+    inputs = encode_prompt(mixed, templated, "{prompt}", builder)
+    assert inputs.input_ids[:7] == tokenizer("count:", add_special_tokens=False)["input_ids"] + [start]
+    assert inputs.token_types.count(IMAGE) == n and inputs.token_types.count(VIDEO) == 2 * n
+    assert inputs.token_types.index(VIDEO) > inputs.token_types.index(IMAGE)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs.model_kwargs()).logits).all()
+
+    two = PromptRecord("t", "3", "image", messages=[{"role": "user", "content": parts[:2]}],
+                       images=record.images * 2)
+    with pytest.raises(ValueError, match="placed 1 of 2 images"):
+        encode_prompt(two, templated, "{prompt}", builder)
+
+
 @pytest.fixture(scope="module")
 def vl_folder(vl, tmp_path_factory):
     tokenizer, model, processor, _ = vl

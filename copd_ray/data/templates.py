@@ -8,7 +8,12 @@ from copd_ray.data.records import PromptRecord
 def prompt_messages(record: PromptRecord, template: str = "{prompt}") -> list[dict]:
     if record.messages is not None:
         return record.messages
-    return [{"role": "user", "content": template.format(prompt=record.prompt)}]
+    text = template.format(prompt=record.prompt)
+    if record.images or record.videos:
+        # Content parts, as Qwen-VL chat templates expect: one placeholder per picture, then the text.
+        parts = [{"type": "image"} for _ in record.images] + [{"type": "video"} for _ in record.videos]
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+    return [{"role": "user", "content": text}]
 
 
 def prompt_ids(record: PromptRecord, tokenizer, template: str = "{prompt}") -> list[int]:
@@ -32,6 +37,8 @@ def encode_prompt(record: PromptRecord, tokenizer, template: str = "{prompt}", v
     (`vision`, a VisionInputBuilder) those ids with the record's images and videos."""
     ids = prompt_ids(record, tokenizer, template)
     if vision is not None:
+        if getattr(tokenizer, "chat_template", None):  # a real checkpoint: its template places the pictures
+            return vision.fill(ids, record.images, record.videos)
         return vision.build(ids, record.images, record.videos)
     if record.images or record.videos:
         raise ValueError(f"record {record.id!r} has images or videos, but the policy reads text only")

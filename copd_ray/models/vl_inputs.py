@@ -128,25 +128,57 @@ class VisionInputBuilder:
 
     def build(self, text_ids: Sequence[int], images: Sequence = (), videos: Sequence[Sequence] = ()) -> VisualInputs:
         """bos, then each image and each video as a vision block, then the text ids (which
-        may start with bos themselves; it is not repeated)."""
+        may start with bos themselves; it is not repeated). For a policy without a chat
+        template (the tiny one); `fill` follows a chat template's placement instead."""
         text_ids = list(text_ids)
         if text_ids[:1] == [self.tokenizer.bos_token_id]:
             text_ids = text_ids[1:]
         ids, types = [self.tokenizer.bos_token_id], [TEXT]
         out = VisualInputs(ids, types)
-        if images:
-            pv = self.processor(images=[_as_pil(i) for i in images], return_tensors="pt")
-            out.pixel_values, out.image_grid_thw = pv["pixel_values"], pv["image_grid_thw"]
-            for grid in out.image_grid_thw:
-                self._block(ids, types, IMAGE, int(grid.prod()) // self.merge**2)
-        if videos:
-            patches, grids = zip(*(self.video_patches(v) for v in videos))
-            out.pixel_values_videos, out.video_grid_thw = torch.cat(patches), torch.stack(grids)
-            for grid in out.video_grid_thw:
-                self._block(ids, types, VIDEO, int(grid.prod()) // self.merge**2)
+        counts = self._pixels(out, images, videos)
+        for kind in (IMAGE, VIDEO):
+            for n in counts[kind]:
+                self._block(ids, types, kind, n)
         ids += text_ids
         types += [TEXT] * len(text_ids)
         return out
+
+    def fill(self, templated_ids: Sequence[int], images: Sequence = (), videos: Sequence[Sequence] = ()) -> VisualInputs:
+        """Ids from a Qwen-VL chat template, which writes one pad token per image or video
+        part where the part sits; each pad grows to its picture's token count, in order,
+        as the model's own processor does."""
+        out = VisualInputs([], [])
+        counts = self._pixels(out, images, videos)
+        for t in templated_ids:
+            kind = IMAGE if t == self.ids[IMAGE] else VIDEO if t == self.ids[VIDEO] else TEXT
+            if kind == TEXT:
+                out.input_ids.append(t)
+                out.token_types.append(TEXT)
+                continue
+            if not counts[kind]:
+                raise ValueError(f"the chat template wrote more {'image' if kind == IMAGE else 'video'} "
+                                 f"placeholders than the record has ({len(images)} images, {len(videos)} videos)")
+            n = counts[kind].pop(0)
+            out.input_ids += [t] * n
+            out.token_types += [kind] * n
+        if counts[IMAGE] or counts[VIDEO]:
+            raise ValueError(f"the chat template placed {len(images) - len(counts[IMAGE])} of {len(images)} images and "
+                             f"{len(videos) - len(counts[VIDEO])} of {len(videos)} videos: its messages need an "
+                             "image or video part for each")
+        return out
+
+    def _pixels(self, out: VisualInputs, images: Sequence, videos: Sequence[Sequence]) -> dict[int, list[int]]:
+        """Set the pixel tensors of `out`; return the token count of each image and video."""
+        counts: dict[int, list[int]] = {IMAGE: [], VIDEO: []}
+        if images:
+            pv = self.processor(images=[_as_pil(i) for i in images], return_tensors="pt")
+            out.pixel_values, out.image_grid_thw = pv["pixel_values"], pv["image_grid_thw"]
+            counts[IMAGE] = [int(g.prod()) // self.merge**2 for g in out.image_grid_thw]
+        if videos:
+            patches, grids = zip(*(self.video_patches(v) for v in videos))
+            out.pixel_values_videos, out.video_grid_thw = torch.cat(patches), torch.stack(grids)
+            counts[VIDEO] = [int(g.prod()) // self.merge**2 for g in out.video_grid_thw]
+        return counts
 
     def _block(self, ids: list[int], types: list[int], kind: int, n: int) -> None:
         ids += [self.ids["start"]] + [self.ids[kind]] * n + [self.ids["end"]]
