@@ -158,6 +158,8 @@ def compare(
     seeds: int = typer.Option(2, min=1, help="Seeds per run: seed, seed+1, ... (each reseeds the whole pipeline)."),
     out: Path = typer.Option(Path("outputs/compare"), help="Folder for every run, compare.json, compare.md and plots."),
     ratios: str = typer.Option("4:1,1:2", help="Other rl_steps:opd_steps ratios to sweep, comma-separated."),
+    runs: Optional[str] = typer.Option(None, help="Only these runs, comma-separated (copd and what they start "
+                                                  "from are added), e.g. experts,mixed,mopd: the paper's Table 2."),
 ) -> None:
     """CoPD against experts, mixed RLVR, static OPD, MOPD and the ablations, at stated budgets.
 
@@ -169,15 +171,16 @@ def compare(
     from copd_ray.compare import plan, run_compare
 
     ratio_list = [r.strip() for r in ratios.split(",") if r.strip()]
+    run_list = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
     try:
-        p = plan(cfg, ratio_list)
+        p = plan(cfg, ratio_list, run_list)
     except ConfigError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
     console.print(f"compare: {len(p.runs)} runs x {seeds} seeds ({', '.join(r.name for r in p.runs)}); "
                   f"{len(p.rows)} rows; T = {p.steps_per_branch} steps per branch")
     _bootstrap(cfg)
-    result = run_compare(cfg, out, seeds, ratio_list, console)
+    result = run_compare(cfg, out, seeds, ratio_list, console, run_list)
     typer.echo((out / "compare.md").read_text())
     console.print(f"wrote {', '.join(result['files'])}")
 

@@ -72,8 +72,10 @@ def _ratio(text: str) -> tuple[int, int]:
     return a, b
 
 
-def plan(cfg: Config, ratios: list[str]) -> Plan:
-    """Every run and row of the comparison, each run's config checked before anything runs."""
+def plan(cfg: Config, ratios: list[str], runs: list[str] | None = None) -> Plan:
+    """Every run and row of the comparison, each run's config checked before anything runs.
+    `runs` keeps only those runs (with `copd` and the runs they start from) and their rows:
+    `experts,mixed,mopd` gives the shape of the paper's Table 2."""
     if any(b.frozen or b.init for b in cfg.branch_list()):
         raise ConfigError("compare takes a plain CoPD config: no frozen or initialised branches")
     names = [b.name for b in cfg.branch_list()]
@@ -148,7 +150,20 @@ def plan(cfg: Config, ratios: list[str]) -> Plan:
                for rl, opd in swept]
     for run in p.runs:  # a run that cannot start must fail now, not an hour in
         run_config(p, run, Path("/nonexistent"), cfg.seed, check_paths=False)
+    if runs is not None:
+        _select(p, runs)
     return p
+
+
+def _select(p: Plan, runs: list[str]) -> None:
+    known = [r.name for r in p.runs]
+    unknown = [r for r in runs if r not in known]
+    if unknown:
+        raise ConfigError(f"compare: no run named {unknown}; the runs are {known}")
+    keep = {"copd", *runs}  # every row is measured against CoPD
+    keep |= {r.after for r in p.runs if r.name in keep and r.after}
+    p.runs[:] = [r for r in p.runs if r.name in keep]
+    p.rows[:] = [r for r in p.rows if r.run in keep]
 
 
 def run_config(p: Plan, run: Run, folder: Path, seed: int, check_paths: bool = True) -> Config:
@@ -201,11 +216,11 @@ def _extra_merge(p: Plan, folder: Path, method: str, cfg: Config) -> dict[str, f
     return result
 
 
-def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console) -> dict:
+def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console, runs: list[str] | None = None) -> dict:
     """Every run for every seed (skipping finished ones), then compare.json, compare.md and plots."""
     from copd_ray.driver import init_ray, train
 
-    p = plan(cfg, ratios)
+    p = plan(cfg, ratios, runs)
     out.mkdir(parents=True, exist_ok=True)
     seed_list = [cfg.seed + i for i in range(seeds)]
     todo = [(s, r) for s in seed_list for r in p.runs]

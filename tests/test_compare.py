@@ -35,6 +35,20 @@ def test_the_plan_states_every_run_and_budget_before_anything_runs(tmp_path):
         plan(load_config(None, ["branches=[{name: add}]"]), [])
 
 
+def test_a_table_2_plan_keeps_the_chosen_runs_copd_and_what_they_start_from():
+    cfg = load_config("configs/demo_multimodal.yaml")
+    p = plan(cfg, [], ["mixed", "mopd"])
+    assert [r.name for r in p.runs] == ["experts", "mixed", "mopd", "copd"]  # mopd starts from the experts
+    mopd = next(r for r in p.runs if r.name == "mopd")
+    teachers = [b for b in mopd.changes["branches"] if b.get("frozen")]
+    assert [b["name"] for b in teachers] == ["text", "image", "video"]  # three experts, one student
+    assert [r.name for r in p.rows if r.group != "ablation"] == [
+        "base", "expert text", "expert image", "expert video", "experts merged (no OPD)", "mixed RLVR",
+        "MOPD (all experts → one student)", "CoPD (merged, mean)"]
+    with pytest.raises(ConfigError, match=r"no run named \['moped'\]"):
+        plan(cfg, [], ["moped"])
+
+
 def test_the_report_marks_best_and_worst_and_says_where_copd_loses():
     def row(name, group, add, overall_std=0.0):
         return {"name": name, "group": group, "mean": {"add": add, "overall": add}, "std": {"add": 0.1, "overall": overall_std},
