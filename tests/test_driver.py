@@ -119,6 +119,16 @@ def test_a_branch_without_usable_rows_stops_the_run_naming_it(tmp_path, tiny_fol
         train(cfg)
 
 
+def test_a_checkpoint_from_another_base_policy_is_not_resumed(tmp_path, tiny_folder):
+    out = tmp_path / "o"
+    state = out / "checkpoints" / "step_000004" / "driver_state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"step": 4, "drawn": {}, "versions": {}, "base": "/elsewhere/tiny-policy-0"}))
+    cfg = load_config(None, FAST + [f"model.path={tiny_folder}", f"output_dir={out}"])
+    with pytest.raises(ValueError, match="continues a run from the base policy /elsewhere/tiny-policy-0, not "):
+        train(cfg)
+
+
 @pytest.mark.slow
 def test_an_interrupted_run_resumes(tmp_path, tiny_folder):
     out = tmp_path / "resume"
