@@ -37,9 +37,10 @@ def test_explicit_keys_and_messages(tmp_path):
         json.dumps({"q": "hi", "a": "x"}),
         json.dumps({"messages": [{"role": "user", "content": "hey"}], "a": "y", "images": ["img.png"]}),
     ])
+    (tmp_path / "img.png").write_bytes(b"")  # paths are checked to exist here, decoded later
     records, report = load_records(path, "chat", prompt_key="q", answer_key="a")
     assert records[0].prompt == "hi" and records[1].messages[0]["content"] == "hey"
-    assert records[1].images == ["img.png"] and report.kept == 2
+    assert records[1].images == [str(tmp_path / "img.png")] and report.kept == 2  # relative to the dataset
 
 
 def test_parquet_and_saved_dataset_folder(tmp_path):

@@ -83,6 +83,40 @@ def test_the_tiny_policy_reads_images_and_videos_and_reloads_as_a_checkpoint(vl,
         assert torch.allclose(again(**inputs2.model_kwargs()).logits, logits, atol=1e-5)
 
 
+def test_dataset_rows_carry_image_files_and_frame_folders_and_bad_ones_are_skipped(vl, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from copd_ray.data import encode_prompt, load_records
+
+    tokenizer, _, _, builder = vl
+    record, clip = heldout_set("count", 1)[0], heldout_set("motion", 1)[0]
+    (tmp_path / "img").mkdir()
+    Image.fromarray(record.images[0]).save(tmp_path / "img" / "a.png")
+    (tmp_path / "clip").mkdir()
+    for i, frame in enumerate(clip.videos[0]):
+        Image.fromarray(frame).save(tmp_path / "clip" / f"{i:02d}.png")
+    np.save(tmp_path / "clip.npy", np.stack(clip.videos[0]))
+    (tmp_path / "clip.mp4").write_bytes(b"not decoded here")
+    rows = [{"prompt": "count:", "answer": record.answer, "images": ["img/a.png"]},
+            {"prompt": "where:", "answer": clip.answer, "videos": ["clip"]},
+            {"prompt": "where:", "answer": clip.answer, "videos": [str(tmp_path / "clip.npy")]},
+            {"prompt": "count:", "answer": "2", "images": ["img/missing.png"]},
+            {"prompt": "where:", "answer": "up", "videos": ["clip.mp4"]}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    records, report = load_records(tmp_path / "data.jsonl", "mixed")
+    assert report.kept == 3 and dict(report.skipped) == {
+        "missing image file": 1, "video not given as frames (a folder of images or a .npy)": 1}
+
+    image = encode_prompt(records[0], tokenizer, "{prompt}", builder)
+    assert torch.equal(image.pixel_values, encode_prompt(record, tokenizer, "{prompt}", builder).pixel_values)
+    direct = encode_prompt(clip, tokenizer, "{prompt}", builder)
+    for r in records[1:]:
+        assert torch.equal(encode_prompt(r, tokenizer, "{prompt}", builder).pixel_values_videos,
+                           direct.pixel_values_videos)
+
+
 # The shape of a Qwen-VL chat template (written here): one vision block per image or video
 # part, in the place the part holds among the message's content.
 QWEN_VL_STYLE = (

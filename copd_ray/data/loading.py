@@ -67,7 +67,30 @@ def _valid_messages(messages: Any) -> bool:
     )
 
 
-def _to_record(row: Any, index: int, capability: str, prompt_key: str | None, answer_key: str) -> PromptRecord | str:
+def _media(items: Any, base: Path, kind: str) -> list | str:
+    """A row's images or videos with file paths made absolute (relative ones are relative to
+    the dataset's folder), or the reason the row is skipped. A picture may also be bytes or
+    a nested list of pixels; a video a list of frames, a folder of frame images or a .npy."""
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        return f"malformed {kind!r}"
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            path = Path(item).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.exists():
+                return f"missing {kind[:-1]} file"
+            if kind == "videos" and not (path.is_dir() or path.suffix == ".npy"):
+                return "video not given as frames (a folder of images or a .npy)"
+            item = str(path)
+        out.append(item)
+    return out
+
+
+def _to_record(row: Any, index: int, capability: str, prompt_key: str | None, answer_key: str,
+               base: Path = Path(".")) -> PromptRecord | str:
     """The record, or the reason the row was skipped."""
     if not isinstance(row, dict):
         return "malformed row"
@@ -86,14 +109,18 @@ def _to_record(row: Any, index: int, capability: str, prompt_key: str | None, an
         prompt = next((row[k] for k in keys if isinstance(row.get(k), str) and row[k].strip()), None)
         if prompt is None:
             return f"missing prompt (looked for {', '.join(map(repr, keys))})"
+    images, videos = _media(row.get("images"), base, "images"), _media(row.get("videos"), base, "videos")
+    for media in (images, videos):
+        if isinstance(media, str):
+            return media
     return PromptRecord(
         id=str(row.get("id", f"{capability}-{index}")),
         prompt=prompt,
         messages=messages,
         answer=str(answer),
         capability=capability,
-        images=list(row.get("images") or []),
-        videos=list(row.get("videos") or []),
+        images=images,
+        videos=videos,
     )
 
 
@@ -111,7 +138,7 @@ def load_records(
     report = LoadReport(str(path))
     records: list[PromptRecord] = []
     for index, row in enumerate(_rows(path, split, report)):
-        result = _to_record(row, index, capability, prompt_key, answer_key)
+        result = _to_record(row, index, capability, prompt_key, answer_key, path if path.is_dir() else path.parent)
         if isinstance(result, str):
             report.skipped[result] += 1
             continue

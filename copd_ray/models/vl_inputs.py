@@ -108,6 +108,22 @@ def _as_pil(image) -> Image.Image:
     return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
 
 
+def _frames(video) -> list:
+    """A video as its frames: a list of pictures, an array [F, H, W, 3], a folder of frame
+    images (in name order) or a .npy file of such an array."""
+    if isinstance(video, str):
+        from pathlib import Path
+
+        path = Path(video)
+        if path.is_dir():
+            return sorted((str(f) for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg")))
+        if path.suffix == ".npy":
+            return list(np.load(path))
+        raise ValueError(f"video {video}: give its frames (a folder of images or a .npy array); decoding video "
+                         "files needs a decoder that is not a dependency")
+    return list(video)
+
+
 class VisionInputBuilder:
     def __init__(self, tokenizer, image_processor, config) -> None:
         self.tokenizer, self.processor = tokenizer, image_processor
@@ -192,7 +208,7 @@ class VisionInputBuilder:
 
         proc = self.processor
         p, m, tps = proc.patch_size, proc.merge_size, proc.temporal_patch_size
-        pil = [_as_pil(f) for f in frames]
+        pil = [_as_pil(f) for f in _frames(frames)]
         h, w = smart_resize(pil[0].height, pil[0].width, factor=p * m, min_pixels=proc.size["shortest_edge"],
                             max_pixels=proc.size["longest_edge"])
         arr = np.stack([np.asarray(f.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0 for f in pil])
