@@ -426,11 +426,13 @@ def prepare(cfg: Config, topology: Topology | None, console):
                              "set resume=never or another output_dir")
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
     vision = VisionInputBuilder.for_folder(str(base_path), cfg.model.trust_remote_code)
-    if vision is None:
-        visual = [n for n, c in caps.items() if any(r.images or r.videos for r in c.heldout)]
-        if visual:
-            raise BranchDataError(f"capabilities {visual} have images or videos but the policy at {base_path} "
-                                  "reads text only: use a vision-language model")
+    visual = [n for n, c in caps.items() if any(r.images or r.videos for r in c.heldout)]
+    if visual and vision is None:
+        raise BranchDataError(f"capabilities {visual} have images or videos but the policy at {base_path} "
+                              "reads text only: use a vision-language model")
+    if visual and cfg.topology.transport == "serve":
+        raise BranchDataError(f"capabilities {visual} have images or videos, and the HTTP scoring API takes token "
+                              "ids only: use topology.transport=actor")
     return topology, caps, data, resume, str(base_path), Prompter(caps, tokenizer, vision)
 
 

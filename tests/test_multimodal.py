@@ -295,3 +295,13 @@ def test_the_vision_warm_up_trains_on_pixels_and_caches_a_loadable_folder(tmp_pa
     AutoModelForImageTextToText.from_pretrained(folder)
     assert VisionInputBuilder.for_folder(str(folder)) is not None
     assert ensure_base_policy(cfg)[1]["cached"]
+
+
+def test_image_capabilities_refuse_http_scoring_before_any_actor_starts(vl_folder, tmp_path):
+    from copd_ray.config import load_config
+    from copd_ray.driver import BranchDataError, train
+
+    cfg = load_config("configs/demo_multimodal.yaml", [
+        f"model.path={vl_folder}", f"output_dir={tmp_path / 'o'}", "serve.enabled=true", "topology.transport=serve"])
+    with pytest.raises(BranchDataError, match=r"\['image', 'video'\] have images or videos, and the HTTP scoring"):
+        train(cfg)
