@@ -15,6 +15,15 @@ TINY_COMPARE = [
     "metrics.pair_every=1", "schedule.cycles=1", "schedule.rl_steps=2", "schedule.opd_steps=2"]
 
 
+def sigint_reaches_child() -> None:
+    """preexec_fn of a child process a test stops with SIGINT (Ctrl-C). A shell that starts
+    a job in the background without job control (`cmd &` in a script, nohup) leaves SIGINT
+    ignored, every child inherits that, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import sigint_reaches_child
 from copd_ray.config import load_config
 from copd_ray.driver import BranchDataError, train
 from copd_ray.topology import Topology
@@ -136,7 +137,8 @@ def test_an_interrupted_run_resumes(tmp_path, tiny_folder):
             "schedule.cycles=1", "schedule.rl_steps=30", "schedule.opd_steps=0", "schedule.save_every=2",
             "eval.every=0", "metrics.pair_every=0", "ray.num_cpus=2"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             preexec_fn=sigint_reaches_child)
     deadline = time.time() + 240
     while not list(out.glob("checkpoints/step_*/driver_state.json")):
         assert first.poll() is None, first.stdout.read()

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from conftest import free_port
+from conftest import free_port, sigint_reaches_child
 from copd_ray.actors import ScorerActor
 from copd_ray.config import EngineConfig
 
@@ -176,7 +176,8 @@ def test_copd_ray_serve_serves_a_runs_saved_branches(tmp_path, tiny_folder):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "copd_ray.cli", "serve", str(run), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**__import__("os").environ, "COPD_RAY_SERVE_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"})
+                            env={**__import__("os").environ, "COPD_RAY_SERVE_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"},
+                            preexec_fn=sigint_reaches_child)
     try:
         url, deadline, listing = f"http://127.0.0.1:{port}", time.time() + 180, None
         while time.time() < deadline:
