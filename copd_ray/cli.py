@@ -90,7 +90,6 @@ def _evaluate_folder(cfg: Config, folder: Path) -> dict[str, dict]:
     from copd_ray.capabilities import build_capability
     from copd_ray.engines.factory import make_engine
     from copd_ray.evaluation import evaluate
-
     from copd_ray.models.vl_inputs import VisionInputBuilder
 
     engine, tokenizer = make_engine("hf", str(folder), cfg.engine.model_dump(), cfg.model.dtype,

@@ -216,12 +216,11 @@ def evaluate_folder(folder: str, cfg: Config, held: dict[str, list[PromptRecord]
     (it runs wherever the cluster has room, on a GPU when there is one)."""
     from copd_ray.engines.factory import make_engine
     from copd_ray.evaluation import evaluate
+    from copd_ray.models.vl_inputs import VisionInputBuilder
     from copd_ray.rewards import get_reward
 
     torch.set_num_threads(cfg.resources.actor_threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from copd_ray.models.vl_inputs import VisionInputBuilder
-
     engine, tokenizer = make_engine(cfg.engine.kind, folder, cfg.engine.model_dump(), cfg.model.dtype,
                                     cfg.model.trust_remote_code, device, cfg.resources.actor_threads, cfg.seed)
     vision = VisionInputBuilder.for_folder(folder, cfg.model.trust_remote_code)

@@ -77,6 +77,7 @@ def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: 
         if not (experts / "eval.json").exists():
             raise ConfigError(f"{experts} is not a finished run (no eval.json)")
         before = json.loads((experts / "eval.json").read_text())["eval"][f"branch:{student}"]
+        caps = cfg.branch_data(next(b for b in cfg.branch_list() if b.name == teacher))
         points = []
         for tau in temperatures:
             folder = out / f"tau_{tau:g}"
@@ -86,7 +87,6 @@ def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: 
             after = json.loads((folder / "eval.json").read_text())["eval"][f"branch:{student}"]
             pairs = sorted((r for r in read_metrics(folder / "metrics.jsonl") if r["kind"] == "pair"),
                            key=lambda r: r["step"])
-            caps = cfg.branch_data(next(b for b in cfg.branch_list() if b.name == teacher))
             gain = statistics.fmean(after[c] - before[c] for c in caps)
             points.append({"temperature": tau, "overlap": pairs[0]["topk_overlap"],
                            "symmetric_kl": pairs[0]["symmetric_kl"], "overlap_after": pairs[-1]["topk_overlap"],
@@ -105,12 +105,7 @@ def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: 
 
 
 def plot_pilot(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from copd_ray.plots import save_figure
+    from copd_ray.plots import plt, save_figure  # the Agg backend, set where plots live
 
     pts = result["points"]
     fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11, 4))

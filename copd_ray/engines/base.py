@@ -19,6 +19,8 @@ from typing import Literal
 
 import torch
 
+from copd_ray.models.vl_inputs import token_ids
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -80,7 +82,7 @@ def check_score_request(
     for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
         if not 1 <= p <= len(seq):
             raise ValueError(f"sequence {i}: prompt length {p} outside [1, {len(seq)}]")
-        bad = [t for t in getattr(seq, "input_ids", seq) if not 0 <= t < vocab_size]
+        bad = [t for t in token_ids(seq) if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"sequence {i}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
 

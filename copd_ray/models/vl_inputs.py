@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -112,8 +113,6 @@ def _frames(video) -> list:
     """A video as its frames: a list of pictures, an array [F, H, W, 3], a folder of frame
     images (in name order) or a .npy file of such an array."""
     if isinstance(video, str):
-        from pathlib import Path
-
         path = Path(video)
         if path.is_dir():
             return sorted((str(f) for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg")))
