@@ -15,10 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from copd_ray.data.synthetic import TASKS, VISUAL_TASKS
+from copd_ray.errors import CopdError
 from copd_ray.rewards import get_reward
 
 
-class ConfigError(ValueError):
+class ConfigError(CopdError, ValueError):
     """A config that cannot run, with every problem named."""
 
 

@@ -32,12 +32,13 @@ from copd_ray.capabilities import Capability, build_capability
 from copd_ray.config import Config
 from copd_ray.data import PromptRecord, encode_prompt
 from copd_ray.engines import SamplingParams
+from copd_ray.errors import CopdError
 from copd_ray.metrics_log import MetricsLog
 from copd_ray.topology import Topology
 from copd_ray.topology.actor import TopologyActor
 
 
-class BranchDataError(ValueError):
+class BranchDataError(CopdError, ValueError):
     pass
 
 

@@ -15,9 +15,10 @@ from copd_ray.actors.scorer import ScorerActor
 from copd_ray.actors.trainer import TrainerActor
 from copd_ray.config import Config
 from copd_ray.engines import SamplingParams
+from copd_ray.errors import CopdError
 
 
-class PlacementError(RuntimeError):
+class PlacementError(CopdError, RuntimeError):
     pass
 
 
