@@ -1,24 +1,64 @@
 """Where a run's numbers go: `<output_dir>/metrics.jsonl` (one record a line, each with a
-`kind`: step, eval, pair or event) and wandb (offline unless the config says otherwise)."""
+`kind`: step, eval, pair or event) and wandb (offline unless the config says otherwise).
+
+metrics.jsonl is the run's record: on a resume (and on a roll back to a checkpoint) the
+records after the checkpoint's step are dropped, so the file, and the budgets, plots and
+`compare` rows read from it, are what an uninterrupted run writes. wandb cannot un-log:
+a resumed run starts a new wandb run from the checkpoint's step, and the interrupted one
+keeps whatever it logged past that step.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 from pathlib import Path
+
+# Dotted config keys whose values are secrets: never written to wandb or any dump.
+SECRETS = ("serve.token",)
+
+
+def redacted(config: dict) -> dict:
+    """A copy of a config dump with every secret that is set replaced by "***"."""
+    out = copy.deepcopy(config)
+    for dotted in SECRETS:
+        *parents, key = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key):
+            node[key] = "***"
+    return out
 
 
 class MetricsLog:
-    def __init__(self, output_dir: Path, wandb_cfg, run_name: str, config: dict, append: bool) -> None:
+    """resume_step: None starts a fresh metrics.jsonl; a step keeps the records up to it
+    (the checkpoint's step) and drops the rest."""
+
+    def __init__(self, output_dir: Path, wandb_cfg, run_name: str, config: dict, resume_step: int | None = None) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.path.open("a" if append else "w", encoding="utf-8")
+        if resume_step is not None:
+            _keep_until(self.path, resume_step)
+        self.file = self.path.open("w" if resume_step is None else "a", encoding="utf-8")
         self.wandb = None
         if wandb_cfg.mode != "disabled":
             import wandb
 
+            safe = redacted(config)
+            # With a secret set, wandb records neither the command line (x_disable_meta: the
+            # token may be a `serve.token=` override in it) nor the console.
+            settings = wandb.Settings(x_disable_meta=True, console="off") if safe != config else wandb.Settings()
             self.wandb = wandb.init(project=wandb_cfg.project, name=run_name, dir=str(output_dir),
-                                    mode=wandb_cfg.mode, config=config, resume="allow")
+                                    mode=wandb_cfg.mode, config=safe, resume="allow", settings=settings)
+
+    def rewind(self, step: int) -> None:
+        """Drop every record after `step` (the run rolls back to its checkpoint at `step`)."""
+        self.file.close()
+        _keep_until(self.path, step)
+        self.file = self.path.open("a", encoding="utf-8")
 
     def log(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -45,6 +85,23 @@ class MetricsLog:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _keep_until(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl with the records at or before `step`, atomically (a crash
+    leaves the old file or the new one). A line cut short by a kill is dropped."""
+    kept = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
