@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
+import re
 import shutil
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import ray
 import torch
 
 from copd_ray.actors.weight_sync import WeightGroup, bucket_plan, host_store
+from copd_ray.errors import CheckpointError
 from copd_ray.learner import Learner
 from copd_ray.models.loading import copy_processor_files
 
@@ -93,6 +96,8 @@ class TrainerActor(Learner):
         return str(final)
 
     def load(self, folder: str) -> int:
+        """Weights, and where the folder has a trainer_state.pt, the optimizer state, the
+        shuffle stream and the step count (a folder without one loads the weights only)."""
         # Through from_pretrained: a vision-language checkpoint's tensor names on disk are
         # not its runtime names, and transformers alone knows the mapping.
         from copd_ray.models.loading import model_class
@@ -100,8 +105,25 @@ class TrainerActor(Learner):
         saved = model_class(folder).from_pretrained(folder, dtype=torch.float32)
         self.model.load_state_dict(saved.state_dict())
         del saved
-        extra = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(extra["optimizer"])
-        self.rng.setstate(extra["rng"])
-        self.steps = extra["steps"]
+        path = Path(folder) / "trainer_state.pt"
+        if path.exists():
+            extra = _load_trainer_state(path)
+            self.optimizer.load_state_dict(extra["optimizer"])
+            self.rng.setstate(extra["rng"])
+            self.steps = extra["steps"]
         return self.steps
+
+
+def _load_trainer_state(path: Path) -> dict:
+    """Tensors and plain values only (weights_only): unpickling anything else could run
+    code from whoever wrote the file."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise CheckpointError(f"refusing {path}: it asks for {named[1] if named else 'a Python object'}, and loading "
+                              "it could run code (a trainer state holds only tensors and plain values); use a "
+                              "checkpoint this program wrote") from None
+    except (RuntimeError, EOFError):
+        raise CheckpointError(f"{path} is damaged (not a complete torch.save file): resume from another "
+                              "checkpoint") from None
