@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from copd_ray.data import PromptRecord, heldout_set, load_records, prompt_ids, training_stream
+from copd_ray.data import DataError, PromptRecord, heldout_set, load_records, prompt_ids, training_stream
 
 
 def _write_jsonl(path, lines):
@@ -32,6 +32,25 @@ def test_jsonl_skips_and_counts_bad_rows(tmp_path):
     assert "5 skipped" in str(report)
 
 
+def test_one_bad_byte_costs_one_row(tmp_path):
+    rows = [json.dumps({"problem": f"{i}+1=", "answer": str(i + 1)}).encode() for i in range(46)]
+    rows[20] = b'{"problem": "caf\xe9", "answer": "1"}'  # Latin-1, not UTF-8
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    records, report = load_records(tmp_path / "d.jsonl", "add")
+    assert report.kept == 45 and dict(report.skipped) == {"not UTF-8": 1}
+    assert records[20].id == "add-21"  # later rows keep the ids of their lines
+    assert "45 rows kept, 1 skipped (1 not UTF-8)" in str(report)
+
+
+def test_a_row_that_breaks_the_loader_costs_that_row(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [
+        json.dumps({"problem": "1+1=", "answer": "2", "images": ["a" * 5000 + ".png"]}),  # too long a name
+        json.dumps({"problem": "2+2=", "answer": "4"}),
+    ])
+    records, report = load_records(path, "x")
+    assert [r.answer for r in records] == ["4"] and dict(report.skipped) == {"unreadable row (OSError)": 1}
+
+
 def test_explicit_keys_and_messages(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [
         json.dumps({"q": "hi", "a": "x"}),
@@ -55,15 +74,18 @@ def test_parquet_and_saved_dataset_folder(tmp_path):
     datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "folder"))
     test_split, _ = load_records(tmp_path / "folder", "arith", split="test")
     assert [r.prompt for r in test_split] == ["1+1="]
-    with pytest.raises(ValueError, match="no split 'dev'"):
+    with pytest.raises(DataError, match="no split 'dev'"):
         load_records(tmp_path / "folder", "arith", split="dev")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="broken.parquet cannot be read"):
+        load_records(tmp_path / "broken.parquet", "arith")
 
 
 def test_unsupported_and_missing_files(tmp_path):
     (tmp_path / "d.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="unsupported dataset format"):
+    with pytest.raises(DataError, match="unsupported dataset format"):
         load_records(tmp_path / "d.csv", "x")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="does not exist"):
         load_records(tmp_path / "nope.jsonl", "x")
 
 
@@ -112,3 +134,23 @@ def test_prompt_ids_plain_and_chat_template(tiny_tokenizer):
     ids = prompt_ids(record, templated, template="q {prompt}")
     assert templated.decode(ids, skip_special_tokens=True) == "u:q 12+34= a:"
     assert templated.decode(prompt_ids(chat, templated)) == "u:1+1= a:"
+
+
+def test_chat_rows_need_a_chat_template(tmp_path, tiny_tokenizer):
+    from copd_ray.capabilities import build_capability, check_chat_template
+    from copd_ray.config import CapabilityConfig
+
+    chat = {"messages": [{"role": "user", "content": "1+1="}], "answer": "2"}
+    path = _write_jsonl(tmp_path / "chat.jsonl", [json.dumps(chat)] * 3 + [json.dumps({"prompt": "1+2=", "answer": "3"})])
+    caps = {"chat": build_capability(CapabilityConfig(name="chat", source=str(path), heldout_size=1)),
+            "add": build_capability(CapabilityConfig(name="add", source="synthetic:add", heldout_size=5))}
+    assert caps["chat"].chat_rows == 3 and caps["add"].chat_rows == 0
+    with pytest.raises(DataError, match=r"capabilities 'chat' \(3\) have chat rows .* no chat template"):
+        check_chat_template(caps, tiny_tokenizer)
+    check_chat_template({"add": caps["add"]}, tiny_tokenizer)  # plain prompts need none
+
+    import copy
+
+    templated = copy.deepcopy(tiny_tokenizer)
+    templated.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    check_chat_template(caps, templated)

@@ -1,7 +1,9 @@
 """Capability datasets from JSONL, Parquet or a saved Hugging Face dataset folder.
 
-A row without what a prompt record needs is skipped and counted, never fatal: one bad
-line in a million-row file should cost one row, and the report says how many and why.
+A row without what a prompt record needs (or that cannot be read at all: not UTF-8, not
+JSON) is skipped and counted, never fatal: one bad line in a million-row file should cost
+one row, and the report says how many and why. A dataset that cannot be read as a whole
+raises a DataError.
 """
 
 from __future__ import annotations
@@ -13,8 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from copd_ray.data.records import PromptRecord
+from copd_ray.errors import CopdError
 
 PROMPT_KEYS = ("prompt", "problem", "question")
+DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")  # besides a saved dataset folder
+
+
+class DataError(CopdError, ValueError):
+    """A dataset that cannot be used: missing, unreadable, or with no usable rows."""
+
+
+@dataclass
+class _Unreadable:
+    """A line that is not a row at all; it keeps its place so later rows keep their ids."""
+
+    reason: str
 
 
 @dataclass
@@ -30,34 +45,36 @@ class LoadReport:
         return f"{self.path}: {self.kept} rows kept, {sum(self.skipped.values())} skipped ({reasons})"
 
 
-def _rows(path: Path, split: str, report: LoadReport):
-    """Yield raw rows as dicts (or None for a line that is not JSON)."""
+def _rows(path: Path, split: str):
+    """Yield raw rows (a JSON line may hold any value), or _Unreadable for a line that is none."""
     if path.is_dir():
         import datasets
 
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f"{path}: no split {split!r}; it has {sorted(ds)}")
+                raise ValueError(f"no split {split!r}; it has {sorted(ds)}")
             ds = ds[split]
         yield from ds
     elif path.suffix == ".parquet":
         import datasets
 
         yield from datasets.Dataset.from_parquet(str(path))
-    elif path.suffix in (".jsonl", ".json"):
-        # Read line by line rather than with datasets' json builder, which fails the
-        # whole file on one malformed line.
-        with path.open(encoding="utf-8") as f:
+    elif path.suffix in DATASET_SUFFIXES:
+        # Line by line, each decoded on its own, rather than datasets' json builder or a
+        # text-mode file: either fails the whole file on one malformed line or byte.
+        with path.open("rb") as f:
             for line in f:
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)
+                    yield json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    yield _Unreadable("not UTF-8")
                 except json.JSONDecodeError:
-                    yield None
+                    yield _Unreadable("malformed row")
     else:
-        raise ValueError(f"{path}: unsupported dataset format (use .jsonl, .parquet or a saved dataset folder)")
+        raise ValueError("unsupported dataset format (use .jsonl, .parquet or a saved dataset folder)")
 
 
 def _valid_messages(messages: Any) -> bool:
@@ -92,6 +109,8 @@ def _media(items: Any, base: Path, kind: str) -> list | str:
 def _to_record(row: Any, index: int, capability: str, prompt_key: str | None, answer_key: str,
                base: Path = Path(".")) -> PromptRecord | str:
     """The record, or the reason the row was skipped."""
+    if isinstance(row, _Unreadable):
+        return row.reason
     if not isinstance(row, dict):
         return "malformed row"
     answer = row.get(answer_key)
@@ -134,16 +153,23 @@ def load_records(
 ) -> tuple[list[PromptRecord], LoadReport]:
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"dataset {path} does not exist")
+        raise DataError(f"dataset {path} does not exist")
     report = LoadReport(str(path))
     records: list[PromptRecord] = []
-    for index, row in enumerate(_rows(path, split, report)):
-        result = _to_record(row, index, capability, prompt_key, answer_key, path if path.is_dir() else path.parent)
-        if isinstance(result, str):
-            report.skipped[result] += 1
-            continue
-        records.append(result)
-        if limit is not None and len(records) >= limit:
-            break
+    base = path if path.is_dir() else path.parent
+    try:
+        for index, row in enumerate(_rows(path, split)):
+            try:
+                result = _to_record(row, index, capability, prompt_key, answer_key, base)
+            except (TypeError, ValueError, OSError) as e:  # whatever else a row holds costs that row only
+                result = f"unreadable row ({type(e).__name__})"
+            if isinstance(result, str):
+                report.skipped[result] += 1
+                continue
+            records.append(result)
+            if limit is not None and len(records) >= limit:
+                break
+    except (OSError, ValueError) as e:  # the dataset itself: a corrupt parquet, a folder that is no dataset
+        raise DataError(f"dataset {path} cannot be read: {e}") from None
     report.kept = len(records)
     return records, report
