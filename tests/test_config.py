@@ -39,11 +39,69 @@ def test_a_whole_list_can_be_overridden():
         ("engine.scorer_kind=sglang", "engine 'sglang' is not installed"),
         ("capabilities.0.template='Q {x}'", "must contain '{prompt}'"),
         ("novalue", "not of the form key=value"),
+        ("grpo.lr=.inf", "grpo.lr: Input should be a finite number"),
+        ("grpo.grad_clip=.inf", "grpo.grad_clip: Input should be a finite number"),
+        ("opd.beta=.inf", "opd.beta: Input should be a finite number"),
+        ("bootstrap.low=.nan", "bootstrap.low: Input should be a finite number"),
+        ("schedule.cycles=true", "schedule.cycles: a number is needed, not the boolean true"),
+        ("grpo.lr=false", "grpo.lr: a number is needed, not the boolean false"),
+        ("merge.weights={add: true, mul: 1}", "merge.weights.add: a number is needed, not the boolean true"),
+        ("serve.token=''", "serve.token: is empty"),
+        ("resume=/no/checkpoint", "resume: /no/checkpoint is not a folder: give auto, never or a checkpoint folder"),
+        ("grpo.lr=[1", "override 'grpo.lr=[1' is not valid YAML"),
+        ("capabilities.0.reward=os:getcwd", "reward 'os:getcwd' must take (response, answer)"),
+        ("capabilities.0.reward=no_such_module:f", "reward 'no_such_module:f' cannot be imported"),
     ],
 )
 def test_bad_configs_name_what_is_wrong(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_numbers_keep_their_yaml_forms():
+    cfg = load_config(None, ["grpo.lr=1e-4", "bootstrap.lr=5.0e-4", "schedule.cycles=3", "resources.trainer_cpus=1"])
+    assert (cfg.grpo.lr, cfg.bootstrap.lr, cfg.schedule.cycles, cfg.resources.trainer_cpus) == (1e-4, 5e-4, 3, 1.0)
+    assert load_config(None, ["model.tiny.vision=true", "capabilities.1.source=synthetic:count"]).model.tiny.vision
+
+
+def test_a_custom_reward_is_checked_when_the_config_is_read(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def good(response, answer, *, strict=False):\n    return float(response == answer)\n\n"
+        "def bad(response):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_config(None, ["capabilities.0.reward=my_rewards:good"]).capabilities[0].reward == "my_rewards:good"
+    with pytest.raises(ConfigError, match=re.escape("capabilities.0.reward: reward 'my_rewards:bad' must take "
+                                                    "(response, answer): too many positional arguments")):
+        load_config(None, ["capabilities.0.reward=my_rewards:bad"])
+
+
+def test_output_dir_must_be_writable(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=f"output_dir {tmp_path}/file/run cannot be created: {tmp_path}/file is a file"):
+        load_config(None, [f"output_dir={tmp_path}/file/run"])
+    cfg = load_config(None, [f"output_dir={tmp_path}/new/run"])
+    assert cfg.output_dir == f"{tmp_path}/new/run" and list(tmp_path.iterdir()) == [tmp_path / "file"]  # nothing made
+
+
+def test_a_dataset_of_another_format_fails_at_load(tmp_path):
+    (tmp_path / "d.csv").write_text("prompt,answer\n")
+    with pytest.raises(ConfigError, match=f"dataset {tmp_path}/d.csv: unsupported format"):
+        load_config(None, [f"capabilities.0.source={tmp_path}/d.csv"])
+
+
+def test_check_paths_off_checks_the_config_not_this_machine(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    (tmp_path / "file").write_text("")
+    machine = ["engine.kind=vllm", "resume=/no/checkpoint", f"output_dir={tmp_path}/file/run", "model.path=/no/model"]
+    cfg = load_config(None, machine, check_paths=False)
+    assert cfg.engine.kind == "vllm" and cfg.resume == "/no/checkpoint"
+    with pytest.raises(ConfigError, match="engine 'vllm' is not installed"):
+        load_config(None, ["engine.kind=vllm"])
+    with pytest.raises(ConfigError, match="schedule.cycles"):  # the config itself is still checked
+        load_config(None, [*machine, "schedule.cycles=true"], check_paths=False)
 
 
 def test_a_yaml_file_with_overrides(tmp_path: Path):
@@ -57,6 +115,9 @@ def test_a_yaml_file_with_overrides(tmp_path: Path):
         load_config(tmp_path / "list.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("run_name: a\nbootstrap: {max_steps: 10\n")
+    with pytest.raises(ConfigError, match=r"^config file .*broken.yaml is not valid YAML: .* at line 3, column 1$"):
+        load_config(tmp_path / "broken.yaml")
 
 
 @pytest.mark.parametrize(
