@@ -1,31 +1,88 @@
-"""The `copd-ray` command line."""
+"""The `copd-ray` command line.
+
+A CopdError (something the user can act on) ends any command with its message in red,
+one line per problem, and exit code 2 for a config error, 1 otherwise; `--debug` (or
+COPD_RAY_DEBUG=1) shows the traceback instead. A failed `train` also appends the
+traceback to <output_dir>/error.log.
+"""
 
 from __future__ import annotations
 
+import datetime
+import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from copd_ray.config import Config, ConfigError, load_config
+from copd_ray.errors import CopdError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Co-Evolving Policy Distillation on Ray.")
 console = Console()
+errors = Console(stderr=True)
 
-ArgsArg = typer.Argument(None, help="[CONFIG.yaml] [dotted.key=value ...]; the embedded default when no YAML is given.")
+_DEBUG, _ERROR_LOG = "copd_ray.debug", "copd_ray.error_log"  # keys of the click context's meta
+
+
+class _Commands(TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except typer.Exit:
+            raise
+        except Exception as e:  # bugs too go to the error log (they keep their traceback on screen)
+            log = _log_traceback(ctx.meta.get(_ERROR_LOG))
+            if ctx.meta.get(_DEBUG) or not isinstance(e, CopdError):
+                raise
+            where = f" (traceback in {log})" if log else ""
+            errors.print(Text(f"error: {e}{where}", style="red"), soft_wrap=True)
+            raise typer.Exit(2 if isinstance(e, ConfigError) else 1) from None
+
+
+def _log_traceback(path: Path | None) -> Path | None:
+    """Append the traceback being handled to `path`, if given and writable."""
+    if path is None:
+        return None
+    try:
+        with path.open("a") as f:
+            f.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {' '.join(sys.argv)}\n")
+            f.write(traceback.format_exc())
+    except OSError:
+        return None
+    return path
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  help="Co-Evolving Policy Distillation on Ray.")
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", envvar="COPD_RAY_DEBUG",
+                               help="Show the full traceback of an error instead of its one-line message."),
+) -> None:
+    ctx.meta[_DEBUG] = debug
+
+
+# The help is rich markup: brackets must be escaped or they vanish as unknown tags.
+ArgsArg = typer.Argument(None, help=escape(
+    "[CONFIG.yaml] [dotted.key=value ...]: a YAML file (optional, first), then overrides such as grpo.lr=5e-4; "
+    "the embedded default when no YAML is given."))
 
 
 def _load(args: Optional[list[str]]) -> Config:
     """A YAML path (optional, first) and dotted overrides, validated before anything runs."""
     args = list(args or [])
     config = args.pop(0) if args and "=" not in args[0] else None
-    try:
-        return load_config(config, args)
-    except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    return load_config(config, args)
 
 
 def _setup_torch(cfg: Config) -> None:
@@ -39,7 +96,7 @@ def _setup_torch(cfg: Config) -> None:
 
 
 def _bootstrap(cfg: Config, force: bool = False):
-    from copd_ray.models.bootstrap import ensure_base_policy
+    from copd_ray.models.bootstrap import ensure_base_policy, rate_warnings
 
     def progress(step: int, metrics: dict) -> None:
         rates = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items())
@@ -49,16 +106,22 @@ def _bootstrap(cfg: Config, force: bool = False):
         console.print("[bold]Base policy[/bold]: the embedded tiny policy (bootstrap, cached by settings)")
     folder, record = ensure_base_policy(cfg, progress, force=force)
     if record:
-        how = "cached" if record["cached"] else f"trained in {record['seconds']} s, {record['steps']} steps"
+        if record["cached"]:
+            how = "cached"
+        else:
+            how = f"trained {record['steps_run']} steps in {record['seconds']} s, kept the checkpoint of step " \
+                  f"{record['steps']}{'' if record['landed'] else ', the closest to the window'}"
         rates = ", ".join(f"{k} {v:.3f}" for k, v in record["rates"].items())
-        console.print(f"  {folder} ({how}): held-out pass@1 {rates}")
+        console.print(f"  {folder} ({how}): held-out pass@1 {rates}", markup=False, soft_wrap=True)
         if "guess" in record:
             console.print("  always giving the most common answer scores "
                           + ", ".join(f"{k} {v:.3f}" for k, v in record["guess"].items()))
-        if not record["in_range"]:
-            b = cfg.bootstrap
-            console.print(f"[yellow]  warning: not every rate lies in [{b.low}, {b.high}] and {b.above_guess} above "
-                          "guessing; raise bootstrap.max_steps or change the tasks[/yellow]")
+        warnings = rate_warnings(record["rates"], record.get("guess", {}), cfg.bootstrap)
+        for line in warnings:
+            console.print(Text(f"  warning: {line}", style="yellow"), soft_wrap=True)
+        if warnings:
+            console.print(Text("  raise bootstrap.max_steps or change the tasks: RL learns little from a base that "
+                               "almost never or almost always succeeds", style="yellow"), soft_wrap=True)
     return folder, record
 
 
@@ -87,7 +150,7 @@ def _time_table(metrics_path: Path) -> Table:
 
 
 def _evaluate_folder(cfg: Config, folder: Path) -> dict[str, dict]:
-    from copd_ray.capabilities import build_capability
+    from copd_ray.capabilities import build_capability, check_chat_template
     from copd_ray.engines.factory import make_engine
     from copd_ray.evaluation import evaluate
     from copd_ray.models.vl_inputs import VisionInputBuilder
@@ -95,14 +158,13 @@ def _evaluate_folder(cfg: Config, folder: Path) -> dict[str, dict]:
     engine, tokenizer = make_engine("hf", str(folder), cfg.engine.model_dump(), cfg.model.dtype,
                                     cfg.model.trust_remote_code)
     vision = VisionInputBuilder.for_folder(str(folder), cfg.model.trust_remote_code)
-    results = {}
-    for cap_cfg in cfg.capabilities:
-        cap = build_capability(cap_cfg, cfg.seed)
+    caps = {c.name: build_capability(c, cfg.seed) for c in cfg.capabilities}
+    for cap in caps.values():
         for report in cap.reports:
-            console.print(f"  data: {report}")
-        results[cap.name] = evaluate(engine, tokenizer, cap.heldout, cap.reward, cap.template, cfg.eval.max_new_tokens,
-                                     vision)
-    return results
+            console.print(f"  data: {report}", markup=False, soft_wrap=True)
+    check_chat_template(caps, tokenizer)
+    return {name: evaluate(engine, tokenizer, cap.heldout, cap.reward, cap.template, cfg.eval.max_new_tokens, vision)
+            for name, cap in caps.items()}
 
 
 @app.command()
@@ -118,7 +180,8 @@ def bootstrap(
 
 @app.command("eval")
 def eval_cmd(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder; the base policy when omitted."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", exists=True, file_okay=False,
+                                         help="Model folder; the base policy when omitted."),
     args: Optional[list[str]] = ArgsArg,
 ) -> None:
     """Held-out pass@1 (greedy) of a model folder on every capability of the config."""
@@ -131,7 +194,7 @@ def eval_cmd(
 
 
 @app.command()
-def train(args: Optional[list[str]] = ArgsArg) -> None:
+def train(ctx: typer.Context, args: Optional[list[str]] = ArgsArg) -> None:
     """The main job: CoPD training (Algorithm 1) on Ray, then merge and evaluate.
 
     Joins the cluster at ray.address or RAY_ADDRESS (as under `ray job submit`), else
@@ -142,6 +205,7 @@ def train(args: Optional[list[str]] = ArgsArg) -> None:
     from copd_ray.driver import train as run_copd
 
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    ctx.meta[_ERROR_LOG] = Path(cfg.output_dir) / "error.log"
     _bootstrap(cfg)
     summary = run_copd(cfg, console=console)
     console.print(_eval_table("held-out pass@1 (greedy)", summary["eval"]))
@@ -154,7 +218,8 @@ def train(args: Optional[list[str]] = ArgsArg) -> None:
 @app.command()
 def compare(
     args: Optional[list[str]] = ArgsArg,
-    seeds: int = typer.Option(2, min=1, help="Seeds per run: seed, seed+1, ... (each reseeds the whole pipeline)."),
+    seeds: int = typer.Option(2, min=1, help="Seeds per run: seed, seed+1, ..., the first set by the seed=N "
+                                             "override (default 0); each reseeds the whole pipeline."),
     out: Path = typer.Option(Path("outputs/compare"), help="Folder for every run, compare.json, compare.md and plots."),
     ratios: str = typer.Option("4:1,1:2", help="Other rl_steps:opd_steps ratios to sweep, comma-separated."),
     runs: Optional[str] = typer.Option(None, help="Only these runs, comma-separated (copd and what they start "
@@ -171,11 +236,7 @@ def compare(
 
     ratio_list = [r.strip() for r in ratios.split(",") if r.strip()]
     run_list = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
-    try:
-        p = plan(cfg, ratio_list, run_list)
-    except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    p = plan(cfg, ratio_list, run_list)
     console.print(f"compare: {len(p.runs)} runs x {seeds} seeds ({', '.join(r.name for r in p.runs)}); "
                   f"{len(p.rows)} rows; T = {p.steps_per_branch} steps per branch")
     _bootstrap(cfg)
@@ -203,14 +264,9 @@ def pilot(
     try:
         taus = [float(t) for t in temperatures.split(",") if t.strip()]
     except ValueError:
-        console.print(f"[red]--temperatures {temperatures!r} is not a comma-separated list of numbers[/red]")
-        raise typer.Exit(2) from None
+        raise ConfigError(f"--temperatures {temperatures!r} is not a comma-separated list of numbers") from None
     _bootstrap(cfg)
-    try:
-        result = run_pilot(cfg, out, teacher, student, taus, steps, experts, console)
-    except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    result = run_pilot(cfg, out, teacher, student, taus, steps, experts, console)
     table = Table(title=f"pilot: {teacher} teaches {student} by OPD, {steps} steps")
     for col in ("temperature", "overlap before", "sym. KL before", "gain"):
         table.add_column(col, justify="right")
@@ -233,15 +289,18 @@ def serve_cmd(
     engine: str = typer.Option("hf", help="Engine of the scorers: hf, vllm or sglang."),
 ) -> None:
     """Serve saved branches as live teacher-scoring endpoints (POST /score/<branch>, GET /branches)."""
+    if token is not None and not token.strip():
+        raise ConfigError("--token (or COPD_RAY_SERVE_TOKEN) is empty: give a token, or leave it unset for no auth")
     from copd_ray.config import EngineConfig
     from copd_ray.serve.saved import find_branches, serve_saved
 
     try:
         names = list(find_branches(paths))
         engine_cfg = EngineConfig(kind=engine).model_dump()
+    except ValidationError as e:
+        raise ConfigError.from_validation(e, "--engine") from None
     except ValueError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        raise ConfigError(str(e)) from None
     console.print(f"serving {', '.join(names)} at http://{host}:{port}/score/<branch>"
                   f"{' (bearer token required)' if token else ''}; Ctrl-C stops")
     serve_saved(paths, host, port, token, engine_cfg, engine)

@@ -27,12 +27,14 @@ class ConfigError(CopdError, ValueError):
 
     @classmethod
     def from_validation(cls, e: ValidationError, what: str = "config") -> ConfigError:
-        """One line per problem, each led by its dotted key."""
-        problems = "\n".join(
-            f"  {'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors()
-        )
-        return cls(f"invalid {what}:\n{problems}")
+        """One line per problem, each led by its dotted key (the only one on the first line)."""
+        problems = []
+        for err in e.errors():
+            key, msg = ".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {msg}" if key else msg)
+        if len(problems) == 1:
+            return cls(f"invalid {what}: {problems[0]}")
+        return cls(f"invalid {what}:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 def _check_paths(info: ValidationInfo) -> bool:

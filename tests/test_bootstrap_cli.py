@@ -17,17 +17,37 @@ def test_short_bootstrap_caches_by_settings(tmp_path):
             "capabilities.0.heldout_size=50", "capabilities.1.heldout_size=50"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
-    assert "bootstrap step    10" in first.output and "trained in" in first.output
-    assert "warning: not every rate" in first.output  # 20 steps cannot reach the range
     folders = list(tmp_path.glob("tiny-policy-*"))
     assert len(folders) == 1 and (folders[0] / "model.safetensors").exists()
     record = json.loads((folders[0] / "bootstrap.json").read_text())
-    assert set(record["rates"]) == {"add", "mul"} and record["steps"] in (10, 20)
+    assert set(record["rates"]) == {"add", "mul"} and record["steps"] in (10, 20) and record["steps_run"] == 20
+    assert not record["landed"]  # 20 steps cannot reach the window
+    assert "bootstrap step    10" in first.output
+    assert (f"trained 20 steps in {record['seconds']} s, kept the checkpoint of step {record['steps']}, the closest "
+            "to the window" in first.output)
+    for name, rate in record["rates"].items():
+        assert f"warning: {name} {rate:.3f} is under its window [0.2, 0.6]" in first.output
 
     second = runner.invoke(app, args)
     assert second.exit_code == 0 and "cached" in second.output and "bootstrap step" not in second.output
     other = runner.invoke(app, args[:-1] + ["capabilities.1.heldout_size=60"])
     assert other.exit_code == 0 and len(list(tmp_path.glob("tiny-policy-*"))) == 2
+
+
+def test_the_warm_up_warns_per_capability_outside_its_window_or_aim():
+    from copd_ray.config import BootstrapConfig
+    from copd_ray.models.bootstrap import rate_warnings
+
+    b = BootstrapConfig()  # window [0.2, 0.6], aim 0.3, 0.1 above guessing
+    rates = {"add": 0.7, "mul": 0.268, "image": 0.4, "text": 0.45, "low": 0.1}
+    guess = {"add": 0.01, "mul": 0.01, "image": 0.35, "text": 0.01, "low": 0.0}
+    assert rate_warnings(rates, guess, b) == [
+        "add 0.700 is over its window [0.2, 0.6]",
+        "mul 0.268 is under its aim 0.3",
+        "image 0.400 is under its window [0.45, 0.6]",  # 0.1 above always answering the commonest answer
+        "low 0.100 is under its window [0.2, 0.6]",
+    ]
+    assert rate_warnings({"add": 0.268}, {}, b) == ["add 0.268 is under its aim 0.3"]  # records from before guessing
 
 
 def test_bad_config_fails_before_any_work(tmp_path):

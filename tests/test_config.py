@@ -65,14 +65,14 @@ def test_numbers_keep_their_yaml_forms():
 
 
 def test_a_custom_reward_is_checked_when_the_config_is_read(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "config_rewards.py").write_text(
         "def good(response, answer, *, strict=False):\n    return float(response == answer)\n\n"
         "def bad(response):\n    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert load_config(None, ["capabilities.0.reward=my_rewards:good"]).capabilities[0].reward == "my_rewards:good"
-    with pytest.raises(ConfigError, match=re.escape("capabilities.0.reward: reward 'my_rewards:bad' must take "
+    assert load_config(None, ["capabilities.0.reward=config_rewards:good"]).capabilities[0].reward == "config_rewards:good"
+    with pytest.raises(ConfigError, match=re.escape("capabilities.0.reward: reward 'config_rewards:bad' must take "
                                                     "(response, answer): too many positional arguments")):
-        load_config(None, ["capabilities.0.reward=my_rewards:bad"])
+        load_config(None, ["capabilities.0.reward=config_rewards:bad"])
 
 
 def test_output_dir_must_be_writable(tmp_path):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from copd_ray.capabilities import Capability, build_capability
-from copd_ray.config import Config
+from copd_ray.capabilities import Capability, build_capability, check_chat_template
+from copd_ray.config import Config, ConfigError
 from copd_ray.data import PromptRecord, encode_prompt
 from copd_ray.engines import HFEngine
 from copd_ray.evaluation import evaluate, guessing_rate
@@ -78,7 +78,7 @@ def guess_floors(caps: dict[str, Capability], b) -> tuple[dict[str, float], dict
     floors = {n: max(b.aim, g + b.above_guess) for n, g in guess.items()}
     for n, floor in floors.items():
         if floor > b.high:
-            raise ValueError(
+            raise ConfigError(
                 f"capability {n!r}: always giving its most common answer scores {guess[n]:.2f}, so no rate "
                 f"in [{floor:.2f}, bootstrap.high={b.high}] can show it learned; lower bootstrap.above_guess "
                 "or raise bootstrap.high")
@@ -86,7 +86,8 @@ def guess_floors(caps: dict[str, Capability], b) -> tuple[dict[str, float], dict
 
 
 def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = None) -> dict:
-    """Train from scratch and return {"rates", "steps", "seconds", "model", "tokenizer"}."""
+    """Train from scratch and return {"rates", "guess", "steps" (of the checkpoint kept),
+    "steps_run", "landed" (in the window), "seconds", "model", "tokenizer", "processor"}."""
     b = cfg.bootstrap
     torch.manual_seed(b.seed)
     rng = random.Random(f"copd-ray/bootstrap/{b.seed}")
@@ -100,6 +101,7 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
     else:
         tokenizer = build_char_tokenizer()
         model = build_tiny_policy(tokenizer, t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size, seed=t.seed)
+    check_chat_template(caps, tokenizer)
     engine = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.engine.max_batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=b.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(b.warmup_steps, 1)))
@@ -146,12 +148,29 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
             if distance == 0.0:
                 break
 
-    _, state, rates, step = best
+    steps_run = step
+    distance, state, rates, step = best
     if state is not None:
         model.load_state_dict(state)
     model.eval()
-    return {"rates": rates, "guess": guess, "steps": step, "seconds": time.perf_counter() - start, "model": model,
-            "tokenizer": tokenizer, "processor": processor}
+    return {"rates": rates, "guess": guess, "steps": step, "steps_run": steps_run, "landed": distance == 0.0,
+            "seconds": time.perf_counter() - start, "model": model, "tokenizer": tokenizer, "processor": processor}
+
+
+def rate_warnings(rates: dict[str, float], guess: dict[str, float], b) -> list[str]:
+    """One line per capability whose kept rate is off: outside its window [max(low, guess +
+    above_guess), high], or in it but under its aim (raised the same way over guessing)."""
+    lines = []
+    for n, r in rates.items():
+        clear = guess.get(n, 0.0) + b.above_guess  # older records have no guessing rates
+        low, aim = max(b.low, clear), max(b.aim, clear)
+        if r > b.high:
+            lines.append(f"{n} {r:.3f} is over its window [{low:.3g}, {b.high}]")
+        elif r < low:
+            lines.append(f"{n} {r:.3f} is under its window [{low:.3g}, {b.high}]")
+        elif r < aim:
+            lines.append(f"{n} {r:.3f} is under its aim {aim:.3g}")
+    return lines
 
 
 def ensure_base_policy(cfg: Config, progress: Callable[[int, dict], None] | None = None, force: bool = False) -> tuple[Path, dict]:
@@ -170,7 +189,8 @@ def ensure_base_policy(cfg: Config, progress: Callable[[int, dict], None] | None
         save_policy(result["model"], result["tokenizer"], folder)
     b, guess = cfg.bootstrap, result["guess"]
     record = {
-        "rates": result["rates"], "guess": guess, "steps": result["steps"], "seconds": round(result["seconds"], 1),
+        "rates": result["rates"], "guess": guess, "steps": result["steps"], "steps_run": result["steps_run"],
+        "landed": result["landed"], "seconds": round(result["seconds"], 1),
         # In range: in [low, high] and clear of guessing.
         "in_range": all(max(b.low, guess[n] + b.above_guess) <= r <= b.high for n, r in result["rates"].items()),
         "key": cache_key(cfg),
