@@ -9,7 +9,6 @@ traceback to <output_dir>/error.log.
 from __future__ import annotations
 
 import datetime
-import sys
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -52,7 +51,8 @@ def _log_traceback(path: Path | None) -> Path | None:
         return None
     try:
         with path.open("a") as f:
-            f.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {' '.join(sys.argv)}\n")
+            # Not the command line: an override may hold serve.token.
+            f.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')}\n")
             f.write(traceback.format_exc())
     except OSError:
         return None

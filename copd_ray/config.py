@@ -27,7 +27,8 @@ class ConfigError(CopdError, ValueError):
 
     @classmethod
     def from_validation(cls, e: ValidationError, what: str = "config") -> ConfigError:
-        """One line per problem, each led by its dotted key (the only one on the first line)."""
+        """The problems, each led by its dotted key: on the first line if there is one, else one
+        line each under a header."""
         problems = []
         for err in e.errors():
             key, msg = ".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, ")
