@@ -12,8 +12,10 @@ from transformers import AutoModelForCausalLM
 from conftest import free_port, sigint_reaches_child
 from copd_ray.actors import ScorerActor
 from copd_ray.config import EngineConfig
+from copd_ray.serve import ServeError
 
 TOKEN = "s3cret-token"
+BODY_CAP = 16_384
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def served(ray_session, tiny_folder):
     port = free_port()
     scorer = ScorerActor.options(num_cpus=0.1).remote("add", str(tiny_folder), "hf", EngineConfig().model_dump())
     handles = start_serving({"add": scorer}, {"add": str(tiny_folder)}, "127.0.0.1", port, TOKEN, max_sequences=8,
-                            max_tokens=64)
+                            max_tokens=64, max_request_tokens=256, max_body_bytes=BODY_CAP)
     yield {"url": f"http://127.0.0.1:{port}", "scorer": scorer, "handle": handles["add"]}
     serve.shutdown()
     ray.kill(scorer)
@@ -60,8 +62,12 @@ def test_http_handle_and_actor_agree_with_a_forward_pass(served, tiny_folder):
 
 
 def test_text_form_and_branch_listing(served):
-    body = _post(served, {"prompt": "12+34=", "response": "46"}).json()
+    response = _post(served, {"prompt": "12+34=", "response": "46"})
+    assert response.status_code == 200, response.text
+    body = response.json()
     assert body["prompt_length"] == 7 and len(body["tokens"]) == 9 and len(body["logprobs"][0]) == 2
+    actor = ray.get(served["scorer"].score.remote([body["tokens"]], [body["prompt_length"]]))
+    assert body["logprobs"][0] == pytest.approx(actor.logprobs[0], abs=1e-6)
     listing = requests.get(f"{served['url']}/branches", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     assert listing.json() == {"branches": [{"branch": "add", "version": 0}]}
 
@@ -96,6 +102,106 @@ def test_bad_requests_get_a_4xx_naming_the_problem(served, body, raw, status, me
     response = _post(served, body, raw=raw)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+
+
+def _chunked(total: int):
+    """A body sent without Content-Length, in 1 KiB chunks."""
+    for _ in range(total // 1024):
+        yield b" " * 1024
+
+
+@pytest.mark.parametrize(
+    "body, raw, status, message",
+    [
+        (None, b" " * BODY_CAP + b"{}", 413, f"a body of {BODY_CAP + 2} bytes; at most {BODY_CAP}"),
+        (None, "chunked", 413, f"the body passed {BODY_CAP} bytes"),
+        ({"sequences": [[1, 2]] * 9, "prompt_lengths": [1] * 9}, None, 413, "9 sequences; at most 8"),
+        ({"sequences": [[1] * 65], "prompt_lengths": [1]}, None, 413, "a sequence of 65 tokens; at most 64"),
+        ({"sequences": [[1] * 40] * 7, "prompt_lengths": [1] * 7}, None, 413, "make 280 tokens; at most 256"),
+        ({"sequences": [[1] * 40] + [[1]] * 6, "prompt_lengths": [1] * 7}, None, 413, "longest (40 tokens)"),
+        ({"prompt": "1" * 600, "response": "ab"}, None, 413, "are 602 bytes of UTF-8; at most 512"),
+        ({"prompt": "1", "response": "é" * 256}, None, 413, "are 513 bytes of UTF-8"),
+        ({"prompt": "1" * 100, "response": "2"}, None, 413, "a sequence of 102 tokens; at most 64"),
+        (None, b"[" * 5000 + b"]" * 5000, 400, "not valid JSON"),
+        (None, b'{"prompt": "\xff", "response": "1"}', 400, "not valid JSON"),
+        (None, b'{"prompt": "\\ud800", "response": "1"}', 422, "valid Unicode"),
+    ],
+)
+def test_an_oversized_or_undecodable_request_never_reaches_the_scorer(served, body, raw, status, message):
+    calls = ray.get(served["scorer"].info.remote())["score_calls"]
+    response = _post(served, body, raw=_chunked(BODY_CAP + 4096) if raw == "chunked" else raw)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert ray.get(served["scorer"].info.remote())["score_calls"] == calls
+    assert _post(served, {"sequences": SEQS, "prompt_lengths": PLENS}).status_code == 200  # still serving
+    assert ray.get(served["scorer"].info.remote())["score_calls"] == calls + 1
+
+
+def test_openapi_needs_the_token_and_the_docs_pages_are_off(served):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert requests.get(f"{served['url']}/openapi.json", timeout=30).status_code == 401
+    schema = requests.get(f"{served['url']}/openapi.json", headers=auth, timeout=30)
+    assert schema.status_code == 200, schema.text
+    score = schema.json()["paths"]["/score/{branch}"]["post"]
+    # The request object is no parameter: FastAPI took it for a query parameter when its
+    # annotation had not resolved in the replica (every request then got a 422).
+    assert [(p["name"], p["in"]) for p in score["parameters"]] == [("branch", "path")]
+    assert "sequences" in score["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    for page in ("/docs", "/redoc"):
+        assert requests.get(f"{served['url']}{page}", headers=auth, timeout=30).status_code == 404
+
+
+def test_no_annotation_of_a_deployment_method_is_a_string():
+    """Serve ships the methods by value; a string annotation would not resolve there."""
+    import inspect
+
+    from copd_ray.serve import app
+
+    assert not hasattr(app, "annotations")  # `from __future__ import annotations` turns every one into a string
+    methods = [fn for deployment in (app.ScoringAPI, app.BranchScorer)
+               for _, fn in inspect.getmembers(deployment.func_or_class, inspect.isfunction)
+               if fn.__module__ == app.__name__]
+    assert {"score", "list_branches", "openapi", "encode"} <= {fn.__name__ for fn in methods}
+    for fn in methods:
+        assert not any(isinstance(a, str) for a in fn.__annotations__.values()), fn
+
+
+@pytest.mark.parametrize("token", ["", "  "])
+def test_an_empty_token_is_refused_before_anything_starts(token, tmp_path):
+    from copd_ray.serve import start_serving
+    from copd_ray.serve.saved import serve_saved
+
+    with pytest.raises(ServeError, match="the serve token is empty"):
+        start_serving({}, {}, "127.0.0.1", free_port(), token)
+    with pytest.raises(ServeError, match="the serve token is empty"):
+        serve_saved([str(tmp_path)], "127.0.0.1", free_port(), token, EngineConfig().model_dump(), block=False)
+
+
+def test_a_busy_or_foreign_address_is_one_line():
+    import socket
+
+    from copd_ray.serve.app import check_bindable
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ServeError, match=f"^127.0.0.1:{port} is already in use; pick another serve.port"):
+            check_bindable("127.0.0.1", port)
+    check_bindable("127.0.0.1", port)  # free again
+    with pytest.raises(ServeError, match="cannot listen on 203.0.113.7:8000"):  # TEST-NET-3: on no interface here
+        check_bindable("203.0.113.7", 8000)
+
+
+@pytest.mark.parametrize("host, token, warned", [("0.0.0.0", None, True), ("myhost.example", None, True),
+                                                 ("0.0.0.0", TOKEN, False), ("127.0.0.1", None, False),
+                                                 ("::1", None, False), ("localhost", None, False)])
+def test_serving_beyond_loopback_without_a_token_warns(host, token, warned, capsys, caplog):
+    from copd_ray.serve.app import _warn_if_open
+
+    _warn_if_open(host, 8000, token)
+    printed = capsys.readouterr().err
+    assert ("without a token" in printed) == warned and ("without a token" in caplog.text) == warned
 
 
 def test_unknown_branch_is_404(served):

@@ -13,14 +13,21 @@ from copd_ray.engines import Scores
 
 @ray.remote
 class ScorerActor(EngineHost):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Read through info(): the HTTP tests check that refused requests never got here.
+        self.score_calls = 0
+
     def score(self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int = 0) -> Scores:
+        self.score_calls += 1
         start = time.perf_counter()
         scores = self.engine.score(sequences, prompt_lengths, top_k)
         scores.extra["seconds"] = time.perf_counter() - start
         return scores
 
     def info(self) -> dict:
-        return {"branch": self.branch, "version": self.engine.version, "vocab_size": self.engine.vocab_size}
+        return {"branch": self.branch, "version": self.engine.version, "vocab_size": self.engine.vocab_size,
+                "score_calls": self.score_calls}
 
     def distributions(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[torch.Tensor]:
         """Full-vocabulary log-probs at each response position (for overlap and KL metrics)."""

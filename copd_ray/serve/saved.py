@@ -37,11 +37,13 @@ def serve_saved(paths: list[str], host: str, port: int, token: str | None, engin
     import ray
 
     from copd_ray.actors import ScorerActor
-    from copd_ray.serve.app import start_serving
+    from copd_ray.serve.app import check_address, check_token, start_serving
 
+    check_token(token)
     branches = find_branches(paths)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    check_address(host, port)  # before the scorers load: a busy port costs nothing then
     scorers = {name: ScorerActor.options(num_cpus=scorer_cpus).remote(name, str(folder), engine_kind, engine_cfg)
                for name, folder in branches.items()}
     ray.get([s.ready.remote() for s in scorers.values()])
