@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import uuid
 import zlib
@@ -29,11 +28,13 @@ import torch
 from copd_ray.actors import BranchGroup, TrainBatch
 from copd_ray.algo import symmetric_kl, topk_overlap
 from copd_ray.capabilities import Capability, build_capability
-from copd_ray.config import Config
+from copd_ray.checkpoints import find_resume, read_state, save_checkpoint
+from copd_ray.config import Config, ConfigError
 from copd_ray.data import PromptRecord, encode_prompt
 from copd_ray.engines import SamplingParams
 from copd_ray.errors import CopdError
 from copd_ray.metrics_log import MetricsLog
+from copd_ray.recovery import Rollback, SelfHealing
 from copd_ray.topology import Topology
 from copd_ray.topology.actor import TopologyActor
 
@@ -58,6 +59,12 @@ class BranchData:
         out = [self.capabilities[(self.drawn + i) % len(self.capabilities)].sample(1)[0] for i in range(n)]
         self.drawn += n
         return out
+
+    def replay(self, drawn: int) -> None:
+        """Fresh streams advanced by `drawn` prompts: where a checkpoint left them."""
+        self.capabilities = [c.fork(f"/{self.name}") for c in self.capabilities]
+        self.drawn = 0
+        self.sample(drawn)
 
 
 @dataclass
@@ -254,39 +261,17 @@ def _each(names, fn) -> dict:
         return dict(zip(names, pool.map(fn, names)))
 
 
-# -- checkpoints -----------------------------------------------------------------------------
-
-
-def _latest_checkpoint(output_dir: Path) -> Path | None:
-    done = sorted(p.parent for p in (output_dir / "checkpoints").glob("step_*/driver_state.json"))
-    return done[-1] if done else None
-
-
-def _resume_from(cfg: Config) -> Path | None:
-    if cfg.resume == "never":
-        return None
-    if cfg.resume == "auto":
-        return _latest_checkpoint(Path(cfg.output_dir))
-    path = Path(cfg.resume)
-    if not (path / "driver_state.json").exists():
-        raise FileNotFoundError(f"resume={cfg.resume}: no driver_state.json there (not a complete checkpoint)")
-    return path
-
-
-def save_checkpoint(output_dir: Path, step: int, groups, data, base: str, keep: int = 2) -> Path:
-    """Each branch (weights, tokenizer, optimizer) then the driver state; a checkpoint counts
-    only once its driver_state.json exists, and that file is renamed into place last."""
-    folder = output_dir / "checkpoints" / f"step_{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    _each(groups, lambda n: groups[n].save(str(folder / "branches" / n)))
-    state = {"step": step, "drawn": {n: d.drawn for n, d in data.items()},
-             "versions": {n: g.version for n, g in groups.items()}, "base": base}
-    tmp = folder / "driver_state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, folder / "driver_state.json")
-    for old in sorted((output_dir / "checkpoints").glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
+def restore(folder: Path | None, trainable: dict[str, BranchGroup], data: dict[str, BranchData],
+            healer: SelfHealing) -> int:
+    """Every trainable branch and every data stream back to a checkpoint (None: the run's
+    start), in the running actors; returns the checkpoint's step."""
+    state = read_state(folder) if folder else {"step": 0, "drawn": {}, "versions": {}}
+    healer.each(list(trainable), lambda n: trainable[n].load(str(folder / "branches" / n) if folder else None,
+                                                             state["versions"].get(n, 0)))
+    for n, d in data.items():
+        d.replay(state["drawn"].get(n, 0))
+    healer.console.print(f"resumed from {folder or 'the start'} at step {state['step']}")
+    return state["step"]
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -352,6 +337,7 @@ class Runtime:
                 endpoints = handles
         # Each branch's scorer becomes reachable as a teacher through the topology.
         ray.get([self.topology_actor.register.remote(n, e) for n, e in endpoints.items()])
+        self.endpoints = endpoints
 
     def close(self) -> None:
         if self.serving:
@@ -370,9 +356,10 @@ def log_pairs(log: MetricsLog, step: int, cfg: Config, topology: Topology, group
     if not pair_state["every"] or step % pair_state["every"]:
         return
     try:
-        for teacher, student in topology.edges:
-            log.log({"kind": "pair", "step": step, "teacher": teacher, "student": student,
-                     **pair_metrics(teacher, student, groups, data, prompter, cfg)})
+        pairs = [{"kind": "pair", "step": step, "teacher": teacher, "student": student,
+                  **pair_metrics(teacher, student, groups, data, prompter, cfg)} for teacher, student in topology.edges]
+        for record in pairs:
+            log.log(record)
     except ray.exceptions.RayTaskError as e:
         if not isinstance(e.cause, NotImplementedError):
             raise
@@ -401,7 +388,7 @@ def prepare(cfg: Config, topology: Topology | None, console):
     names = [b.name for b in branch_cfgs]
     topology = topology or Topology.from_config(cfg.topology.kind, names, cfg.topology.hub, cfg.topology.edges)
     if sorted(topology.branches) != sorted(names):
-        raise ValueError(f"the topology's branches {list(topology.branches)} are not the config's {names}")
+        raise ConfigError(f"the topology's branches {list(topology.branches)} are not the config's {names}")
     caps = {}
     for c in cfg.capabilities:
         try:
@@ -415,15 +402,11 @@ def prepare(cfg: Config, topology: Topology | None, console):
     data = {b.name: BranchData(b.name, [caps[d].fork(f"/{b.name}") for d in cfg.branch_data(b)],
                                cfg.opd.beta if b.beta is None else b.beta)
             for b in branch_cfgs}
-    resume = _resume_from(cfg)
     base_path, _ = ensure_base_policy(cfg)
-    if resume is not None:
-        # A checkpoint of a run from another base policy (say, a re-bootstrapped tiny one)
-        # would load without complaint and train on from the wrong start.
-        saved_base = json.loads((resume / "driver_state.json").read_text()).get("base", str(base_path))
-        if saved_base != str(base_path):
-            raise ValueError(f"{resume} continues a run from the base policy {saved_base}, not {base_path}: "
-                             "set resume=never or another output_dir")
+    # The newest usable checkpoint of this very run (same base, branches and topology);
+    # a damaged one is reported and skipped.
+    resume, _ = find_resume(cfg.resume, cfg.output_dir, str(base_path), [b.name for b in cfg.trainable_branches()],
+                            topology.edges, warn=lambda m: console.print(m, style="yellow", markup=False))
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
     vision = VisionInputBuilder.for_folder(str(base_path), cfg.model.trust_remote_code)
     visual = [n for n, c in caps.items() if any(r.images or r.videos for r in c.heldout)]
@@ -461,18 +444,17 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
         console.print(f"ray: {len(groups)} branches up ({', '.join(names)}"
                       f"{'; frozen teachers ' + ', '.join(frozen) if frozen else ''}), topology "
                       f"{[f'{t}->{s}' for t, s in topology.edges]}, {time.perf_counter() - started:.0f} s")
-        first_step = 0
-        if resume is not None:
-            state = json.loads((resume / "driver_state.json").read_text())
-            first_step = state["step"]
-            _each(trainable, lambda n: trainable[n].load(str(resume / "branches" / n), state["versions"][n]))
-            for n, d in data.items():
-                d.sample(state["drawn"][n])  # replay the data streams to where they were
-            console.print(f"resumed from {resume} at step {first_step}")
-        log = MetricsLog(out, cfg.wandb, cfg.run_name, cfg.model_dump(mode="json"), append=resume is not None)
+        resume_step = read_state(resume)["step"] if resume else None
+        log = MetricsLog(out, cfg.wandb, cfg.run_name, cfg.model_dump(mode="json"), resume_step)
+        healer = SelfHealing(groups, runtime.topology_actor, runtime.endpoints, cfg.ray.max_failures,
+                             cfg.ray.restart_timeout_s, lambda e: log.log({"kind": "event", "step": healer.step, **e}),
+                             console, out / "actors.json")
         pair_state = {"every": cfg.metrics.pair_every}
+        step, restore_to, redo_events = 0, None, []
+        last_checkpoint = (0, None)  # (step, folder): where a lost trainer sends the run back
         if resume is not None:
-            log.log({"kind": "event", "step": first_step, "event": "resumed", "from": str(resume)})
+            restore_to = last_checkpoint = (resume_step, resume)
+            log.log({"kind": "event", "step": restore_to[0], "event": "resumed", "from": str(resume)})
         else:
             log_pairs(log, 0, cfg, topology, groups, data, prompter, pair_state, console)
             if cfg.eval.every:
@@ -480,32 +462,54 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
 
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("CoPD", total=len(plan), completed=first_step)
-            # for cycle in 1..N: Phase I (rl_steps of RLVR), then Phase II (opd_steps of mutual OPD)
-            for step, (cycle, phase) in enumerate(plan[first_step:], start=first_step + 1):
-                progress.update(task, description=f"cycle {cycle + 1}/{cfg.schedule.cycles} "
-                                                  f"{'Phase I  (RLVR)' if phase == 'rl' else 'Phase II (OPD) '}")
-                # Every branch takes its step in parallel ...
-                prompts = draw_prompts(names, phase, cfg, data, runtime.topology_actor)
-                records = _each(trainable, lambda n: branch_step(n, phase, step, cfg, trainable[n], prompts[n], prompter,
-                                                                 data[n].beta))
-                # ... then every branch broadcasts its new weights to its generators and scorer.
-                synced = _each(trainable, lambda n: trainable[n].sync()) if step % cfg.schedule.sync_every == 0 else {}
-                for n, r in records.items():
-                    r.update({"cycle": cycle, "version": trainable[n].version,
-                              "time/sync": synced[n]["seconds"] if synced else 0.0})
-                log_pairs(log, step, cfg, topology, groups, data, prompter, pair_state, progress.console)
-                log_step(log, step, records)
-                if cfg.eval.every and step % cfg.eval.every == 0:
-                    _log_eval(log, step, evaluate_branches(trainable, prompter, cfg, cfg.eval.during_training_size))
-                progress.console.print(_step_line(step, phase, records))
-                end_of_cycle = step == len(plan) or plan[step][0] != cycle
-                if end_of_cycle or (cfg.schedule.save_every and step % cfg.schedule.save_every == 0):
-                    save_checkpoint(out, step, trainable, data, base_path, cfg.schedule.keep_checkpoints)
-                progress.advance(task)
+            task = progress.add_task("CoPD", total=len(plan))
+            while True:
+                try:
+                    if restore_to is not None:  # a resume, or a rollback after a trainer was lost
+                        step = restore(restore_to[1], trainable, data, healer)
+                        log.rewind(step)
+                        for event in redo_events:
+                            log.log({"kind": "event", **event, "rolled_back_to": step})
+                        restore_to, redo_events = None, []
+                        progress.update(task, completed=step)
+                    # for cycle in 1..N: Phase I (rl_steps of RLVR), then Phase II (opd_steps of mutual OPD)
+                    while step < len(plan):
+                        cycle, phase = plan[step]
+                        step = healer.step = step + 1
+                        progress.update(task, description=f"cycle {cycle + 1}/{cfg.schedule.cycles} "
+                                                          f"{'Phase I  (RLVR)' if phase == 'rl' else 'Phase II (OPD) '}")
+                        healer.check()  # an actor that died between steps is back before the step starts
+                        # Every branch takes its step in parallel (one that fails is retried after recovery) ...
+                        prompts = draw_prompts(names, phase, cfg, data, runtime.topology_actor)
+                        records = healer.each(names, lambda n: branch_step(n, phase, step, cfg, trainable[n], prompts[n],
+                                                                           prompter, data[n].beta))
+                        # ... then every branch broadcasts its new weights to its generators and scorer.
+                        synced = healer.each(names, lambda n: trainable[n].sync()) if step % cfg.schedule.sync_every == 0 else {}
+                        for n, r in records.items():
+                            r.update({"cycle": cycle, "version": trainable[n].version,
+                                      "time/sync": synced[n]["seconds"] if synced else 0.0})
+                        healer.call(lambda: log_pairs(log, step, cfg, topology, groups, data, prompter, pair_state,
+                                                      progress.console))
+                        log_step(log, step, records)
+                        if cfg.eval.every and step % cfg.eval.every == 0:
+                            _log_eval(log, step, healer.call(lambda: evaluate_branches(
+                                trainable, prompter, cfg, cfg.eval.during_training_size)))
+                        progress.console.print(_step_line(step, phase, records))
+                        end_of_cycle = step == len(plan) or plan[step][0] != cycle
+                        if end_of_cycle or (cfg.schedule.save_every and step % cfg.schedule.save_every == 0):
+                            last_checkpoint = (step, healer.call(lambda: save_checkpoint(
+                                out, step, trainable, data, base_path, cfg.schedule.keep_checkpoints, topology.edges)))
+                        progress.update(task, completed=step)
+                    # The branches as they end training, for the merge and the final evaluation.
+                    branch_dirs = healer.each(names, lambda n: trainable[n].save(str(out / "branches" / n),
+                                                                                 with_optimizer=False))
+                    break
+                except Rollback as rollback:
+                    restore_to = last_checkpoint
+                    redo_events = [{**e, "step": step, "steps_redone": step - last_checkpoint[0]}
+                                   for e in rollback.events]
 
         # Merge the branches in parameter space into the unified model (when there are several).
-        branch_dirs = _each(trainable, lambda n: trainable[n].save(str(out / "branches" / n), with_optimizer=False))
         models = {"base": base_path, **{f"branch:{n}": branch_dirs[n] for n in names}}
         if len(names) > 1:
             weights = [cfg.merge.weights[n] for n in names] if cfg.merge.weights else None

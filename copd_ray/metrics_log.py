@@ -88,8 +88,9 @@ class MetricsLog:
 
 
 def _keep_until(path: Path, step: int) -> None:
-    """Rewrite metrics.jsonl with the records at or before `step`, atomically (a crash
-    leaves the old file or the new one). A line cut short by a kill is dropped."""
+    """Rewrite metrics.jsonl with the records at or before `step`, and every event (a
+    recovery happened even though its steps are redone), atomically (a crash leaves the
+    old file or the new one). A line cut short by a kill is dropped."""
     kept = []
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -97,7 +98,7 @@ def _keep_until(path: Path, step: int) -> None:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if record.get("step", 0) <= step:
+            if record.get("kind") == "event" or record.get("step", 0) <= step:
                 kept.append(line + "\n")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept), encoding="utf-8")

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from conftest import sigint_reaches_child
 from copd_ray.config import load_config
 from copd_ray.driver import BranchDataError, train
+from copd_ray.errors import CheckpointError
 from copd_ray.topology import Topology
 
 FAST = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
@@ -126,7 +127,7 @@ def test_a_checkpoint_from_another_base_policy_is_not_resumed(tmp_path, tiny_fol
     state.parent.mkdir(parents=True)
     state.write_text(json.dumps({"step": 4, "drawn": {}, "versions": {}, "base": "/elsewhere/tiny-policy-0"}))
     cfg = load_config(None, FAST + [f"model.path={tiny_folder}", f"output_dir={out}"])
-    with pytest.raises(ValueError, match="continues a run from the base policy /elsewhere/tiny-policy-0, not "):
+    with pytest.raises(CheckpointError, match="continues a run from the base policy /elsewhere/tiny-policy-0, not "):
         train(cfg)
 
 
@@ -158,4 +159,7 @@ def test_an_interrupted_run_resumes(tmp_path, tiny_folder):
     assert records[at]["step"] == saved
     after = [r["step"] for r in records[at:] if r["kind"] == "step" and r["branch"] == "add"]
     assert after == list(range(saved + 1, 31))
-    assert json.loads((out / "eval.json").read_text())["steps"] == 30
+    # The steps after the checkpoint that the interrupted run had logged are gone: each once.
+    assert [r["step"] for r in records if r["kind"] == "step" and r["branch"] == "add"] == list(range(1, 31))
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["steps"] == 30 and summary["budget"]["rl_steps"] == 60

@@ -40,6 +40,9 @@ class BranchGroup:
         self.pg = placement_group(self.bundles, strategy="PACK", name=f"copd-{run_id}-{name}")
         self.model_path = model_path
         self.version = 0
+        self.trained_since_sync = False
+        self.generation = 0  # of the weight group: it is rebuilt after a member restarts
+        self.incarnations: dict[str, str] = {}  # role -> the incarnation the driver wired
         self.plan = None
         self.trainers: list = []
         self.generators: list = []
@@ -69,7 +72,10 @@ class BranchGroup:
         common = dict(dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code, threads=r.actor_threads)
 
         def at(i: int, cpus: float, gpus: float):
-            return dict(num_cpus=cpus, num_gpus=gpus,
+            # Ray restarts a dead actor in its own bundle (once more than the run allows, so
+            # that the driver sees the failure over budget and names it); no call is retried
+            # on the new process (its state is fresh): the driver re-wires it first.
+            return dict(num_cpus=cpus, num_gpus=gpus, max_restarts=c.ray.max_failures + 1, max_task_retries=0,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
 
         engine = dict(engine_cfg=c.engine.model_dump(), seed=c.seed, **common)
@@ -89,25 +95,36 @@ class BranchGroup:
         ]
         return [a.ready.remote() for a in self.trainers + self.generators + [self.scorer]]
 
-    def wire(self) -> None:
+    def members(self) -> dict[str, object]:
+        """Every actor of the branch by role ("trainer 0", "generator 0", "scorer")."""
+        return {**{f"trainer {i}": t for i, t in enumerate(self.trainers)},
+                **{f"generator {i}": g for i, g in enumerate(self.generators)}, "scorer": self.scorer}
+
+    def wire(self, generation: int = 0) -> None:
         """Join the data-parallel group (trainers) and the weight-sync group (trainer rank 0,
         generators, scorer); every member joins concurrently, as rendezvous requires. A
-        frozen branch has nothing to wire: its weights never change."""
+        frozen branch has nothing to wire: its weights never change. After a member
+        restarts, every member joins a new `generation` of both groups."""
+        self.generation = generation
         if self.frozen:
             return
         if len(self.trainers) > 1:
             host, port = ray.get(self.trainers[0].dp_address.remote())
-            ray.get([t.join_dp_group.remote(host, port) for t in self.trainers])
+            ray.get([t.join_dp_group.remote(host, port, generation) for t in self.trainers])
         receivers = self.generators + [self.scorer]
-        group = f"copd-{self.run_id}-{self.name}-weights"
+        group = f"copd-{self.run_id}-{self.name}-weights-{generation}"
         world = 1 + len(receivers)
         backend = self.cfg.ray.sync_backend
         # vLLM and SGLang engines take torch's default process group in their actor, where a
         # Ray collective group would also need it: their branches use a standalone group.
+        # So does a rebuilt group: a Ray collective group builds on the default group,
+        # which the surviving members still hold for the old one.
         e = self.cfg.engine
         self.transport = self.cfg.ray.sync_transport
         if self.transport == "auto":
             self.transport = "ray" if {e.kind, e.scorer_kind or e.kind} == {"hf"} else "torch"
+        if generation:
+            self.transport = "torch"
         address = ray.get(self.trainers[0].weight_store.remote(world)) if self.transport == "torch" else None
         ray.get([self.trainers[0].join_weight_group.remote(group, world, 0, backend, self.transport)]
                 + [a.join_weight_group.remote(group, world, i + 1, backend, self.transport, address)
@@ -144,6 +161,7 @@ class BranchGroup:
     def train(self, batch: TrainBatch) -> dict:
         world = len(self.trainers)
         results = ray.get([t.train_step.remote(batch.shard(i, world)) for i, t in enumerate(self.trainers)])
+        self.trained_since_sync = True
         return results[0] if world == 1 else {
             k: (sum(r[k] for r in results) / world if k != "nan_skipped" else max(r[k] for r in results)) for k in results[0]
         }
@@ -151,14 +169,24 @@ class BranchGroup:
     def sync(self) -> dict:
         """Broadcast rank 0's weights to the generators and scorer under a new version."""
         start = time.perf_counter()
-        self.version += 1
+        sent = self._broadcast(self.version + 1)
+        self.version += 1  # only once every receiver holds it: a failed sync is retried whole
+        self.trained_since_sync = False
+        return {"seconds": time.perf_counter() - start, "bytes": sent, "version": self.version}
+
+    def push(self) -> None:
+        """Resend rank 0's weights (to a restarted receiver); weights trained since the
+        last sync carry the version that sync will give them, so answers stay honest."""
+        self._broadcast(self.version + self.trained_since_sync)
+
+    def _broadcast(self, version: int) -> int:
         receivers = self.generators + [self.scorer]
         sent, *received = ray.get([self.trainers[0].send_weights.remote(self.plan)]
-                                  + [a.receive_weights.remote(self.plan, self.version) for a in receivers])
+                                  + [a.receive_weights.remote(self.plan, version) for a in receivers])
         versions = {r["version"] for r in received}
-        if versions != {self.version}:
-            raise RuntimeError(f"branch {self.name!r}: receivers hold versions {versions}, expected {self.version}")
-        return {"seconds": time.perf_counter() - start, "bytes": sent["bytes"], "version": self.version}
+        if versions != {version}:
+            raise RuntimeError(f"branch {self.name!r}: receivers hold versions {versions}, expected {version}")
+        return sent["bytes"]
 
     # -- checkpoints and shutdown ----------------------------------------------------------------
 
@@ -167,11 +195,12 @@ class BranchGroup:
             return self.model_path  # unchanged since it was loaded
         return ray.get(self.trainers[0].save.remote(folder, with_optimizer))
 
-    def load(self, folder: str, version: int) -> None:
-        """Trainers take the checkpoint; generators and scorer get it by broadcast."""
-        ray.get([t.load.remote(folder) for t in self.trainers])
-        self.version = version - 1
-        self.sync()
+    def load(self, folder: str | None, version: int) -> None:
+        """Trainers take the checkpoint (None: back to the run's start); generators and
+        scorer get it by broadcast."""
+        ray.get([t.load.remote(folder) if folder else t.reset.remote() for t in self.trainers])
+        self.version, self.trained_since_sync = version, False
+        self.push()
 
     def shutdown(self) -> None:
         """Kill the actors and free the placement group (safe to call more than once)."""

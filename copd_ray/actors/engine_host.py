@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 
 import torch
 
@@ -22,9 +23,12 @@ class EngineHost:
         self.engine, self.tokenizer = make_engine(engine_kind, model_path, engine_cfg, dtype, trust_remote_code,
                                                   device, threads, seed)
         self.weight_group: WeightGroup | None = None
+        # New in every process Ray (re)starts: the driver tells a restarted actor by it.
+        self.incarnation = uuid.uuid4().hex
 
     def ready(self) -> dict:
-        return {"branch": self.branch, "pid": os.getpid(), "version": self.engine.version}
+        return {"branch": self.branch, "pid": os.getpid(), "version": self.engine.version,
+                "incarnation": self.incarnation}
 
     def version(self) -> int:
         return self.engine.version

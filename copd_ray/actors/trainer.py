@@ -10,6 +10,7 @@ import pickle
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import ray
@@ -27,11 +28,21 @@ class TrainerActor(Learner):
                  dtype: str = "float32", trust_remote_code: bool = False, threads: int = 1,
                  gpus: float = 0.0, seed: int = 0) -> None:
         device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-        super().__init__(branch, rank, world_size, model_path, grpo, dtype, trust_remote_code, threads, device, seed)
+        self._learner_args = (branch, rank, world_size, model_path, grpo, dtype, trust_remote_code, threads, device, seed)
+        super().__init__(*self._learner_args)
         self.weight_group: WeightGroup | None = None
+        # New in every process Ray (re)starts: the driver tells a restarted actor by it.
+        self.incarnation = uuid.uuid4().hex
 
     def ready(self) -> dict:
-        return {"branch": self.branch, "rank": self.rank, "pid": os.getpid()}
+        return {"branch": self.branch, "rank": self.rank, "pid": os.getpid(), "incarnation": self.incarnation}
+
+    def reset(self) -> None:
+        """Back to the start of the run (weights from model_path, fresh optimizer and
+        shuffling), keeping the groups: a rollback to before the first checkpoint."""
+        dp_group = self.dp_group
+        Learner.__init__(self, *self._learner_args)
+        self.dp_group = dp_group
 
     # -- groups -------------------------------------------------------------------------
 
@@ -40,13 +51,13 @@ class TrainerActor(Learner):
         self._store, host, port = host_store(self.world_size)
         return host, port
 
-    def join_dp_group(self, host: str, port: int) -> None:
+    def join_dp_group(self, host: str, port: int, generation: int = 0) -> None:
         # A standalone process group, not the default one: the weight-sync collective
         # group on rank 0 already owns torch's default group.
         if self.rank != 0:
             self._store = torch.distributed.TCPStore(host, port, self.world_size, is_master=False,
                                                      timeout=datetime.timedelta(seconds=120))
-        store = torch.distributed.PrefixStore(f"copd-dp-{self.branch}", self._store)
+        store = torch.distributed.PrefixStore(f"copd-dp-{self.branch}-{generation}", self._store)
         timeout = datetime.timedelta(seconds=600)
         if self.device == "cuda":
             self.dp_group = torch.distributed.ProcessGroupNCCL(store, self.rank, self.world_size)

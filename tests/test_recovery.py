@@ -1,0 +1,145 @@
+"""Self-healing runs: kill -9 (by pid) a generator, a scorer and a trainer of a running
+two-branch run in Phase II; the run finishes by itself with exact accounting."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+from transformers import AutoModelForCausalLM
+
+from copd_ray.config import load_config
+from copd_ray.driver import train
+from copd_ray.errors import ActorFailure
+
+SAVE_EVERY = 2
+RUN = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
+       "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4", "opd.prompts_per_teacher=4",
+       "opd.samples_per_prompt=2", "capabilities.0.heldout_size=20", "capabilities.1.heldout_size=20",
+       "eval.every=0", "metrics.pair_every=0", "schedule.cycles=1", "schedule.rl_steps=1",
+       f"schedule.save_every={SAVE_EVERY}"]
+
+
+def _records(out, kind=None):
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def _recoveries(out):
+    return [r for r in _records(out, "event") if r["event"] == "actor_recovered"]
+
+
+class Run(threading.Thread):
+    """train() in a background thread, so that the test can kill its actors."""
+
+    def __init__(self, cfg):
+        super().__init__(daemon=True)
+        self.cfg, self.summary, self.error = cfg, None, None
+
+    def run(self):
+        try:
+            self.summary = train(self.cfg)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            self.error = e
+
+
+def _wait(run, condition, what, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        assert run.is_alive(), f"the run ended while waiting for {what}: {run.error!r}"
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill(out, branch, role):
+    pid = json.loads((out / "actors.json").read_text())[branch][role]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_a_killed_generator_scorer_and_trainer_are_recovered(ray_session, tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    opd_steps = 16
+    run = Run(load_config(None, RUN + [f"schedule.opd_steps={opd_steps}", "ray.max_failures=3",
+                                       f"model.path={tiny_folder}", f"output_dir={out}"]))
+    run.start()
+    victims = [("add", "generator 0"), ("mul", "scorer"), ("add", "trainer 0")]
+    killed = []
+    for i, (branch, role) in enumerate(victims):
+        _wait(run, lambda: any(r["phase"] == "opd" for r in _records(out, "step")), "Phase II")
+        killed.append(_kill(out, branch, role))
+        _wait(run, lambda: len(_recoveries(out)) == i + 1, f"the recovery of {role} of {branch}")
+    run.join(timeout=600)
+    assert not run.is_alive() and run.error is None, run.error
+
+    events = _recoveries(out)
+    assert [(e["branch"], e["actor"]) for e in events] == victims
+    assert [e["pid_before"] for e in events] == killed and all(e["pid_after"] != e["pid_before"] for e in events)
+    generator, scorer, trainer = events
+    assert generator["then"] == scorer["then"] == "retry the step"
+    # A lost trainer costs at most the steps since the last checkpoint, replayed from it.
+    assert trainer["then"] == "rollback to the last checkpoint"
+    assert trainer["rolled_back_to"] % SAVE_EVERY == 0 and 1 <= trainer["steps_redone"] <= SAVE_EVERY
+    assert trainer["step"] - trainer["steps_redone"] == trainer["rolled_back_to"]
+
+    # Exact accounting: one record per branch and step, in order, versions without gaps.
+    total = 1 + opd_steps
+    steps = _records(out, "step")
+    for branch in ("add", "mul"):
+        mine = [r for r in steps if r["branch"] == branch]
+        assert [r["step"] for r in mine] == list(range(1, total + 1))
+        assert [r["version"] for r in mine] == list(range(1, total + 1))
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["budget"]["opd_steps"] == 2 * opd_steps and summary["budget"]["rl_steps"] == 2
+    for folder in (out / "merged", out / "branches" / "add", out / "branches" / "mul"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    # The pid file names the processes that run now.
+    now = json.loads((out / "actors.json").read_text())
+    assert now["add"]["generator 0"] == generator["pid_after"] and now["mul"]["scorer"] == scorer["pid_after"]
+
+
+def test_more_failures_than_allowed_stop_the_run_with_one_line(ray_session, tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    run = Run(load_config(None, RUN + ["schedule.opd_steps=40", "ray.max_failures=1", f"model.path={tiny_folder}",
+                                       f"output_dir={out}"]))
+    run.start()
+    _wait(run, lambda: any(r["phase"] == "opd" for r in _records(out, "step")), "Phase II")
+    _kill(out, "add", "generator 0")
+    _wait(run, lambda: len(_recoveries(out)) == 1, "the first recovery")
+    pid = _kill(out, "add", "generator 0")
+    run.join(timeout=300)
+    assert not run.is_alive()
+    assert isinstance(run.error, ActorFailure), run.error
+    message = str(run.error)
+    assert "\n" not in message
+    assert f"generator 0 of branch 'add' (pid {pid})" in message and "ray.max_failures=1" in message
+
+
+def test_recovered_runs_log_what_an_uninterrupted_run_logs(ray_session, tiny_folder, tmp_path):
+    """A retried step and a replay from a checkpoint compute the same numbers: the step
+    records and the budget equal those of the same run without failures."""
+    common = RUN + ["schedule.opd_steps=8", f"model.path={tiny_folder}"]
+    killed = tmp_path / "killed"
+    run = Run(load_config(None, common + [f"output_dir={killed}"]))
+    run.start()
+    for i, (branch, role) in enumerate([("add", "generator 0"), ("mul", "trainer 0")]):
+        _wait(run, lambda: any(r["phase"] == "opd" for r in _records(killed, "step")), "Phase II")
+        _kill(killed, branch, role)
+        _wait(run, lambda: len(_recoveries(killed)) == i + 1, f"the recovery of {role} of {branch}")
+    run.join(timeout=600)
+    assert run.error is None, run.error
+    clean = tmp_path / "clean"
+    train(load_config(None, common + [f"output_dir={clean}"]))
+
+    def numbers(out):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(out, "step")]
+
+    assert numbers(killed) == numbers(clean)
+    summaries = [json.loads((out / "eval.json").read_text()) for out in (killed, clean)]
+    assert summaries[0]["budget"] == summaries[1]["budget"] and summaries[0]["eval"] == summaries[1]["eval"]
