@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from copd_ray.config import Config, ConfigError
-from copd_ray.metrics_log import budget, read_metrics
+from copd_ray.metrics_log import budget, read_metrics, redacted
 
 
 @dataclass
@@ -308,4 +308,4 @@ def collect(p: Plan, out: Path, seeds: list[int]) -> dict:
             ratio_points.append({"rl_steps": rl, "opd_steps": opd, "row": f"CoPD ratio {rl}:{opd}"})
     return {"capabilities": caps, "branches": p.names, "seeds": seeds, "steps_per_branch": p.steps_per_branch,
             "expert_steps_before_opd": p.half, "schedule": s.model_dump(), "rows": rows, "pairs": pairs,
-            "ratio_points": ratio_points, "config": p.cfg.model_dump(mode="json")}
+            "ratio_points": ratio_points, "config": redacted(p.cfg.model_dump(mode="json"))}

@@ -163,3 +163,20 @@ def test_an_interrupted_run_resumes(tmp_path, tiny_folder):
     assert [r["step"] for r in records if r["kind"] == "step" and r["branch"] == "add"] == list(range(1, 31))
     summary = json.loads((out / "eval.json").read_text())
     assert summary["steps"] == 30 and summary["budget"]["rl_steps"] == 60
+
+
+def test_the_serve_token_reaches_no_file_under_output_dir(ray_session, tiny_folder, tmp_path):
+    """A run with live HTTP scoring behind a token, logged to wandb (offline): the token
+    is in no file the run writes (wandb's config and metadata, metrics, checkpoints)."""
+    from conftest import free_port
+
+    token = "tok-7f3a9c1e5b"
+    out = tmp_path / "o"
+    cfg = load_config(None, FAST + [f"model.path={tiny_folder}", f"output_dir={out}", "wandb.mode=offline",
+                                    "serve.enabled=true", f"serve.port={free_port()}", f"serve.token={token}",
+                                    "schedule.cycles=1", "schedule.rl_steps=1", "schedule.opd_steps=1",
+                                    "schedule.save_every=1", "eval.every=0", "metrics.pair_every=0"])
+    train(cfg)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any("wandb" in p.parts for p in files) and any(p.name == "driver_state.json" for p in files)
+    assert [p for p in files if token.encode() in p.read_bytes()] == []
