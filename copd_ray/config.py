@@ -256,7 +256,9 @@ class ScheduleConfig(Section):
     rl_steps: Int = Field(50, ge=0)
     opd_steps: Int = Field(25, ge=0)
     sync_every: Int = Field(1, ge=1)  # optimizer steps between weight broadcasts
-    save_every: Int = Field(0, ge=0)  # steps between checkpoints; 0 = only at the end of each cycle
+    # Steps between checkpoints (0 = only at the end of each cycle); a lost trainer costs at
+    # most this many steps. The demo's are ~1 s each; raise it for big models.
+    save_every: Int = Field(10, ge=0)
     keep_checkpoints: Int = Field(2, gt=0)  # the newest N are kept
 
     @model_validator(mode="after")
