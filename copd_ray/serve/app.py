@@ -133,7 +133,10 @@ class BranchScorer:
         return prompt_ids + response_ids, len(prompt_ids)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+# A request spends its time in the ingress awaiting the scorer: at Serve's default of 5 at
+# a time the scorer sat mostly idle under 16 clients (benchmarks/serve_load.py: 24 -> 66
+# requests/s). 32 bodies at the default 1 MiB cap, parsed, hold a few hundred MB at most.
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
 @serve.ingress(api)
 class ScoringAPI:
     def __init__(self, branches: dict[str, Any], scorers: dict[str, Any], token_digest: bytes | None,
