@@ -225,7 +225,7 @@ def find_resume(resume: str, output_dir: str | Path, base_path: str | Path, bran
         if folder is None:
             return None, None
     else:
-        folder = Path(resume)
+        folder = Path(resume).expanduser()
         reason = verify_checkpoint(folder)
         if reason:
             raise CheckpointError(f"resume={resume}: that checkpoint is unusable ({reason}): name another "

@@ -27,7 +27,7 @@ import torch
 
 from copd_ray.actors import BranchGroup, TrainBatch
 from copd_ray.algo import symmetric_kl, topk_overlap
-from copd_ray.capabilities import Capability, build_capability
+from copd_ray.capabilities import Capability, build_capability, check_chat_template
 from copd_ray.checkpoints import find_resume, read_state, save_checkpoint
 from copd_ray.config import Config, ConfigError
 from copd_ray.data import PromptRecord, encode_prompt
@@ -408,6 +408,7 @@ def prepare(cfg: Config, topology: Topology | None, console):
     resume, _ = find_resume(cfg.resume, cfg.output_dir, str(base_path), [b.name for b in cfg.trainable_branches()],
                             topology.edges, warn=lambda m: console.print(m, style="yellow", markup=False))
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    check_chat_template(caps, tokenizer)
     vision = VisionInputBuilder.for_folder(str(base_path), cfg.model.trust_remote_code)
     visual = [n for n, c in caps.items() if any(r.images or r.videos for r in c.heldout)]
     if visual and vision is None:
