@@ -56,9 +56,11 @@ APP_NAME = "copd-ray"
 # 8 bytes a token lets through any text that could fit at ordinary densities (BPE
 # vocabularies average 3-5 bytes a token on prose and code; the character tokenizer 1).
 TEXT_BYTES_PER_TOKEN = 8
-# The largest valid body in JSON: a token id takes at most 8 bytes (", 151935"), a text
-# byte at most 6 (an escaped \uXXXX) x 8 bytes a token; 256 leaves room for indentation.
-BODY_BYTES_PER_TOKEN = 256
+# The largest valid body in JSON: a token id takes at most 8 bytes (", 151935"), about 16
+# pretty-printed one a line; a text byte at most 6 (an escaped \uXXXX), so 48 a token.
+# Parsing takes up to 42x a body's size (measured: a body of one-token lists), so the
+# default cap, 256 KiB, parses to at most ~11 MB.
+BODY_BYTES_PER_TOKEN = 64
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class BranchScorer:
 
 # A request spends its time in the ingress awaiting the scorer: at Serve's default of 5 at
 # a time the scorer sat mostly idle under 16 clients (benchmarks/serve_load.py: 24 -> 66
-# requests/s). 32 bodies at the default 1 MiB cap, parsed, hold a few hundred MB at most.
+# requests/s). 32 bodies at the default cap, parsed, hold ~350 MB at most.
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
 @serve.ingress(api)
 class ScoringAPI:
