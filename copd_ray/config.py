@@ -313,7 +313,11 @@ class ServeConfig(Section):
     port: Int = Field(8000, gt=0, lt=65536)
     token: str | None = None  # bearer token; None: COPD_RAY_SERVE_TOKEN if set, else no auth
     max_sequences: Int = Field(256, gt=0)  # per request
-    max_tokens: Int = Field(8192, gt=0)  # per sequence
+    max_tokens: Int = Field(4096, gt=0)  # per sequence
+    # Sequences x longest sequence: what a scorer pads to and holds vocabulary-sized logits
+    # for (~1.2 MB a padded token at a 152k vocabulary: 4096 -> ~4.7 GB; benchmarks/scorer_memory.py).
+    max_request_tokens: Int = Field(4096, gt=0)
+    max_body_bytes: Int | None = Field(None, gt=0)  # None: 64 bytes per allowed token (256 KiB)
     max_top_k: Int = Field(64, ge=0)
 
     @field_validator("token")

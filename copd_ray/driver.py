@@ -328,9 +328,12 @@ class Runtime:
             from copd_ray.serve import start_serving
 
             sv = cfg.serve
-            handles = start_serving(endpoints, paths, sv.host, sv.port,
-                                    sv.token or os.environ.get("COPD_RAY_SERVE_TOKEN"), sv.max_sequences,
-                                    sv.max_tokens, sv.max_top_k)
+            # An empty COPD_RAY_SERVE_TOKEN reaches start_serving, which refuses it: auth
+            # never goes off silently.
+            token = sv.token if sv.token is not None else os.environ.get("COPD_RAY_SERVE_TOKEN")
+            handles = start_serving(endpoints, paths, sv.host, sv.port, token, sv.max_sequences, sv.max_tokens,
+                                    sv.max_top_k, max_request_tokens=sv.max_request_tokens,
+                                    max_body_bytes=sv.max_body_bytes)
             self.serving = True
             console.print(f"serve: live teacher scoring at http://{sv.host}:{sv.port}/score/<branch>; GET /branches")
             if cfg.topology.transport == "serve":
