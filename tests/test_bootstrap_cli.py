@@ -26,7 +26,7 @@ def test_short_bootstrap_caches_by_settings(tmp_path):
     assert (f"trained 20 steps in {record['seconds']} s, kept the checkpoint of step {record['steps']}, the closest "
             "to the window" in first.output)
     for name, rate in record["rates"].items():
-        assert f"warning: {name} {rate:.3f} is under its window [0.2, 0.6]" in first.output
+        assert f"warning: {name} {rate:.3f} is under its window [0.2, 0.65]" in first.output
 
     second = runner.invoke(app, args)
     assert second.exit_code == 0 and "cached" in second.output and "bootstrap step" not in second.output
@@ -38,14 +38,14 @@ def test_the_warm_up_warns_per_capability_outside_its_window_or_aim():
     from copd_ray.config import BootstrapConfig
     from copd_ray.models.bootstrap import rate_warnings
 
-    b = BootstrapConfig()  # window [0.2, 0.6], aim 0.3, 0.1 above guessing
+    b = BootstrapConfig()  # window [0.2, 0.65], aim 0.3, 0.1 above guessing
     rates = {"add": 0.7, "mul": 0.268, "image": 0.4, "text": 0.45, "low": 0.1}
     guess = {"add": 0.01, "mul": 0.01, "image": 0.35, "text": 0.01, "low": 0.0}
     assert rate_warnings(rates, guess, b) == [
-        "add 0.700 is over its window [0.2, 0.6]",
+        "add 0.700 is over its window [0.2, 0.65]",
         "mul 0.268 is under its aim 0.3",
-        "image 0.400 is under its window [0.45, 0.6]",  # 0.1 above always answering the commonest answer
-        "low 0.100 is under its window [0.2, 0.6]",
+        "image 0.400 is under its window [0.45, 0.65]",  # 0.1 above always answering the commonest answer
+        "low 0.100 is under its window [0.2, 0.65]",
     ]
     assert rate_warnings({"add": 0.268}, {}, b) == ["add 0.268 is under its aim 0.3"]  # records from before guessing
 
@@ -63,19 +63,11 @@ def test_full_bootstrap_then_eval(tmp_path):
     boot = subprocess.run(cli + ["bootstrap", f"cache_dir={tmp_path}/cache"], capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - start
     assert boot.returncode == 0, boot.stdout + boot.stderr
-    assert seconds < 450, f"bootstrap took {seconds:.0f} s"  # all 3000 steps took ~260 s on two quiet cores
+    assert seconds < 300, f"bootstrap took {seconds:.0f} s"
     record = json.loads(next((tmp_path / "cache").glob("tiny-policy-*/bootstrap.json")).read_text())
-    assert "held-out pass@1 add" in boot.stdout and f"trained {record['steps_run']} steps" in boot.stdout
-    # With today's code and packages the default does not land in its window (add 0.606 at
-    # step 1000, the closest of 3000 steps): then it says so, capability by capability.
-    out_of_window = [n for n, r in record["rates"].items() if not 0.2 <= r <= 0.6]
-    assert record["in_range"] == (not out_of_window), record
-    for name in out_of_window:
-        assert f"warning: {name} {record['rates'][name]:.3f} is" in boot.stdout, boot.stdout
-    if record["landed"]:
-        assert "warning" not in boot.stdout
-    else:
-        assert f"kept the checkpoint of step {record['steps']}, the closest to the window" in boot.stdout
+    assert record["landed"] and record["in_range"] and all(0.3 <= r <= 0.65 for r in record["rates"].values()), record
+    assert f"trained {record['steps_run']} steps" in boot.stdout and record["steps"] == record["steps_run"]
+    assert "held-out pass@1 add" in boot.stdout and "warning" not in boot.stdout
 
     evaluated = subprocess.run(cli + ["eval", f"cache_dir={tmp_path}/cache"], capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
