@@ -325,9 +325,10 @@ class Runtime:
         _each(self.groups, lambda n: self.groups[n].wire())
         endpoints = {n: g.scorer for n, g in self.groups.items()}
         if cfg.serve.enabled:
-            from copd_ray.serve import start_serving
+            from copd_ray.serve import serve_running, start_serving
 
             sv = cfg.serve
+            self.owns_serve = not serve_running()  # then close() stops Serve and frees its port
             # An empty COPD_RAY_SERVE_TOKEN reaches start_serving, which refuses it: auth
             # never goes off silently.
             token = sv.token if sv.token is not None else os.environ.get("COPD_RAY_SERVE_TOKEN")
@@ -346,7 +347,7 @@ class Runtime:
         if self.serving:
             from copd_ray.serve import stop_serving
 
-            stop_serving()
+            stop_serving(shutdown=self.owns_serve)
             self.serving = False
         for g in self.groups.values():
             g.shutdown()

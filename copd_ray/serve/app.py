@@ -282,7 +282,7 @@ def check_address(host: str, port: int) -> None:
     """Refuse an address Ray Serve could not listen on, before it tries and fails with a
     traceback. A Serve already running on this cluster keeps its own address (Ray applies
     http options only when it starts Serve), so then there is nothing to check."""
-    if not serve.status().proxies:
+    if not serve_running():
         check_bindable(host, port)
 
 
@@ -345,5 +345,15 @@ def start_serving(scorers: dict[str, Any], model_paths: dict[str, str], host: st
     return {name: serve.get_deployment_handle(f"scorer-{name}", app_name=APP_NAME) for name in scorers}
 
 
-def stop_serving() -> None:
-    serve.delete(APP_NAME)
+def serve_running() -> bool:
+    """Whether Ray Serve already runs on this cluster (then it keeps its own address)."""
+    return bool(serve.status().proxies)
+
+
+def stop_serving(shutdown: bool = False) -> None:
+    """Delete the app; with `shutdown` (for whoever started Serve) stop Serve too, which
+    frees its port: a deleted app alone leaves the proxy listening for the Ray session."""
+    if shutdown:
+        serve.shutdown()
+    else:
+        serve.delete(APP_NAME)
