@@ -409,8 +409,8 @@ def prepare(cfg: Config, topology: Topology | None, console):
     base_path, _ = ensure_base_policy(cfg)
     # The newest usable checkpoint of this very run (same base, branches and topology);
     # a damaged one is reported and skipped.
-    resume, _ = find_resume(cfg.resume, cfg.output_dir, str(base_path), [b.name for b in cfg.trainable_branches()],
-                            topology.edges, warn=lambda m: console.print(m, style="yellow", markup=False))
+    trained = [b.name for b in cfg.trainable_branches()]
+    resume, resume_state = find_resume(cfg.resume, cfg.output_dir, str(base_path), trained, topology.edges, warn=lambda m: console.print(m, style="yellow", markup=False))
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
     check_chat_template(caps, tokenizer)
     vision = VisionInputBuilder.for_folder(str(base_path), cfg.model.trust_remote_code)
@@ -421,7 +421,7 @@ def prepare(cfg: Config, topology: Topology | None, console):
     if visual and cfg.topology.transport == "serve":
         raise BranchDataError(f"capabilities {visual} have images or videos, and the HTTP scoring API takes token "
                               "ids only: use topology.transport=actor")
-    return topology, caps, data, resume, str(base_path), Prompter(caps, tokenizer, vision)
+    return topology, caps, data, (resume, resume_state), str(base_path), Prompter(caps, tokenizer, vision)
 
 
 def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
@@ -436,7 +436,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
     console = console or Console()
     out = Path(cfg.output_dir)
     started = time.perf_counter()
-    topology, caps, data, resume, base_path, prompter = prepare(cfg, topology, console)
+    topology, caps, data, (resume, resume_state), base_path, prompter = prepare(cfg, topology, console)
     plan = schedule(cfg)
 
     started_ray = init_ray(cfg)
@@ -449,7 +449,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
         console.print(f"ray: {len(groups)} branches up ({', '.join(names)}"
                       f"{'; frozen teachers ' + ', '.join(frozen) if frozen else ''}), topology "
                       f"{[f'{t}->{s}' for t, s in topology.edges]}, {time.perf_counter() - started:.0f} s")
-        resume_step = read_state(resume)["step"] if resume else None
+        resume_step = resume_state["step"] if resume else None  # as find_resume read and checked it
         log = MetricsLog(out, cfg.wandb, cfg.run_name, cfg.model_dump(mode="json"), resume_step)
         healer = SelfHealing(groups, runtime.topology_actor, runtime.endpoints, cfg.ray.max_failures,
                              cfg.ray.restart_timeout_s, lambda e: log.log({"kind": "event", "step": healer.step, **e}),
