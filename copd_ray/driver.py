@@ -410,7 +410,8 @@ def prepare(cfg: Config, topology: Topology | None, console):
     # The newest usable checkpoint of this very run (same base, branches and topology);
     # a damaged one is reported and skipped.
     trained = [b.name for b in cfg.trainable_branches()]
-    resume, resume_state = find_resume(cfg.resume, cfg.output_dir, str(base_path), trained, topology.edges, warn=lambda m: console.print(m, style="yellow", markup=False))
+    resume, resume_state = find_resume(cfg.resume, cfg.output_dir, str(base_path), trained, topology.edges,
+                                       warn=lambda m: console.print(m, style="yellow", markup=False))
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
     check_chat_template(caps, tokenizer)
     vision = VisionInputBuilder.for_folder(str(base_path), cfg.model.trust_remote_code)
