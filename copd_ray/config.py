@@ -286,6 +286,18 @@ class GRPOConfig(Section):
     kl_coef: Float = Field(0.0, ge=0)  # KL penalty to the base policy (Eq. 12); off by default
 
 
+class TrainConfig(Section):
+    """How a trainer rank bounds its memory; the update is the same whatever they are set to."""
+
+    # Recompute each transformer block's activations in the backward pass instead of keeping them.
+    gradient_checkpointing: bool = False
+    # Rows packed into micro-batches of at most this many (padded) tokens, gradients
+    # accumulated; None: a minibatch is one micro-batch.
+    max_tokens_per_microbatch: Int | None = Field(None, gt=0)
+    # Response positions whose vocabulary logits exist at once in the log-prob pass.
+    logprob_chunk_tokens: Int = Field(2048, gt=0)
+
+
 class OPDConfig(Section):
     beta: Float = Field(1.0, ge=0)
     prompts_per_teacher: Int = Field(16, gt=0)  # cross-branch prompts per teacher per step
@@ -391,6 +403,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     grpo: GRPOConfig = GRPOConfig()
+    train: TrainConfig = TrainConfig()
     opd: OPDConfig = OPDConfig()
     topology: TopologyConfig = TopologyConfig()
     merge: MergeConfig = MergeConfig()
@@ -475,6 +488,10 @@ class Config(Section):
             raise ValueError(f"merge.weights must name every trainable branch exactly: {trainable}")
         if t.transport == "serve" and not self.serve.enabled:
             raise ValueError("topology.transport=serve needs serve.enabled=true")
+        if self.resources.num_trainers > 1 and self.ray.sync_transport == "ray":
+            raise ValueError("resources.num_trainers > 1 shards the trainer with FSDP2 over torch's default process "
+                             "group, which a Ray collective group would also need: use ray.sync_transport=auto "
+                             "(or torch)")
         if self.ray.sync_backend == "nccl" and self.resources.trainer_gpus == 0:
             raise ValueError("ray.sync_backend=nccl needs GPUs (resources.trainer_gpus > 0)")
         if not self.opd.native_rl and self.schedule.opd_steps:
