@@ -467,10 +467,16 @@ class Config(Section):
         if visual and self.model.path is None and not self.model.tiny.vision:
             raise ValueError(f"capabilities {visual} have images or videos: set model.tiny.vision=true (or a "
                              "vision-language model.path)")
-        engines = {self.engine.kind, self.engine.scorer_kind} - {None, "hf"}
-        if engines and (visual or self.model.tiny.vision and self.model.path is None):
-            raise ValueError(f"engine {sorted(engines)} does not take images or videos yet: use engine.kind=hf "
-                             "for a vision-language policy")
+        engines = {self.engine.kind, self.engine.scorer_kind} - {None}
+        tiny_vision = self.model.tiny.vision and self.model.path is None
+        if "sglang" in engines and (visual or tiny_vision):
+            raise ValueError("engine 'sglang' does not take images or videos: use engine.kind=hf or vllm for a "
+                             "vision-language policy")
+        if "vllm" in engines and tiny_vision:
+            # vLLM's Qwen2-VL module imports torchvision, which does not install beside the CPU
+            # torch here, so vLLM has never been seen to load the embedded tiny vision policy.
+            raise ValueError("engine 'vllm' is not tested with the embedded tiny vision policy (model.tiny.vision): "
+                             "use engine.kind=hf for it, or vllm with a vision-language model.path")
         trainable = [b.name for b in branches if not b.frozen]
         if not trainable:
             raise ValueError("every branch is frozen: at least one must train")

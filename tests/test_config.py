@@ -128,7 +128,7 @@ def test_a_yaml_file_with_overrides(tmp_path: Path):
         (["topology.kind=edges"], "needs topology.edges"),
         (["capabilities.1.source=synthetic:count"], "set model.tiny.vision=true"),
         (["capabilities.1.source=synthetic:motion", "model.tiny.vision=true", "engine.kind=vllm"],
-         "does not take images or videos yet"),
+         "engine 'vllm' is not tested with the embedded tiny vision policy"),
         (["topology.kind=none", "topology.edges=[[add, mul]]"], "topology.edges is only for kind=edges"),
         (["topology.kind=edges", "topology.edges=[[add, video]]"], "names 'video', which is not a branch"),
         (["branches=[{name: mixed, data: [add, sub]}]"], "unknown capability 'sub'"),

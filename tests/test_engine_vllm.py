@@ -5,6 +5,7 @@ import importlib.util
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -149,3 +150,122 @@ def test_a_short_copd_run_on_vllm(ray_session, tiny_folder, tmp_path):
     opd = [r for r in records if r["kind"] == "step" and r["phase"] == "opd"]
     assert {r["branch"] for r in opd} == {"add", "mul"} and all(r["version"] == 2 for r in opd)
     assert any(r["kind"] == "pair" for r in records)
+
+
+# -- images and videos: the request vLLM gets, checked with vLLM's own parsing and expansion ------
+
+
+@pytest.fixture(scope="module")
+def visual_prompt():
+    """A prompt with two images and a video from the tiny vision-language builder, and a
+    response after it (what a scorer gets)."""
+    from copd_ray.data.synthetic import heldout_set
+    from copd_ray.models.tiny_vl import build_image_processor, build_tiny_vl_policy, build_vl_tokenizer
+    from copd_ray.models.vl_inputs import VisionInputBuilder
+
+    tokenizer = build_vl_tokenizer()
+    builder = VisionInputBuilder(tokenizer, build_image_processor(), build_tiny_vl_policy(tokenizer).config)
+    count, motion = heldout_set("count", 2), heldout_set("motion", 1)[0]
+    prompt = builder.build(tokenizer("how many?")["input_ids"], [r.images[0] for r in count], motion.videos)
+    return tokenizer, builder, prompt, prompt + tokenizer("3", add_special_tokens=False)["input_ids"]
+
+
+@needs_vllm
+def test_a_visual_prompt_is_a_tokens_prompt_that_vllms_parser_and_expansion_accept(visual_prompt):
+    from transformers.video_utils import VideoMetadata
+    from vllm.inputs import TokensPrompt
+    from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataParser, VideoProcessorItems
+    from vllm.multimodal.processing.processor import PromptReplacement, apply_token_matches, find_mm_placeholders
+    from vllm.renderers.inputs.preprocess import parse_dec_only_prompt
+
+    from copd_ray.engines.vllm import vllm_prompt
+    from copd_ray.models.vl_inputs import IMAGE, VIDEO
+
+    tokenizer, builder, _, sequence = visual_prompt
+    request = vllm_prompt(sequence)
+    # vLLM's own prompt parsing takes it as a token prompt; every key is one TokensPrompt documents.
+    assert parse_dec_only_prompt(request) is request
+    assert set(request) <= TokensPrompt.__required_keys__ | TokensPrompt.__optional_keys__
+    assert all(type(t) is int for t in request["prompt_token_ids"])
+
+    # vLLM's data parser (with Qwen3-VL's demand for video metadata) reads two images and a video.
+    items = MultiModalDataParser(video_needs_metadata=True).parse_mm_data(request["multi_modal_data"])
+    assert items.get_all_counts() == {"image": 2, "video": 1}
+    images, videos = items["image"], items["video"]
+    assert isinstance(images, ImageProcessorItems) and isinstance(videos, VideoProcessorItems)
+    assert [tuple(images.get_image_size(i)) for i in range(2)] == [(56, 56)] * 2
+    frames, meta = videos.get(0)  # Qwen3-VL's processor unpacks each item so (vllm qwen3_vl.py)
+    assert frames.dtype == np.uint8 and frames.shape == (4, 56, 56, 3)
+    # Qwen2-VL's parser (no metadata needed) keeps the frames alone.
+    assert MultiModalDataParser().parse_mm_data(request["multi_modal_data"])["video"].get_num_frames(0) == 4
+    # Qwen3-VL's processor builds transformers' VideoMetadata from it (vllm qwen3_vl.py) and reads its timestamps.
+    assert VideoMetadata(**{k: v for k, v in meta.items() if k != "do_sample_frames"}).timestamps == [0, 0.5, 1, 1.5]
+    assert meta["do_sample_frames"] is False
+
+    # vLLM expands one placeholder per item by the model's replacement rule: Qwen2-VL's, written
+    # as vllm/model_executor/models/qwen2_vl.py writes it (that module imports torchvision, so it
+    # is rebuilt here), sized by each picture's grid. The result is the trainer's prompt exactly.
+    pad = {"image": builder.ids[IMAGE], "video": builder.ids[VIDEO]}
+    sizes = {"image": [int(g.prod()) // 4 for g in sequence.image_grid_thw],
+             "video": [int(g.prod()) // 4 for g in sequence.video_grid_thw]}
+    updates = {m: [[PromptReplacement(modality=m, target=[pad[m]], replacement=[pad[m]] * n).resolve(i)]
+                   for i, n in enumerate(sizes[m])] for m in ("image", "video")}
+    expanded, found = apply_token_matches(request["prompt_token_ids"], updates)
+    assert expanded == sequence.input_ids and all(i is not None for idx in found.values() for i in idx)
+    where = find_mm_placeholders(expanded, updates)
+    assert [p.start_idx for p in where["image"] + where["video"]] == [
+        i for i, (t, prev) in enumerate(zip(sequence.token_types, [0] + sequence.token_types)) if t and t != prev]
+    # Qwen3-VL's older video target (start, pad, end) matches the collapsed prompt as well.
+    start, end = builder.ids["start"], builder.ids["end"]
+    three = {"video": [[PromptReplacement(modality="video", target=[start, pad["video"], end],
+                                          replacement=[start] + [pad["video"]] * sizes["video"][0] + [end]).resolve(0)]]}
+    assert apply_token_matches(request["prompt_token_ids"], three)[0] == apply_token_matches(
+        request["prompt_token_ids"], {"video": updates["video"]})[0]
+    # Sending the trainer's already-expanded ids would grow the first placeholder again.
+    assert apply_token_matches(sequence.input_ids, updates)[0] != sequence.input_ids
+
+
+def test_a_visual_request_needs_the_pictures_as_read(visual_prompt):
+    from dataclasses import replace
+
+    from copd_ray.engines.vllm import vllm_prompt
+
+    tokenizer, _, prompt, _ = visual_prompt
+    assert vllm_prompt([1, 2, 3]) == {"prompt_token_ids": [1, 2, 3]}
+    assert len(vllm_prompt(prompt)["multi_modal_data"]["image"]) == 2
+    with pytest.raises(ValueError, match="2 image and 1 video placeholder runs but carries 0 images and 1 videos"):
+        vllm_prompt(replace(prompt, images=None))
+
+
+def test_vllm_scores_of_a_visual_sequence_are_read_from_the_end_of_its_expanded_prompt(visual_prompt):
+    """vLLM returns log-prob rows over its own expanded prompt, whose length need not be the
+    trainer's (a Qwen3-VL video gains timestamps): the response rows are the last ones."""
+    from copd_ray.engines.vllm import VLLMEngine, vllm_prompt
+
+    _, _, prompt, sequence = visual_prompt
+    response = sequence.input_ids[len(prompt):]
+    theirs = [7] * 5 + vllm_prompt(sequence)["prompt_token_ids"]  # longer than ours, same tail
+    rows = [None] + [{t: _lp(-0.5, 1)} for t in theirs[1:-len(response)]] + [
+        {t: _lp(-1.0 - i, 2), 0: _lp(-0.1, 1)} for i, t in enumerate(response)]
+    engine = object.__new__(VLLMEngine)
+    engine.version, engine.vocab_size = 3, 10_000
+    engine.llm = SimpleNamespace(generate=lambda prompts, sampling, use_tqdm: [
+        SimpleNamespace(prompt_token_ids=theirs, prompt_logprobs=rows) for _ in prompts])
+    scores = engine.score([sequence], [len(prompt)], top_k=1)
+    assert scores.logprobs == [[-1.0 - i for i in range(len(response))]] and scores.top_k_ids == [[[0]] * len(response)]
+    engine.llm = SimpleNamespace(generate=lambda prompts, sampling, use_tqdm: [
+        SimpleNamespace(prompt_token_ids=theirs[:-1] + [1], prompt_logprobs=rows) for _ in prompts])
+    with pytest.raises(RuntimeError, match="does not end with the response tokens"):
+        engine.score([sequence], [len(prompt)])
+
+
+def test_the_config_lets_vllm_take_a_vision_language_checkpoints_pictures_but_not_sglang():
+    from copd_ray.config import ConfigError
+
+    visual = ["model.path=/some/qwen-vl", "capabilities.1.source=synthetic:count"]
+    assert load_config(None, [*visual, "engine.kind=vllm"], check_paths=False).engine.kind == "vllm"
+    assert load_config(None, [*visual, "engine.scorer_kind=vllm"], check_paths=False).engine.scorer_kind == "vllm"
+    with pytest.raises(ConfigError, match="engine 'sglang' does not take images or videos"):
+        load_config(None, [*visual, "engine.kind=sglang"], check_paths=False)
+    with pytest.raises(ConfigError, match="not tested with the embedded tiny vision policy"):
+        load_config(None, ["model.tiny.vision=true", "engine.kind=vllm"], check_paths=False)

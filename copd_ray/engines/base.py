@@ -67,10 +67,10 @@ class Scores:
 
 
 def require_token_ids(prompts: Sequence, engine: str) -> None:
-    """Engines other than hf take token ids only: say so instead of failing somewhere inside."""
+    """An engine that takes token ids only (SGLang) says so instead of failing somewhere inside."""
     if any(not isinstance(p, (list, tuple)) for p in prompts):
         raise NotImplementedError(f"the {engine} engine takes token-id prompts only; images and videos need "
-                                  "engine.kind=hf for now")
+                                  "engine.kind=hf or vllm")
 
 
 def check_score_request(

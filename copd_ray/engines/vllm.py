@@ -9,6 +9,10 @@ it is not supported here yet.
 
 Log-probs: vLLM's default `raw_logprobs` mode returns the model's own log-probs, before
 temperature and top-p, which is the convention of every engine here.
+
+Images and videos: a `VisualInputs` prompt goes to vLLM as its documented `TokensPrompt`
+with `multi_modal_data` (see `vllm_prompt`); vLLM runs the model's own processor on the
+pictures and expands their placeholders itself.
 """
 
 from __future__ import annotations
@@ -19,8 +23,13 @@ from typing import Any
 
 import torch
 
-from copd_ray.engines.base import (RolloutEngine, Sample, SamplingParams, Scores, check_score_request,
-                                   require_token_ids)
+from copd_ray.engines.base import RolloutEngine, Sample, SamplingParams, Scores, check_score_request
+from copd_ray.models.vl_inputs import IMAGE, TEXT, VIDEO, VisualInputs, token_ids, vision_token_ids
+
+# Qwen3-VL's processor writes a timestamp before each frame and vLLM wants one to be given;
+# copd-ray's videos are frame lists with no rate, so they are taken as sampled at 2 frames a
+# second, Qwen-VL's default sampling rate.
+VIDEO_FPS = 2.0
 
 
 def _sorted_top(entry: dict, k: int) -> tuple[list[int], list[float]]:
@@ -56,6 +65,69 @@ def parse_prompt_logprobs(sequence: Sequence[int], prompt_length: int, prompt_lo
     logprobs = [row[token].logprob for row, token in zip(rows, sequence[prompt_length:])]
     tops = [_sorted_top(row, top_k) for row in rows] if top_k else None
     return logprobs, tops
+
+
+def collapse_placeholders(prompt: VisualInputs) -> list[int]:
+    """The prompt's ids with each run of image or video placeholders cut to one token.
+
+    vLLM expands placeholders itself: for a token-id prompt its multimodal processor
+    (`BaseMultiModalProcessor.apply`, vllm/multimodal/processing/processor.py) always
+    applies the model's prompt replacements, and Qwen2-VL's and Qwen3-VL's replace ONE
+    `<|image_pad|>` (or `<|video_pad|>`, or `<|vision_start|><|video_pad|><|vision_end|>`)
+    per item with that item's run. An already-expanded run would be expanded again at its
+    first token and leave the rest as stray placeholders. Runs are found by token type, so
+    response text is never touched."""
+    ids, previous = [], TEXT
+    runs = {IMAGE: 0, VIDEO: 0}
+    for token, kind in zip(prompt.input_ids, prompt.token_types):
+        if kind == TEXT or kind != previous:
+            ids.append(token)
+            runs[kind] = runs.get(kind, 0) + 1
+        previous = kind
+    have = {IMAGE: len(prompt.images or ()), VIDEO: len(prompt.videos or ())}
+    if runs[IMAGE] != have[IMAGE] or runs[VIDEO] != have[VIDEO]:
+        raise ValueError(f"a visual prompt has {runs[IMAGE]} image and {runs[VIDEO]} video placeholder runs but "
+                         f"carries {have[IMAGE]} images and {have[VIDEO]} videos as read (build it with "
+                         "VisionInputBuilder, which keeps them for vLLM)")
+    return ids
+
+
+def video_metadata(frames) -> dict:
+    """What vLLM's parser wants beside a video's frames (Qwen3-VL's requires it; vLLM's
+    `VideoItem` is `(frames, metadata)`): every frame is used as given, none resampled."""
+    n = len(frames)
+    return {"total_num_frames": n, "fps": VIDEO_FPS, "duration": n / VIDEO_FPS, "frames_indices": list(range(n)),
+            "height": int(frames.shape[1]), "width": int(frames.shape[2]), "do_sample_frames": False}
+
+
+def vllm_prompt(prompt) -> dict:
+    """One prompt (token ids, or `VisualInputs` with or without response tokens after it) as
+    vLLM's `TokensPrompt` (vllm/inputs/llm.py):
+
+        {"prompt_token_ids": [int, ...],
+         "multi_modal_data": {"image": [PIL.Image, ...],
+                              "video": [(uint8 array [T, H, W, 3], metadata dict), ...]}}
+
+    `image` items are the RGB pictures as read and `video` items their frames with
+    `video_metadata` (vllm/multimodal/inputs.py: `ImageItem`, `VideoItem`); the ids hold one
+    placeholder per picture (`collapse_placeholders`). vLLM resizes and patchifies with the
+    checkpoint's processor: for images that is the processor `VisionInputBuilder` uses, so
+    the run lengths agree with the trainer's; for videos it is the model's video processor
+    (torchvision), whose size limits may differ from the frames patchified here, so vLLM's
+    prompt may hold another number of video tokens than the trainer's. Nothing here depends
+    on those lengths: generation returns response tokens only, and scoring reads the
+    response rows from the end of vLLM's own prompt (`VLLMEngine.score`)."""
+    if not isinstance(prompt, VisualInputs):
+        return {"prompt_token_ids": [int(t) for t in prompt]}
+    data: dict = {}
+    if prompt.images:
+        data["image"] = list(prompt.images)
+    if prompt.videos:
+        data["video"] = [(frames, video_metadata(frames)) for frames in prompt.videos]
+    request = {"prompt_token_ids": collapse_placeholders(prompt)}
+    if data:
+        request["multi_modal_data"] = data
+    return request
 
 
 class VLLMEngine(RolloutEngine):
@@ -98,44 +170,33 @@ class VLLMEngine(RolloutEngine):
         self.llm = LLM(**kwargs)
         self.max_logprobs = max_logprobs
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        # Responses never hold vision tokens (as in the hf engine): a stray placeholder in a
+        # sample would be taken for a picture when it is scored. -100 is vLLM's largest bias.
+        # vLLM's raw log-probs still count those tokens' (negligible) mass; hf's leave it out.
+        banned = vision_token_ids(self.llm.llm_engine.model_config.hf_config)
+        self.logit_bias = {t: -100.0 for t in banned} or None
         self.version = version
 
-    @staticmethod
-    def _prompts(token_lists, multimodal=None):
-        from vllm.inputs import TokensPrompt
-
-        prompts = []
-        for i, ids in enumerate(token_lists):
-            prompt = TokensPrompt(prompt_token_ids=list(ids))
-            if multimodal and multimodal[i]:
-                prompt["multi_modal_data"] = multimodal[i]
-            prompts.append(prompt)
-        return prompts
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 multimodal: list[dict | None] | None = None) -> list[Sample]:
-        """`multimodal`, one dict or None per prompt, is passed to vLLM as `multi_modal_data`."""
+    def generate(self, prompts: Sequence, params: SamplingParams) -> list[Sample]:
+        """Prompts are token ids or `VisualInputs` (see `vllm_prompt`)."""
         from vllm import SamplingParams as VLLMSamplingParams
-
-        require_token_ids(prompts, "vLLM")
 
         sampling = VLLMSamplingParams(
             n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
             logprobs=params.top_k_logprobs, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
+            logit_bias=self.logit_bias,
         )
-        outputs = self.llm.generate(self._prompts(prompts, multimodal), sampling, use_tqdm=False)
+        outputs = self.llm.generate([vllm_prompt(p) for p in prompts], sampling, use_tqdm=False)
         return [
             parse_completion(i, completion, params.top_k_logprobs)
             for i, out in enumerate(outputs) for completion in out.outputs
         ]
 
-    def score(self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], top_k: int = 0) -> Scores:
-        require_token_ids(sequences, "vLLM")
+    def score(self, sequences: Sequence, prompt_lengths: Sequence[int], top_k: int = 0) -> Scores:
         check_score_request(sequences, prompt_lengths, self.vocab_size)
-        rows = self._prompt_logprobs(sequences, top_k)
         logprobs, top_ids, top_lps = [], [], []
-        for seq, p, row in zip(sequences, prompt_lengths, rows):
-            lps, tops = parse_prompt_logprobs(seq, p, row, top_k)
+        for seq, p, (ids, rows) in zip(sequences, prompt_lengths, self._prompt_logprobs(sequences, prompt_lengths, top_k)):
+            lps, tops = parse_prompt_logprobs(ids, len(ids) - (len(seq) - p), rows, top_k)
             logprobs.append(lps)
             if top_k:
                 top_ids.append([t[0] for t in tops])
@@ -143,11 +204,21 @@ class VLLMEngine(RolloutEngine):
         return Scores(logprobs=logprobs, version=self.version,
                       top_k_ids=top_ids if top_k else None, top_k_logprobs=top_lps if top_k else None)
 
-    def _prompt_logprobs(self, sequences, top_k: int) -> list:
+    def _prompt_logprobs(self, sequences, prompt_lengths, top_k: int) -> list[tuple[list[int], list]]:
+        """(vLLM's prompt ids, its per-position log-probs) of each sequence. A visual prompt is
+        expanded by vLLM to its own length, so the response is the last len(seq) - p
+        positions of vLLM's prompt; checked against the response tokens."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         sampling = VLLMSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k)
-        return [out.prompt_logprobs for out in self.llm.generate(self._prompts(sequences), sampling, use_tqdm=False)]
+        outputs = self.llm.generate([vllm_prompt(s) for s in sequences], sampling, use_tqdm=False)
+        out = []
+        for seq, p, o in zip(sequences, prompt_lengths, outputs):
+            ids, response = list(o.prompt_token_ids), token_ids(seq)[p:]
+            if ids[len(ids) - len(response):] != response:
+                raise RuntimeError("vLLM's prompt does not end with the response tokens it was asked to score")
+            out.append((ids, o.prompt_logprobs))
+        return out
 
     def response_logprob_rows(self, sequences, prompt_lengths) -> list[torch.Tensor]:
         """Full-vocabulary rows, possible only when the vocabulary fits in `max_logprobs`
@@ -158,9 +229,11 @@ class VLLMEngine(RolloutEngine):
                 "use an hf scorer (engine.scorer_kind=hf) for the pair metrics"
             )
         out = []
-        for seq, p, row in zip(sequences, prompt_lengths, self._prompt_logprobs(sequences, self.vocab_size)):
-            full = torch.full((len(seq) - p, self.vocab_size), float("-inf"))
-            for i, entry in enumerate(row[p:]):
+        for seq, p, (ids, row) in zip(sequences, prompt_lengths,
+                                      self._prompt_logprobs(sequences, prompt_lengths, self.vocab_size)):
+            n = len(seq) - p
+            full = torch.full((n, self.vocab_size), float("-inf"))
+            for i, entry in enumerate(row[len(ids) - n:]):
                 for token, lp in entry.items():
                     full[i, token] = lp.logprob
             out.append(full)

@@ -29,6 +29,10 @@ class VisualInputs:
     image_grid_thw: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
+    # The pictures as read (RGB PIL images; videos as uint8 frame arrays [T, H, W, 3]), for
+    # an engine that runs the model's own processor on them (vLLM) instead of taking pixels.
+    images: list | None = None
+    videos: list | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -123,6 +127,13 @@ def _frames(video) -> list:
     return list(video)
 
 
+def frame_array(video) -> np.ndarray:
+    """A video's frames as one uint8 array [T, H, W, 3], every frame at the first one's size."""
+    frames = [_as_pil(f) for f in _frames(video)]
+    size = frames[0].size
+    return np.stack([np.asarray(f if f.size == size else f.resize(size, Image.BICUBIC)) for f in frames])
+
+
 class VisionInputBuilder:
     def __init__(self, tokenizer, image_processor, config) -> None:
         self.tokenizer, self.processor = tokenizer, image_processor
@@ -186,11 +197,13 @@ class VisionInputBuilder:
         """Set the pixel tensors of `out`; return the token count of each image and video."""
         counts: dict[int, list[int]] = {IMAGE: [], VIDEO: []}
         if images:
-            pv = self.processor(images=[_as_pil(i) for i in images], return_tensors="pt")
+            out.images = [_as_pil(i) for i in images]
+            pv = self.processor(images=out.images, return_tensors="pt")
             out.pixel_values, out.image_grid_thw = pv["pixel_values"], pv["image_grid_thw"]
             counts[IMAGE] = [int(g.prod()) // self.merge**2 for g in out.image_grid_thw]
         if videos:
-            patches, grids = zip(*(self.video_patches(v) for v in videos))
+            out.videos = [frame_array(v) for v in videos]
+            patches, grids = zip(*(self.video_patches(v) for v in out.videos))
             out.pixel_values_videos, out.video_grid_thw = torch.cat(patches), torch.stack(grids)
             counts[VIDEO] = [int(g.prod()) // self.merge**2 for g in out.video_grid_thw]
         return counts
