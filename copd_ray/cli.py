@@ -151,12 +151,14 @@ def _time_table(metrics_path: Path) -> Table:
 
 def _evaluate_folder(cfg: Config, folder: Path) -> dict[str, dict]:
     from copd_ray.capabilities import build_capability, check_chat_template
+    from copd_ray.driver import eval_device
     from copd_ray.engines.factory import make_engine
     from copd_ray.evaluation import evaluate
     from copd_ray.models.vl_inputs import VisionInputBuilder
 
+    # In this process (no Ray task), on a GPU when the config gives generators one and there is one.
     engine, tokenizer = make_engine("hf", str(folder), cfg.engine.model_dump(), cfg.model.dtype,
-                                    cfg.model.trust_remote_code)
+                                    cfg.model.trust_remote_code, eval_device(cfg))
     vision = VisionInputBuilder.for_folder(str(folder), cfg.model.trust_remote_code)
     caps = {c.name: build_capability(c, cfg.seed) for c in cfg.capabilities}
     for cap in caps.values():

@@ -199,7 +199,7 @@ def _extra_merge(p: Plan, folder: Path, method: str, cfg: Config) -> dict[str, f
     import ray
 
     from copd_ray.capabilities import build_capability
-    from copd_ray.driver import evaluate_folder
+    from copd_ray.driver import eval_task_options, evaluate_folder
     from copd_ray.models.merge_folders import merge_folders
 
     cache = folder / f"eval_merged_{method}.json"
@@ -211,7 +211,7 @@ def _extra_merge(p: Plan, folder: Path, method: str, cfg: Config) -> dict[str, f
     merged = merge_folders([models[f"branch:{n}"] for n in p.names], folder / f"merged_{method}", method, weights,
                            base_folder=models["base"] if method == "task_arithmetic" else None)
     held = {c.name: build_capability(c, cfg.seed).heldout for c in cfg.capabilities}
-    result = ray.get(evaluate_folder.remote(str(merged), cfg, held))
+    result = ray.get(evaluate_folder.options(**eval_task_options(cfg)).remote(str(merged), cfg, held))
     cache.write_text(json.dumps(result, indent=2))
     return result
 

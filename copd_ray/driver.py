@@ -218,17 +218,31 @@ def evaluate_branches(groups, prompter: Prompter, cfg: Config, size: int) -> dic
     return _each(groups, one)
 
 
+def eval_task_options(cfg: Config) -> dict:
+    """Ray options of an evaluation task: a generator's CPUs and GPUs, since it runs the same
+    engine. Only a task that asks for a GPU has one reserved and named in its
+    CUDA_VISIBLE_DEVICES; one that asks for none lands on any node and ran on its CPU (or on a
+    GPU it had not reserved, beside the actors that had)."""
+    return {"num_cpus": cfg.resources.generator_cpus, "num_gpus": cfg.resources.generator_gpus}
+
+
+def eval_device(cfg: Config) -> str:
+    """Where an evaluation loads its engine: as a generator does (EngineHost), on "cuda" only
+    when the config gives generators a GPU."""
+    return "cuda" if cfg.resources.generator_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 @ray.remote
 def evaluate_folder(folder: str, cfg: Config, held: dict[str, list[PromptRecord]]) -> dict[str, float]:
-    """Greedy held-out pass@1 of a saved model folder on every capability, as a Ray task
-    (it runs wherever the cluster has room, on a GPU when there is one)."""
+    """Greedy held-out pass@1 of a saved model folder on every capability, as a Ray task;
+    launch it with `.options(**eval_task_options(cfg))` so that it has a generator's GPUs."""
     from copd_ray.engines.factory import make_engine
     from copd_ray.evaluation import evaluate
     from copd_ray.models.vl_inputs import VisionInputBuilder
     from copd_ray.rewards import get_reward
 
     torch.set_num_threads(cfg.resources.actor_threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = eval_device(cfg)
     engine, tokenizer = make_engine(cfg.engine.kind, folder, cfg.engine.model_dump(), cfg.model.dtype,
                                     cfg.model.trust_remote_code, device, cfg.resources.actor_threads, cfg.seed)
     vision = VisionInputBuilder.for_folder(folder, cfg.model.trust_remote_code)
@@ -526,7 +540,8 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
 
         # Evaluate base, every branch and the merged model on every capability.
         held = {n: c.heldout for n, c in caps.items()}
-        results = dict(zip(models, ray.get([evaluate_folder.remote(p, cfg, held) for p in models.values()])))
+        task = evaluate_folder.options(**eval_task_options(cfg))
+        results = dict(zip(models, ray.get([task.remote(p, cfg, held) for p in models.values()])))
         log.log({"kind": "event", "step": len(plan), "event": "final_eval",
                  **{f"{m}/{c}": v for m, per in results.items() for c, v in per.items()}})
     finally:
