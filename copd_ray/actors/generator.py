@@ -13,9 +13,10 @@ from copd_ray.rewards import get_reward
 
 @ray.remote
 class GeneratorActor(EngineHost):
-    def rollout(self, prompts: list[list[int]], params: SamplingParams,
+    def rollout(self, prompts: list, params: SamplingParams,
                 answers: list[str] | None = None, rewards: list[str] | None = None) -> dict:
-        """`params.n` samples per prompt; with answers and reward names, each sample's reward."""
+        """`params.n` samples per prompt (token ids, or VisualInputs for the hf and vllm
+        engines); with answers and reward names, each sample's reward."""
         start = time.perf_counter()
         samples = self.engine.generate(prompts, params)
         out = {"samples": samples, "version": self.engine.version}

@@ -18,7 +18,8 @@ class ScorerActor(EngineHost):
         # Read through info(): the HTTP tests check that refused requests never got here.
         self.score_calls = 0
 
-    def score(self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int = 0) -> Scores:
+    def score(self, sequences: list, prompt_lengths: list[int], top_k: int = 0) -> Scores:
+        """Token ids, or VisualInputs plus response tokens (hf and vllm engines)."""
         self.score_calls += 1
         start = time.perf_counter()
         scores = self.engine.score(sequences, prompt_lengths, top_k)

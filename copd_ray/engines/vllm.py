@@ -113,8 +113,9 @@ def vllm_prompt(prompt) -> dict:
     placeholder per picture (`collapse_placeholders`). vLLM resizes and patchifies with the
     checkpoint's processor: for images that is the processor `VisionInputBuilder` uses, so
     the run lengths agree with the trainer's; for videos it is the model's video processor
-    (torchvision), whose size limits may differ from the frames patchified here, so vLLM's
-    prompt may hold another number of video tokens than the trainer's. Nothing here depends
+    (torchvision), whose size limits may differ from the frames patchified here, and
+    Qwen3-VL's replacement writes a timestamp and a vision block per frame, so vLLM's video
+    prompt need not be the trainer's token for token. Nothing here depends
     on those lengths: generation returns response tokens only, and scoring reads the
     response rows from the end of vLLM's own prompt (`VLLMEngine.score`)."""
     if not isinstance(prompt, VisualInputs):
