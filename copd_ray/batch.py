@@ -62,3 +62,19 @@ def place_per_token(values: list[list[float]], prompt_lengths: list[int], width:
     for i, (row, p) in enumerate(zip(values, prompt_lengths)):
         out[i, p - 1 : p - 1 + len(row)] = torch.tensor(row, dtype=torch.float32)
     return out
+
+
+def pack_microbatches(rows: list[int], lengths: list[int], max_tokens: int | None) -> list[list[int]]:
+    """Rows (indices into `lengths`) in micro-batches whose padded size, rows x longest
+    row, stays within `max_tokens` (a row longer than that is a micro-batch alone).
+    Longest first, so rows of similar length share a micro-batch and little is padding.
+    None: all rows in one micro-batch, in the order given."""
+    if max_tokens is None:
+        return [list(rows)] if rows else []
+    out: list[list[int]] = []
+    for i in sorted(rows, key=lambda i: -lengths[i]):
+        if out and lengths[out[-1][0]] * (len(out[-1]) + 1) <= max_tokens:
+            out[-1].append(i)  # the first row of a micro-batch is its longest
+        else:
+            out.append([i])
+    return out

@@ -1,7 +1,13 @@
 """Learner: a policy and its optimizer, and the clipped update of one training step.
 
 Plain torch, no Ray: the TrainerActor is this plus the groups, weight sync and
-checkpoints, and a GPU check can drive the same step without a cluster.
+checkpoints, and a GPU check or a benchmark can drive the same step without a cluster.
+
+Memory stays bounded at any scale: rows go through the model in token-budget
+micro-batches (gradients accumulated, the loss normalised by the whole minibatch),
+only response positions are projected to the vocabulary and only a chunk of them at a
+time, blocks may recompute their activations, and with more than one rank the policy
+is sharded with FSDP2 (`copd_ray/sharding.py`).
 """
 
 from __future__ import annotations
@@ -9,89 +15,184 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterator
 
 import torch
+from torch import nn
 
-from copd_ray.algo import clip_fraction, grpo_advantages, opd_advantages, policy_loss, token_entropy
-from copd_ray.batch import TrainBatch, pad_sequences, place_per_token
+from copd_ray import sharding
+from copd_ray.algo import chosen_logprobs, clip_fraction, grpo_advantages, opd_advantages, policy_loss
+from copd_ray.batch import TrainBatch, pack_microbatches, pad_sequences, place_per_token
 from copd_ray.models.loading import DTYPES
-from copd_ray.models.vl_inputs import ban_tokens, pixel_kwargs, vision_token_ids
+from copd_ray.models.vl_inputs import pixel_kwargs, vision_token_ids
+
+TRAIN_DEFAULTS = {"gradient_checkpointing": False, "max_tokens_per_microbatch": None, "logprob_chunk_tokens": 2048}
 
 
-def _token_logprobs(model, ids, attention, targets, extra, banned):
-    """Log-probs of the targets, over the same distribution the engines sample from (a
-    vision-language policy's vision tokens banned)."""
-    logits = ban_tokens(model(input_ids=ids, attention_mask=attention, **extra).logits[:, :-1].float(), banned)
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), logits
+class PolicyLogprobs(nn.Module):
+    """The policy's forward as training needs it: log-probs (and entropy) of the response
+    tokens, laid out on the shifted [B, L-1] grid (zeros elsewhere). One module, so that
+    FSDP2 gathers the root's parameters (output layer, embeddings) around all of it."""
+
+    def __init__(self, policy: nn.Module, banned: tuple[int, ...], chunk: int) -> None:
+        super().__init__()
+        self.policy, self.banned, self.chunk = policy, banned, chunk
+
+    def forward(self, ids, attention, targets, mask, extra: dict, entropy: bool = False):
+        backbone = getattr(self.policy, self.policy.base_model_prefix)
+        hidden = backbone(input_ids=ids, attention_mask=attention, use_cache=False, **extra).last_hidden_state[:, :-1]
+        where = mask > 0
+        lp, ent = chosen_logprobs(self.policy.get_output_embeddings(), hidden[where], targets[where], self.chunk,
+                                  self.banned, entropy)
+
+        def grid(v):
+            return torch.zeros(where.shape, dtype=v.dtype, device=v.device).masked_scatter(where, v)
+
+        return grid(lp), (grid(ent) if ent is not None else None)
+
+
+@torch.no_grad()
+def _check_output_layer(forward: PolicyLogprobs) -> None:
+    """The chunked pass takes logits to be the output layer applied to the last hidden
+    state, as in Llama and Qwen models; a model that scales or caps its logits would
+    train on other numbers than it samples from, so it is refused here."""
+    policy = forward.policy
+    ids = torch.tensor([[1, 2, 3]], device=policy.device) % policy.config.get_text_config().vocab_size
+    backbone = getattr(policy, policy.base_model_prefix)
+    direct = policy(input_ids=ids).logits.float()
+    via_head = policy.get_output_embeddings()(backbone(input_ids=ids).last_hidden_state).float()
+    if not torch.allclose(direct, via_head, atol=1e-4, rtol=1e-4):
+        raise ValueError(f"{type(policy).__name__}: its logits are not its output layer applied to the last hidden "
+                         "state (scaled or capped logits), which the trainer's chunked log-probs assume")
 
 
 class Learner:
-    """One rank's policy. `dp_group` (a torch process group, set by the actor) averages
-    gradients across the ranks of a data-parallel branch.
+    """One rank of a branch's trainer. With `world_size` > 1 torch's default process
+    group must already hold the branch's trainer ranks: the policy is sharded over them.
 
-    Mixed precision: the weights and optimizer state stay float32 and forwards run under
-    autocast in `dtype`. Pure bf16 weights would drop every update smaller than 1/256 of
-    the weight it lands on, which at RL learning rates is most of them.
+    Mixed precision: the weights and optimizer state stay float32 and forwards run in
+    `dtype` (autocast on one rank, FSDP2's mixed precision when sharded). Pure bf16
+    weights would drop every update smaller than 1/256 of the weight it lands on, which
+    at RL learning rates is most of them.
     """
 
     def __init__(self, branch: str, rank: int, world_size: int, model_path: str, grpo: dict,
                  dtype: str = "float32", trust_remote_code: bool = False, threads: int = 1,
-                 device: str = "cpu", seed: int = 0) -> None:
+                 device: str = "cpu", seed: int = 0, train: dict | None = None) -> None:
         from copd_ray.models import load_policy
 
         torch.set_num_threads(threads)
         torch.manual_seed(seed + rank)
         self.branch, self.rank, self.world_size, self.device = branch, rank, world_size, device
-        self.cfg = grpo
+        self.cfg, self.train_cfg = grpo, {**TRAIN_DEFAULTS, **(train or {})}
         self.compute_dtype = DTYPES[dtype]
+        self.sharded = world_size > 1
         self.model, self.tokenizer = load_policy(model_path, "float32", trust_remote_code, self.device)
         self.model_path = model_path
-        self.banned = vision_token_ids(self.model.config)  # never in a response (vision-language policies)
+        self.banned = tuple(vision_token_ids(self.model.config))  # never in a response (vision-language policies)
+        self.forward = PolicyLogprobs(self.model, self.banned, self.train_cfg["logprob_chunk_tokens"])
+        _check_output_layer(self.forward)
+        if self.train_cfg["gradient_checkpointing"]:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
+        if self.sharded:
+            sharding.shard_policy(self.forward, self.model, device, self.compute_dtype)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=grpo["lr"], weight_decay=grpo["weight_decay"])
         self.reference = None
         if grpo["kl_coef"] > 0:
-            self.reference, _ = load_policy(model_path, dtype, trust_remote_code, self.device)
-            self.reference.eval().requires_grad_(False)
+            reference, _ = load_policy(model_path, dtype, trust_remote_code, self.device)
+            self.reference = PolicyLogprobs(reference.eval().requires_grad_(False), self.banned,
+                                            self.train_cfg["logprob_chunk_tokens"])
         self.rng = random.Random(f"copd-ray/trainer/{branch}/{seed}/{rank}")
-        self.dp_group = None
         self.steps = 0
 
     def autocast(self):
-        return torch.autocast(torch.device(self.device).type, self.compute_dtype,
-                              enabled=self.compute_dtype != torch.float32)
+        on = self.compute_dtype != torch.float32 and not self.sharded  # sharded: FSDP2 casts
+        return torch.autocast(torch.device(self.device).type, self.compute_dtype, enabled=on)
+
+    # -- weights as generators and scorers hold them ---------------------------------------
 
     def serving_state(self) -> dict[str, torch.Tensor]:
-        """The weights as the generators and scorers hold them (in `dtype`)."""
+        """The weights in `dtype`, whole (an unsharded rank only)."""
         state = self.model.state_dict()
         if self.compute_dtype == torch.float32:
             return state
         cast: dict[tuple, torch.Tensor] = {}  # by storage, so tied weights stay one tensor
         for name, v in state.items():
             if v.is_floating_point():
-                state[name] = cast.setdefault((v.data_ptr(), v.shape), v.to(self.compute_dtype))
+                state[name] = cast.setdefault(sharding.storage_key(v), v.to(self.compute_dtype))
         return state
+
+    def bucket_tensors(self, plan: list) -> Iterator[list[torch.Tensor]]:
+        """Each bucket's tensors (a plan of TensorSpecs, `actors/weight_sync.py`), whole and
+        in the wire dtype, one bucket at a time: no rank
+        ever holds a second whole copy of the model. Sharded, every rank must iterate
+        (each tensor is an all-gather); only rank 0 sends."""
+        state = self.model.state_dict()
+        for bucket in plan:
+            yield [sharding.full_tensor(state[s.name], getattr(torch, s.dtype.removeprefix("torch."))) for s in bucket]
+
+    # -- the step -------------------------------------------------------------------------
+
+    def _filler(self) -> list[int]:
+        """A two-token row for a sharded rank whose share of the batch is empty."""
+        t = self.tokenizer
+        return [t.bos_token_id if t.bos_token_id is not None else t.pad_token_id, t.eos_token_id or t.pad_token_id]
+
+    def _rows(self, rows, tensors, sequences, trim: bool):
+        """A micro-batch's tensors; with a token budget, cut to its own longest row."""
+        ids, attention, targets, mask, extra = tensors
+        idx = torch.tensor(rows, device=self.device)
+        w = max(len(sequences[i]) for i in rows) if trim else ids.shape[1]
+        part = {}
+        if extra:  # these rows' token types and their pixels only
+            part = {"mm_token_type_ids": extra["mm_token_type_ids"][idx, :w],
+                    **pixel_kwargs([sequences[i] for i in rows], self.device)}
+        return idx, w, (ids[idx, :w], attention[idx, :w], targets[idx, : w - 1], mask[idx, : w - 1], part)
+
+    def _agree(self, values: list[float], op: str = "sum") -> list[float]:
+        return sharding.all_reduce(values, op) if self.sharded else values
 
     def train_step(self, batch: TrainBatch) -> dict:
         """One training step: old log-probs, advantages, `minibatches` clipped updates."""
         start = time.perf_counter()
-        c = self.cfg
+        c, budget = self.cfg, self.train_cfg["max_tokens_per_microbatch"]
         sequences = batch.grpo_sequences + batch.opd_sequences
         plens = batch.grpo_prompt_lengths + batch.opd_prompt_lengths
-        if not sequences:
-            raise ValueError(f"branch {self.branch!r} rank {self.rank}: empty training batch")
+        real = len(sequences)
+        if not real:
+            if not self.sharded:
+                raise ValueError(f"branch {self.branch!r} rank {self.rank}: empty training batch")
+            sequences, plens = [self._filler()], [1]  # still takes part in every collective
         ids, attention, targets, mask, extra = pad_sequences(sequences, plens, self.tokenizer.pad_token_id)
-        ids, attention, targets, mask = (t.to(self.device) for t in (ids, attention, targets, mask))
-        extra = {k: v.to(self.device) for k, v in extra.items()}
+        if not real:
+            mask.zero_()
+        tensors = tuple(t.to(self.device) for t in (ids, attention, targets, mask)) + (
+            {k: v.to(self.device) for k, v in extra.items()},)
+        mask = tensors[3]
+        lengths = [len(s) for s in sequences]
+        trim = budget is not None
 
+        # Old (and reference) log-probs and entropy, without gradients, micro-batch by micro-batch.
+        old_logprobs = torch.zeros_like(mask)
+        ref_logprobs = torch.zeros_like(mask) if self.reference is not None else None
+        entropy_sum = 0.0
+        passes = pack_microbatches(list(range(len(sequences))), lengths, budget)
+        n_passes = int(self._agree([len(passes)], "max")[0])
         with torch.no_grad(), self.autocast():
             self.model.eval()
-            old_logprobs, logits = _token_logprobs(self.model, ids, attention, targets, extra, self.banned)
-            entropy = token_entropy(logits, mask).item()
-            del logits
-            ref_logprobs = (_token_logprobs(self.reference, ids, attention, targets, extra, self.banned)[0]
-                            if self.reference is not None else None)
+            for k in range(n_passes):  # a rank with fewer passes repeats its first (ranks stay in lockstep)
+                rows = passes[k] if k < len(passes) else passes[0]
+                idx, w, mb = self._rows(rows, tensors, sequences, trim)
+                lp, ent = self.forward(*mb, entropy=True)
+                if k < len(passes):
+                    old_logprobs[idx, : w - 1] = lp
+                    entropy_sum += (ent * mb[3]).sum().item()
+                    if self.reference is not None:
+                        ref_logprobs[idx, : w - 1] = self.reference(*mb)[0]
             self.model.train()
+        entropy_sum, token_count = self._agree([entropy_sum, mask.sum().item()])
+        entropy = entropy_sum / max(token_count, 1.0)
 
         n_grpo = len(batch.grpo_sequences)
         advantages = torch.zeros_like(old_logprobs)
@@ -103,56 +204,59 @@ class Learner:
             beta = torch.tensor(batch.opd_beta, device=self.device).unsqueeze(1)
             advantages[n_grpo:] = opd_advantages(teacher, old_logprobs[n_grpo:], 1.0) * beta * mask[n_grpo:]
 
-        order = list(range(len(sequences)))
+        order = list(range(real))
         self.rng.shuffle(order)
         chunks = [order[i :: c["minibatches"]] for i in range(c["minibatches"])]
+        # Each minibatch's loss is normalised by the whole minibatch, over every rank and
+        # micro-batch, so that the accumulated update equals one pass over all of it.
+        token_mean = c["loss_agg"] == "token_mean"
+        sizes = [mask[ch].sum().item() if token_mean else float(len(ch)) for ch in chunks]
+        denominators = self._agree(sizes)
+        if token_mean:
+            denominators = [max(d, 1.0) for d in denominators]
+        micro = [pack_microbatches(ch, lengths, budget) for ch in chunks]
+        counts = [int(n) for n in self._agree([len(m) for m in micro], "max")]
+        whole = not self.sharded and budget is None  # one rank, one micro-batch: the plain mean
         losses, clips, norms, skipped = [], [], [], 0
-        for chunk in (ch for ch in chunks if ch):
-            idx = torch.tensor(chunk, device=self.device)
-            part = {}
-            if extra:  # this minibatch's rows: their token types and their pixels only
-                part = {"mm_token_type_ids": extra["mm_token_type_ids"][idx],
-                        **pixel_kwargs([sequences[i] for i in chunk], self.device)}
-            with self.autocast():
-                logprobs, _ = _token_logprobs(self.model, ids[idx], attention[idx], targets[idx], part, self.banned)
-            loss = policy_loss(
-                logprobs, old_logprobs[idx], advantages[idx], mask[idx], c["clip_low"], c["clip_high"], c["loss_agg"],
-                ref_logprobs=ref_logprobs[idx] if ref_logprobs is not None else None, kl_coef=c["kl_coef"],
-            )
+        for j, parts in enumerate(micro):
+            if not counts[j]:
+                continue  # no rows on any rank
             self.optimizer.zero_grad(set_to_none=True)
-            finite = torch.isfinite(loss).to(torch.float32)
-            if self.dp_group is not None:
-                # Every rank must agree to step, or they would fall out of lockstep.
-                self.dp_group.allreduce([finite]).wait()
-            if finite.item() < (self.world_size if self.dp_group is not None else 1):
-                skipped += 1  # a NaN/inf loss: skip this update, keep the run going
-                continue
-            loss.backward()
-            self._all_reduce_gradients()
+            stats = [0.0, 0.0, 0.0]  # loss, clipped tokens, tokens
+            for k in range(counts[j]):
+                filler = k >= len(parts)  # lockstep: a weightless pass on a row this rank has
+                idx, w, mb = self._rows(parts[k] if not filler else [0], tensors, sequences, trim)
+                with self.autocast():
+                    logprobs, _ = self.forward(*mb)
+                loss = policy_loss(
+                    logprobs, old_logprobs[idx, : w - 1], advantages[idx, : w - 1], mb[3], c["clip_low"],
+                    c["clip_high"], c["loss_agg"], kl_coef=c["kl_coef"],
+                    ref_logprobs=ref_logprobs[idx, : w - 1] if ref_logprobs is not None else None,
+                    denominator=None if whole else denominators[j],
+                )
+                # FSDP2 averages gradients over the ranks; the loss is already the whole's share.
+                (loss * (0.0 if filler else float(self.world_size))).backward()
+                if not filler:
+                    tokens = mb[3].sum().item()
+                    stats[0] += loss.item()
+                    stats[1] += clip_fraction(logprobs.detach(), old_logprobs[idx, : w - 1], mb[3], c["clip_low"],
+                                              c["clip_high"]).item() * tokens
+                    stats[2] += tokens
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c["grad_clip"])
-            if not torch.isfinite(norm):
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            if not torch.isfinite(norm):  # a NaN/inf loss or gradient: every rank sees the same norm and skips
                 skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 continue
             self.optimizer.step()
-            losses.append(loss.item())
+            loss_sum, clipped, tokens = self._agree(stats)
+            losses.append(loss_sum)
             norms.append(norm.item())
-            clips.append(clip_fraction(logprobs.detach(), old_logprobs[idx], mask[idx], c["clip_low"], c["clip_high"]).item())
+            clips.append(clipped / max(tokens, 1.0))
         self.steps += 1
         mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
         return {
             "loss": mean(losses), "clip_fraction": mean(clips), "grad_norm": mean(norms), "entropy": entropy,
-            "nan_skipped": skipped, "sequences": len(sequences), "seconds": time.perf_counter() - start,
+            "nan_skipped": skipped, "sequences": int(self._agree([float(real)])[0]),
+            "seconds": time.perf_counter() - start,
         }
-
-    def _all_reduce_gradients(self) -> None:
-        if self.dp_group is None:
-            return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.dp_group.allreduce([flat]).wait()
-        flat /= self.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()

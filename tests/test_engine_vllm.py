@@ -123,7 +123,7 @@ def test_vllm_follows_a_weight_broadcast(ray_session, tiny_folder, tiny_tokenize
         scores = ray.get(group.scorer.score.remote(seqs, plens))
         assert scores.version == 1 and ray.get(group.generators[0].version.remote()) == 1
         trained = AutoModelForCausalLM.from_pretrained(tiny_folder)
-        trained.load_state_dict(ray.get(group.trainers[0].state_dict.remote()))
+        trained.load_state_dict(group.trainer_state())
         reference = HFEngine(trained, 2, 0)
         expected = reference.score(seqs, plens).logprobs
         assert max(abs(a - b) for r, e in zip(scores.logprobs, expected) for a, b in zip(r, e)) < 1e-4

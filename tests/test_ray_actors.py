@@ -20,7 +20,7 @@ SMALL = ["resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resource
 
 @pytest.fixture(scope="module")
 def branch(ray_session, tiny_folder):
-    """One branch with two data-parallel trainers and two generators."""
+    """One branch with two sharded (FSDP2) trainer ranks and two generators."""
     cfg = load_config(None, SMALL + ["resources.num_trainers=2", "resources.num_generators=2", "ray.bucket_mb=0.5"])
     with started_branch("add", cfg, tiny_folder, "test-actors") as group:
         yield group
@@ -44,14 +44,11 @@ def test_rollouts_come_back_in_prompt_order_across_generators(branch, tiny_token
 
 def test_weight_sync_delivers_the_trainers_exact_tensors(branch, tiny_tokenizer):
     _, batch = _batch(branch, tiny_tokenizer, seed=1)
-    before = ray.get(branch.trainers[0].state_dict.remote())
+    before = branch.trainer_state()
     metrics = branch.train(batch)
     assert metrics["nan_skipped"] == 0 and math.isfinite(metrics["loss"])
-    trained = ray.get(branch.trainers[0].state_dict.remote())
+    trained = branch.trainer_state()  # gathered from the two shards
     assert any(not torch.equal(before[k], trained[k]) for k in trained)
-    # Data parallel ranks stay identical.
-    other = ray.get(branch.trainers[1].state_dict.remote())
-    assert all(torch.equal(trained[k], other[k]) for k in trained)
 
     version = branch.version
     result = branch.sync()
@@ -69,7 +66,7 @@ def test_scorer_logprobs_equal_a_direct_forward_pass(branch, tiny_folder, tiny_t
     scores = ray.get(branch.scorer.score.remote(batch.grpo_sequences, batch.grpo_prompt_lengths))
     assert scores.version == branch.version
     model = AutoModelForCausalLM.from_pretrained(tiny_folder)
-    model.load_state_dict(ray.get(branch.trainers[0].state_dict.remote()))
+    model.load_state_dict(branch.trainer_state())
     for seq, p, got in zip(batch.grpo_sequences, batch.grpo_prompt_lengths, scores.logprobs):
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0], dim=-1)
@@ -83,10 +80,10 @@ def test_a_nan_loss_skips_the_update(branch, tiny_tokenizer):
     batch.opd_teacher_logprobs = [[float("nan")] * (len(s) - p) for s, p in zip(batch.opd_sequences, batch.opd_prompt_lengths)]
     batch.opd_beta = [1.0, 1.0]
     batch.grpo_sequences, batch.grpo_prompt_lengths, batch.grpo_rewards = [], [], []
-    before = ray.get(branch.trainers[0].state_dict.remote())
+    before = branch.trainer_state()
     metrics = branch.train(batch)
     assert metrics["nan_skipped"] >= 1
-    after = ray.get(branch.trainers[0].state_dict.remote())
+    after = branch.trainer_state()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -133,7 +130,7 @@ def test_standalone_torch_transport_delivers_the_same_tensors(ray_session, tiny_
         _, batch = _batch(group, tiny_tokenizer, seed=4)
         group.train(batch)
         assert group.sync()["version"] == 1
-        trained = ray.get(group.trainers[0].state_dict.remote())
+        trained = group.trainer_state()
         for receiver in group.generators + [group.scorer]:
             held = ray.get(receiver.state_dict.remote())
             assert all(torch.equal(held[k], trained[k]) for k in trained)

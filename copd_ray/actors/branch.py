@@ -85,7 +85,8 @@ class BranchGroup:
             return [self.scorer.ready.remote()]
         self.trainers = [
             TrainerActor.options(**at(i, r.trainer_cpus, r.trainer_gpus)).remote(
-                self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump(), gpus=r.trainer_gpus, seed=c.seed, **common)
+                self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump(), gpus=r.trainer_gpus, seed=c.seed,
+                train=c.train.model_dump(), **common)
             for i in range(r.num_trainers)
         ]
         self.generators = [
@@ -108,7 +109,9 @@ class BranchGroup:
         self.generation = generation
         if self.frozen:
             return
-        if len(self.trainers) > 1:
+        # Sharded trainer ranks form their group (and shard the policy) once; again only
+        # when one of them restarted, since rejoining rebuilds every rank's state.
+        if len(self.trainers) > 1 and not all(ray.get([t.dp_ready.remote() for t in self.trainers])):
             host, port = ray.get(self.trainers[0].dp_address.remote())
             ray.get([t.join_dp_group.remote(host, port, generation) for t in self.trainers])
         receivers = self.generators + [self.scorer]
@@ -123,7 +126,7 @@ class BranchGroup:
         self.transport = self.cfg.ray.sync_transport
         if self.transport == "auto":
             self.transport = "ray" if {e.kind, e.scorer_kind or e.kind} == {"hf"} else "torch"
-        if generation:
+        if generation or len(self.trainers) > 1:  # sharded ranks hold torch's default group themselves
             self.transport = "torch"
         address = ray.get(self.trainers[0].weight_store.remote(world)) if self.transport == "torch" else None
         ray.get([self.trainers[0].join_weight_group.remote(group, world, 0, backend, self.transport)]
@@ -166,6 +169,10 @@ class BranchGroup:
             k: (sum(r[k] for r in results) / world if k != "nan_skipped" else max(r[k] for r in results)) for k in results[0]
         }
 
+    def trainer_state(self) -> dict:
+        """The trainer's whole float32 weights on CPU (gathered from every rank when sharded)."""
+        return ray.get([t.state_dict.remote() for t in self.trainers])[0]
+
     def sync(self) -> dict:
         """Broadcast rank 0's weights to the generators and scorer under a new version."""
         start = time.perf_counter()
@@ -181,8 +188,10 @@ class BranchGroup:
 
     def _broadcast(self, version: int) -> int:
         receivers = self.generators + [self.scorer]
-        sent, *received = ray.get([self.trainers[0].send_weights.remote(self.plan)]
+        world = len(self.trainers)  # sharded ranks all gather each bucket; rank 0 sends
+        sent, *received = ray.get([t.send_weights.remote(self.plan) for t in self.trainers]
                                   + [a.receive_weights.remote(self.plan, version) for a in receivers])
+        received = received[world - 1 :]
         versions = {r["version"] for r in received}
         if versions != {version}:
             raise RuntimeError(f"branch {self.name!r}: receivers hold versions {versions}, expected {version}")
@@ -193,7 +202,7 @@ class BranchGroup:
     def save(self, folder: str, with_optimizer: bool = True) -> str:
         if self.frozen:
             return self.model_path  # unchanged since it was loaded
-        return ray.get(self.trainers[0].save.remote(folder, with_optimizer))
+        return ray.get([t.save.remote(folder, with_optimizer) for t in self.trainers])[0]
 
     def load(self, folder: str | None, version: int) -> None:
         """Trainers take the checkpoint (None: back to the run's start); generators and

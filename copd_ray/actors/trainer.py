@@ -1,5 +1,9 @@
 """TrainerActor: a branch's Learner (policy, optimizer, the clipped update) as one rank of
-its data-parallel group; rank 0 also broadcasts the weights and writes checkpoints.
+its trainer group; rank 0 also broadcasts the weights and writes checkpoints.
+
+With more than one rank, torch's default process group is the branch's trainer ranks
+and the policy is sharded over them (FSDP2); the Learner is built once that group
+exists. The weight-sync group is then a standalone one (`WeightGroup`, transport "torch").
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 import ray
 import torch
 
+from copd_ray import sharding
 from copd_ray.actors.weight_sync import WeightGroup, bucket_plan, host_store
 from copd_ray.errors import CheckpointError
 from copd_ray.learner import Learner
@@ -26,10 +31,13 @@ from copd_ray.models.loading import copy_processor_files
 class TrainerActor(Learner):
     def __init__(self, branch: str, rank: int, world_size: int, model_path: str, grpo: dict,
                  dtype: str = "float32", trust_remote_code: bool = False, threads: int = 1,
-                 gpus: float = 0.0, seed: int = 0) -> None:
+                 gpus: float = 0.0, seed: int = 0, train: dict | None = None) -> None:
         device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-        self._learner_args = (branch, rank, world_size, model_path, grpo, dtype, trust_remote_code, threads, device, seed)
-        super().__init__(*self._learner_args)
+        self._learner_args = (branch, rank, world_size, model_path, grpo, dtype, trust_remote_code, threads, device,
+                              seed, train)
+        self.branch, self.rank, self.world_size, self.device = branch, rank, world_size, device
+        if world_size == 1:
+            super().__init__(*self._learner_args)
         self.weight_group: WeightGroup | None = None
         # New in every process Ray (re)starts: the driver tells a restarted actor by it.
         self.incarnation = uuid.uuid4().hex
@@ -40,9 +48,7 @@ class TrainerActor(Learner):
     def reset(self) -> None:
         """Back to the start of the run (weights from model_path, fresh optimizer and
         shuffling), keeping the groups: a rollback to before the first checkpoint."""
-        dp_group = self.dp_group
         Learner.__init__(self, *self._learner_args)
-        self.dp_group = dp_group
 
     # -- groups -------------------------------------------------------------------------
 
@@ -52,17 +58,23 @@ class TrainerActor(Learner):
         return host, port
 
     def join_dp_group(self, host: str, port: int, generation: int = 0) -> None:
-        # A standalone process group, not the default one: the weight-sync collective
-        # group on rank 0 already owns torch's default group.
+        """Make torch's default process group the branch's trainer ranks and build the
+        sharded Learner on it (from model_path: after a rank restarts, the driver reloads
+        the last checkpoint into every rank)."""
         if self.rank != 0:
             self._store = torch.distributed.TCPStore(host, port, self.world_size, is_master=False,
                                                      timeout=datetime.timedelta(seconds=120))
-        store = torch.distributed.PrefixStore(f"copd-dp-{self.branch}-{generation}", self._store)
-        timeout = datetime.timedelta(seconds=600)
-        if self.device == "cuda":
-            self.dp_group = torch.distributed.ProcessGroupNCCL(store, self.rank, self.world_size)
-        else:
-            self.dp_group = torch.distributed.ProcessGroupGloo(store, self.rank, self.world_size, timeout)
+        if torch.distributed.is_initialized():  # a rebuilt group: the old one lost a member
+            torch.distributed.destroy_process_group()
+        torch.distributed.init_process_group(
+            "nccl" if self.device == "cuda" else "gloo", store=torch.distributed.PrefixStore(
+                f"copd-dp-{self.branch}-{generation}", self._store),
+            rank=self.rank, world_size=self.world_size, timeout=datetime.timedelta(seconds=600))
+        Learner.__init__(self, *self._learner_args)
+
+    def dp_ready(self) -> bool:
+        """Whether this rank holds a sharded Learner (a restarted rank does not)."""
+        return hasattr(self, "model")
 
     def weight_store(self, world_size: int) -> tuple[str, int]:
         """Host the rendezvous of a standalone weight-sync group (transport "torch")."""
@@ -78,29 +90,49 @@ class TrainerActor(Learner):
     # -- weights ------------------------------------------------------------------------
 
     def weight_plan(self, bucket_mb: float) -> list:
-        return bucket_plan(self.serving_state(), int(bucket_mb * 2**20))
+        return bucket_plan(self.model.state_dict(), int(bucket_mb * 2**20), self.compute_dtype)
 
     def send_weights(self, plan: list) -> dict:
+        """Rank 0 broadcasts; on a sharded branch every rank is called, to gather each bucket."""
         start = time.perf_counter()
-        sent = self.weight_group.send(self.serving_state(), plan)
+        buckets = self.bucket_tensors(plan)
+        if self.rank == 0:
+            sent = self.weight_group.send(buckets)
+        else:
+            sent = sum(sum(t.numel() * t.element_size() for t in tensors) for tensors in buckets)
         return {"bytes": sent, "seconds": time.perf_counter() - start}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole float32 weights on CPU (sharded: every rank calls, rank 0 gets them)."""
+        if self.sharded:
+            return sharding.full_model_state(self.model)
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     # -- checkpoints ----------------------------------------------------------------------
 
     def save(self, folder: str, with_optimizer: bool = True) -> str:
         """The policy as a Hugging Face folder (plus optimizer state), written to a
-        temporary sibling and renamed into place, so a crash never leaves half a folder."""
+        temporary sibling and renamed into place, so a crash never leaves half a folder.
+        Sharded, every rank is called: the whole weights and optimizer state are gathered
+        to rank 0's CPU, which writes them (so any number of ranks can resume them)."""
         final = Path(folder)
+        weights, optimizer, rngs = None, None, [self.rng.getstate()]
+        if self.sharded:
+            weights = sharding.full_model_state(self.model)
+            optimizer = sharding.full_optimizer_state(self.model, self.optimizer) if with_optimizer else None
+            rngs = [None] * self.world_size
+            torch.distributed.all_gather_object(rngs, self.rng.getstate())
+            if self.rank != 0:
+                return str(final)
+        elif with_optimizer:
+            optimizer = self.optimizer.state_dict()
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
+        self.model.save_pretrained(tmp, state_dict=weights)
         self.tokenizer.save_pretrained(tmp)
         copy_processor_files(self.model_path, tmp)
         if with_optimizer:
-            torch.save({"optimizer": self.optimizer.state_dict(), "rng": self.rng.getstate(), "steps": self.steps},
+            torch.save({"optimizer": optimizer, "rng": rngs[0], "rngs": rngs, "steps": self.steps},
                        tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -108,19 +140,33 @@ class TrainerActor(Learner):
 
     def load(self, folder: str) -> int:
         """Weights, and where the folder has a trainer_state.pt, the optimizer state, the
-        shuffle stream and the step count (a folder without one loads the weights only)."""
+        shuffle stream and the step count (a folder without one loads the weights only).
+        A checkpoint written by another number of ranks loads too."""
         # Through from_pretrained: a vision-language checkpoint's tensor names on disk are
         # not its runtime names, and transformers alone knows the mapping.
         from copd_ray.models.loading import model_class
 
         saved = model_class(folder).from_pretrained(folder, dtype=torch.float32)
-        self.model.load_state_dict(saved.state_dict())
+        weights = saved.state_dict()
         del saved
         path = Path(folder) / "trainer_state.pt"
-        if path.exists():
-            extra = _load_trainer_state(path)
-            self.optimizer.load_state_dict(extra["optimizer"])
-            self.rng.setstate(extra["rng"])
+        extra = _load_trainer_state(path) if path.exists() else None
+        optim = extra["optimizer"] if extra else None
+        by_name = optim is not None and any(isinstance(k, str) for k in optim["state"])
+        if self.sharded:
+            if optim is not None and not by_name:
+                optim = sharding.named_optimizer_state(optim, self.model)
+            sharding.load_full_state(self.model, self.optimizer, weights, optim)
+        else:
+            self.model.load_state_dict(weights)
+            if optim is not None:
+                self.optimizer.load_state_dict(sharding.indexed_optimizer_state(optim, self.model) if by_name else optim)
+        if extra:
+            rngs = extra.get("rngs") or [extra["rng"]]
+            # A rank this checkpoint had no stream for starts its own from the saved one.
+            self.rng.setstate(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+            if self.rank >= len(rngs):
+                self.rng.seed(f"{self.rng.random()}/{self.rank}")
             self.steps = extra["steps"]
         return self.steps
 

@@ -10,7 +10,7 @@ Tied tensors (an embedding shared with the output layer) travel once.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,29 +33,36 @@ class TensorSpec:
         return n
 
 
-def bucket_plan(state_dict: dict[str, torch.Tensor], bucket_bytes: int) -> list[list[TensorSpec]]:
-    """Group the tensors into buckets of one dtype up to `bucket_bytes`. A tensor stored
-    under several names (tied embeddings) travels once and arrives under every name:
-    some engines (vLLM) load a tied output layer only when it is named.
-    Sender and receivers use the same plan; the sender computes it and hands it over."""
-    names_of: dict[int, list[str]] = {}
+def bucket_plan(state_dict: dict[str, torch.Tensor], bucket_bytes: int,
+                dtype: torch.dtype | None = None) -> list[list[TensorSpec]]:
+    """Group the tensors into buckets of one dtype up to `bucket_bytes`; floating tensors
+    travel in `dtype` where given (the receivers' dtype). A tensor stored under several
+    names (tied embeddings) travels once and arrives under every name: some engines
+    (vLLM) load a tied output layer only when it is named. Shards (DTensors) are planned
+    by their whole shape. Sender and receivers use the same plan; the sender computes it
+    and hands it over."""
+    from copd_ray.sharding import storage_key
+
+    names_of: dict[tuple, list[str]] = {}
     for name, tensor in state_dict.items():
-        names_of.setdefault(tensor.data_ptr(), []).append(name)
+        names_of.setdefault(storage_key(tensor), []).append(name)
     buckets: list[list[TensorSpec]] = []
-    size, dtype = 0, None
+    size, current = 0, None
     for names in names_of.values():
         tensor = state_dict[names[0]]
-        nbytes = tensor.numel() * tensor.element_size()
-        if not buckets or tensor.dtype != dtype or size + nbytes > bucket_bytes:
+        wire = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        nbytes = tensor.numel() * wire.itemsize
+        if not buckets or wire != current or size + nbytes > bucket_bytes:
             buckets.append([])
-            size, dtype = 0, tensor.dtype
-        buckets[-1].append(TensorSpec(names[0], tuple(tensor.shape), str(tensor.dtype), tuple(names[1:])))
+            size, current = 0, wire
+        buckets[-1].append(TensorSpec(names[0], tuple(tensor.shape), str(wire), tuple(names[1:])))
         size += nbytes
     return buckets
 
 
-def pack(state_dict: dict[str, torch.Tensor], bucket: list[TensorSpec], device) -> torch.Tensor:
-    return torch.cat([state_dict[s.name].detach().reshape(-1) for s in bucket]).to(device).contiguous()
+def pack(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """One bucket's tensors (in plan order) as one flat buffer."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).to(device).contiguous()
 
 
 def unpack(flat: torch.Tensor, bucket: list[TensorSpec]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -115,10 +122,11 @@ class WeightGroup:
         else:
             self._pg.broadcast([flat], torch.distributed.BroadcastOptions()).wait()
 
-    def send(self, state_dict: dict[str, torch.Tensor], plan: list[list[TensorSpec]]) -> int:
+    def send(self, buckets: Iterable[list[torch.Tensor]]) -> int:
+        """Broadcast each bucket's tensors (in plan order) as one flat buffer."""
         sent = 0
-        for bucket in plan:
-            flat = pack(state_dict, bucket, self.device)
+        for tensors in buckets:
+            flat = pack(tensors, self.device)
             self._broadcast(flat)
             sent += flat.numel() * flat.element_size()
         return sent

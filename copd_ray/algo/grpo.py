@@ -29,14 +29,19 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1.0
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
-    """Reduce a [B, T] per-token quantity over the unmasked tokens."""
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, denominator: float | None = None) -> torch.Tensor:
+    """Reduce a [B, T] per-token quantity over the unmasked tokens.
+
+    `denominator`: when these rows are one part of a larger batch (a micro-batch, or a
+    data-parallel rank's share), the whole batch's token count (token_mean) or sequence
+    count (seq_mean_token_mean); the parts' results then add up to the whole's.
+    """
     mask = mask.to(per_token.dtype)
     if agg == "seq_mean_token_mean":
         per_seq = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return per_seq.mean()
+        return per_seq.mean() if denominator is None else per_seq.sum() / denominator
     if agg == "token_mean":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        return (per_token * mask).sum() / (mask.sum().clamp(min=1.0) if denominator is None else denominator)
     raise ValueError(f"unknown loss aggregation {agg!r}; choose one of {AGGREGATIONS}")
 
 
@@ -50,8 +55,9 @@ def policy_loss(
     agg: str = "seq_mean_token_mean",
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    denominator: float | None = None,
 ) -> torch.Tensor:
-    """Negated clipped surrogate, aggregated over unmasked tokens.
+    """Negated clipped surrogate, aggregated over unmasked tokens (`denominator`: see `aggregate`).
 
     All inputs are [B, T]; `advantages` may also be [B] (one per sequence, as GRPO gives).
     With `kl_coef > 0` and `ref_logprobs`, adds the k3 KL penalty to a reference policy
@@ -67,7 +73,7 @@ def policy_loss(
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")
         per_token = per_token + kl_coef * kl_k3(logprobs, ref_logprobs)
-    return aggregate(per_token, mask, agg)
+    return aggregate(per_token, mask, agg, denominator)
 
 
 @torch.no_grad()
