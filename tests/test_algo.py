@@ -194,3 +194,55 @@ def test_algo_does_not_import_ray():
     code = "import sys, copd_ray.algo; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_chunked_chosen_logprobs_equal_the_full_log_softmax_with_gradients():
+    from copd_ray.algo import chosen_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    banned = (3, 7)
+
+    # Plainly: the whole [N, V] float32 logits, banned tokens pushed out, log-softmax, gather.
+    logits = head(hidden).float()
+    logits[:, list(banned)] = -1e9
+    full = torch.log_softmax(logits, -1)
+    expected = full.gather(1, targets[:, None]).squeeze(1)
+    expected_entropy = -(full.exp() * full).sum(-1)
+    expected.sum().backward()
+    grads = (hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad, head.weight.grad = None, None
+
+    for chunk in (1, 5, 23, 100):
+        got, _ = chosen_logprobs(head, hidden, targets, chunk, banned)
+        assert torch.allclose(got, expected, atol=1e-5)
+        got.sum().backward()  # each chunk recomputed in backward: same gradients
+        assert torch.allclose(hidden.grad, grads[0], atol=1e-5) and torch.allclose(head.weight.grad, grads[1], atol=1e-5)
+        hidden.grad, head.weight.grad = None, None
+        with torch.no_grad():
+            lp, entropy = chosen_logprobs(head, hidden, targets, chunk, banned, entropy=True)
+        assert torch.allclose(lp, expected, atol=1e-5) and torch.allclose(entropy, expected_entropy, atol=1e-5)
+
+
+def test_a_loss_split_into_parts_with_the_whole_denominator_adds_up_to_the_whole():
+    torch.manual_seed(1)
+    logp, old, adv = torch.randn(6, 5) * 0.1 - 1, torch.randn(6, 5) * 0.1 - 1, torch.randn(6, 5)
+    mask = (torch.rand(6, 5) > 0.3).float()
+    for agg, whole_count in (("token_mean", mask.sum().item()), ("seq_mean_token_mean", 6.0)):
+        whole = policy_loss(logp, old, adv, mask, agg=agg)
+        parts = sum(policy_loss(logp[i:j], old[i:j], adv[i:j], mask[i:j], agg=agg, denominator=whole_count)
+                    for i, j in ((0, 1), (1, 4), (4, 6)))
+        assert torch.allclose(parts, whole, atol=1e-6)
+
+
+def test_micro_batches_stay_within_the_token_budget():
+    from copd_ray.batch import pack_microbatches
+
+    lengths = [5, 9, 3, 9, 7, 2, 12]
+    packed = pack_microbatches(list(range(7)), lengths, 20)
+    assert sorted(i for mb in packed for i in mb) == list(range(7))
+    assert all(len(mb) * max(lengths[i] for i in mb) <= 20 or len(mb) == 1 for mb in packed)
+    assert pack_microbatches([2, 0], lengths, None) == [[2, 0]]
+    assert pack_microbatches([], lengths, 20) == []
