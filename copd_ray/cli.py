@@ -308,6 +308,43 @@ def serve_cmd(
     serve_saved(paths, host, port, token, engine_cfg, engine)
 
 
+@app.command("plan")
+def plan_cmd(
+    args: Optional[list[str]] = ArgsArg,
+    cluster: Optional[Path] = typer.Option(None, "--cluster", exists=True, dir_okay=False,
+                                           help="Ray cluster YAML whose node types give the GPU memory "
+                                                "(default: ./cluster.yaml when present)."),
+    gpu_memory_gb: Optional[float] = typer.Option(None, "--gpu-memory-gb", min=0.001,
+                                                  help="GiB of one GPU, instead of the cluster's instance types."),
+    model_config: Optional[Path] = typer.Option(None, "--model-config", exists=True,
+                                                help="A folder with the model's config.json (no weights needed) when "
+                                                     "model.path is not on this machine."),
+    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", min=1,
+                                                help="Prompt tokens a sequence (default: engine.vllm.max_model_len "
+                                                     "- grpo.max_new_tokens, else 256)."),
+    host_memory_gb: Optional[float] = typer.Option(None, "--host-memory-gb", min=0.001,
+                                                   help="GiB of host memory a CPU-only config is checked against "
+                                                        "(default: this machine's)."),
+) -> None:
+    """What fits: every actor's estimated memory against its placement-group bundle, before anything starts.
+
+    Reads only the model's config.json. Exits 1 when an actor does not fit, naming the
+    settings that fix it.
+    """
+    args = list(args or [])
+    config = args.pop(0) if args and "=" not in args[0] else None
+    cfg = load_config(config, args, check_paths=False)  # a cluster's config, planned on a laptop
+    from copd_ray.plan import plan_memory, render
+
+    if cluster is None and gpu_memory_gb is None and Path("cluster.yaml").is_file():
+        uses_gpus = any(getattr(cfg.resources, f"{a}_gpus") > 0 for a in ("trainer", "generator", "scorer"))
+        cluster = Path("cluster.yaml") if uses_gpus else None
+    result = plan_memory(cfg, cluster, gpu_memory_gb, model_config, prompt_tokens, host_memory_gb)
+    render(result, console)
+    if not result.fits:
+        raise typer.Exit(1)
+
+
 @app.command("config")
 def show_config(args: Optional[list[str]] = ArgsArg) -> None:
     """Print the resolved config (defaults, file and overrides) as YAML."""
