@@ -78,6 +78,21 @@ def test_the_paper_model_is_qwen3_vl_4b():
     assert arch.kv_bytes_per_token(2) == 2 * 36 * 8 * 128 * 2
 
 
+def test_where_the_architecture_comes_from(tmp_path):
+    """model.path's config.json (weights not needed), --model-config over it, an unknown path refused."""
+    from copd_ray.plan import PlanError
+
+    _, model = next(_small_models())
+    model.config.save_pretrained(tmp_path)  # config.json only
+    cfg = load_config(None, [f"model.path={tmp_path}"])
+    arch = architecture(cfg)
+    assert arch.params == _count(model) and arch.source == f"{tmp_path / 'config.json'}"
+    qwen = architecture(cfg, REPO / "configs" / "models" / "qwen3-vl-4b")
+    assert qwen.params == 4_437_815_808 and "--model-config" in qwen.source
+    with pytest.raises(PlanError, match="--model-config"):
+        architecture(load_config(None, ["model.path=/cluster/models/SomethingElse-7B"], check_paths=False))
+
+
 def test_an_unknown_family_is_counted_on_the_meta_device():
     from transformers import GPT2Config, GPT2LMHeadModel
 
