@@ -58,11 +58,21 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole float32 state on rank 0's CPU ({} on the other ranks); every rank calls it."""
+def full_model_state(model: nn.Module, tied_once: bool = False) -> dict[str, torch.Tensor]:
+    """The whole float32 state on rank 0's CPU ({} on the other ranks); every rank calls it.
+    `tied_once`: a tensor stored under two names (tied embeddings) under its first only,
+    as Hugging Face writes a tied model's file."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if tied_once and full:
+        seen: set = set()
+        for name, tensor in model.state_dict().items():
+            key = storage_key(tensor)
+            if key in seen:
+                full.pop(name, None)
+            seen.add(key)
+    return full
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

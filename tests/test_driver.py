@@ -180,3 +180,28 @@ def test_the_serve_token_reaches_no_file_under_output_dir(ray_session, tiny_fold
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any("wandb" in p.parts for p in files) and any(p.name == "driver_state.json" for p in files)
     assert [p for p in files if token.encode() in p.read_bytes()] == []
+
+
+def test_sharded_trainers_train_checkpoint_resume_and_merge(ray_session, tiny_folder, tmp_path):
+    def run(out, *extra):
+        cfg = load_config(None, FAST + [f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1",
+                                        "schedule.rl_steps=2", "schedule.opd_steps=1", "schedule.save_every=2",
+                                        "eval.every=0", "metrics.pair_every=0", *extra])
+        train(cfg)
+        return load_file(str(out / "merged" / "model.safetensors"))
+
+    first = run(tmp_path / "two", "resources.num_trainers=2")
+    checkpoint = tmp_path / "two" / "checkpoints" / "step_000002"
+    state = torch.load(checkpoint / "branches" / "add" / "trainer_state.pt", weights_only=True)
+    assert len(state["rngs"]) == 2 and state["steps"] == 2  # both ranks' shuffle streams
+    assert all(isinstance(k, str) for k in state["optimizer"]["state"])  # whole, by parameter name
+    AutoModelForCausalLM.from_pretrained(checkpoint / "branches" / "add")
+
+    # Resumed by two ranks: the same run, so the same merged model.
+    resumed = run(tmp_path / "again", "resources.num_trainers=2", f"resume={checkpoint}")
+    assert max((first[k] - resumed[k]).abs().max().item() for k in first) < 1e-6
+    steps = [r["step"] for r in _records(tmp_path / "again", "step") if r["branch"] == "add"]
+    assert steps == [3]
+    # By one plain rank: the sharded optimizer state loads there too; one step of numerics apart.
+    single = run(tmp_path / "one", "resources.num_trainers=1", f"resume={checkpoint}")
+    assert max((first[k] - single[k]).abs().max().item() for k in first) < 1e-4

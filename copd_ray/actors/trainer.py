@@ -118,7 +118,7 @@ class TrainerActor(Learner):
         final = Path(folder)
         weights, optimizer, rngs = None, None, [self.rng.getstate()]
         if self.sharded:
-            weights = sharding.full_model_state(self.model)
+            weights = sharding.full_model_state(self.model, tied_once=True)
             optimizer = sharding.full_optimizer_state(self.model, self.optimizer) if with_optimizer else None
             rngs = [None] * self.world_size
             torch.distributed.all_gather_object(rngs, self.rng.getstate())
