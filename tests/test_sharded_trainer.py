@@ -130,3 +130,21 @@ def test_a_rank_without_pixels_neither_hangs_nor_desynchronises(tmp_path):
     visual = [k for k in one["state"] if "visual" in k]
     assert visual and _max_diff({k: one["state"][k] for k in visual}, {k: two["state"][k] for k in visual}) < 1e-5
     assert _max_diff(one["state"], two["state"]) < 1e-5
+
+
+def test_optimizer_state_keyed_by_index_and_by_name_convert_both_ways(tiny_tokenizer):
+    """One plain rank saves AdamW state by parameter index, sharded ranks by name: each
+    loads the other's."""
+    from copd_ray.models import build_tiny_policy
+
+    model = build_tiny_policy(tiny_tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.tensor([[1, 5, 9, 2]])).logits.sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    named = sharding.named_optimizer_state(saved, model)
+    assert set(named["state"]) == {n for n, p in model.named_parameters() if p.grad is not None}
+    back = sharding.indexed_optimizer_state(named, model)
+    assert back["param_groups"] == saved["param_groups"]
+    assert back["state"].keys() == saved["state"].keys()
+    assert all(torch.equal(back["state"][i][k], saved["state"][i][k]) for i in saved["state"] for k in saved["state"][i])
