@@ -143,3 +143,27 @@ def test_recovered_runs_log_what_an_uninterrupted_run_logs(ray_session, tiny_fol
     assert numbers(killed) == numbers(clean)
     summaries = [json.loads((out / "eval.json").read_text()) for out in (killed, clean)]
     assert summaries[0]["budget"] == summaries[1]["budget"] and summaries[0]["eval"] == summaries[1]["eval"]
+
+
+def test_a_sharded_branch_recovers_a_lost_generator_and_a_lost_rank_exactly(ray_session, tiny_folder, tmp_path):
+    """Two FSDP2 trainer ranks: a lost generator leaves the ranks' group and shards as they
+    are; a lost rank rebuilds the group on every rank and replays from the checkpoint. The
+    records equal those of the same run without failures."""
+    common = RUN + ["schedule.opd_steps=6", "resources.num_trainers=2", f"model.path={tiny_folder}"]
+    killed = tmp_path / "killed"
+    run = Run(load_config(None, common + [f"output_dir={killed}"]))
+    run.start()
+    for i, (branch, role) in enumerate([("add", "generator 0"), ("add", "trainer 1")]):
+        _wait(run, lambda: any(r["phase"] == "opd" for r in _records(killed, "step")), "Phase II")
+        _kill(killed, branch, role)
+        _wait(run, lambda: len(_recoveries(killed)) == i + 1, f"the recovery of {role} of {branch}")
+    run.join(timeout=600)
+    assert run.error is None, run.error
+    assert [e["then"] for e in _recoveries(killed)] == ["retry the step", "rollback to the last checkpoint"]
+    clean = tmp_path / "clean"
+    train(load_config(None, common + [f"output_dir={clean}"]))
+
+    def numbers(out):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(out, "step")]
+
+    assert numbers(killed) == numbers(clean)
