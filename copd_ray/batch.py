@@ -29,7 +29,7 @@ class TrainBatch:
         return len(self.grpo_sequences) + len(self.opd_sequences)
 
     def shard(self, rank: int, world: int) -> TrainBatch:
-        """Whole GRPO groups and a slice of the OPD rows for one data-parallel rank."""
+        """Whole GRPO groups and a slice of the OPD rows for one trainer rank."""
         groups = len(self.grpo_sequences) // self.group_size
         g_lo, g_hi = rank * groups // world, (rank + 1) * groups // world
         lo, hi = g_lo * self.group_size, g_hi * self.group_size

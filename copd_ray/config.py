@@ -351,7 +351,7 @@ class MergeConfig(Section):
 class ResourcesConfig(Section):
     """Per-actor resources inside each branch's placement group."""
 
-    num_trainers: Int = Field(1, gt=0)  # data-parallel trainer workers
+    num_trainers: Int = Field(1, gt=0)  # trainer ranks; more than one shards the policy (FSDP2)
     num_generators: Int = Field(1, gt=0)
     trainer_cpus: Float = Field(0.5, ge=0)
     generator_cpus: Float = Field(0.25, ge=0)

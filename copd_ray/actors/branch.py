@@ -102,7 +102,7 @@ class BranchGroup:
                 **{f"generator {i}": g for i, g in enumerate(self.generators)}, "scorer": self.scorer}
 
     def wire(self, generation: int = 0) -> None:
-        """Join the data-parallel group (trainers) and the weight-sync group (trainer rank 0,
+        """Join the trainer ranks' group (sharded trainers) and the weight-sync group (trainer rank 0,
         generators, scorer); every member joins concurrently, as rendezvous requires. A
         frozen branch has nothing to wire: its weights never change. After a member
         restarts, every member joins a new `generation` of both groups."""

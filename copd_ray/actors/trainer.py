@@ -53,7 +53,7 @@ class TrainerActor(Learner):
     # -- groups -------------------------------------------------------------------------
 
     def dp_address(self) -> tuple[str, int]:
-        """Rank 0 hosts the rendezvous store of the data-parallel group."""
+        """Rank 0 hosts the rendezvous store of the trainer ranks' group."""
         self._store, host, port = host_store(self.world_size)
         return host, port
 
