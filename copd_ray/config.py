@@ -498,6 +498,10 @@ class Config(Section):
             raise ValueError("resources.num_trainers > 1 shards the trainer with FSDP2 over torch's default process "
                              "group, which a Ray collective group would also need: use ray.sync_transport=auto "
                              "(or torch)")
+        if self.resources.num_trainers > 1 and 0 < self.resources.trainer_gpus < 1:
+            raise ValueError(f"resources.trainer_gpus={self.resources.trainer_gpus} with num_trainers > 1: two sharded "
+                             "ranks may land on one GPU, where NCCL refuses them; give each rank a whole GPU "
+                             "(resources.trainer_gpus=1)")
         if self.ray.sync_backend == "nccl" and self.resources.trainer_gpus == 0:
             raise ValueError("ray.sync_backend=nccl needs GPUs (resources.trainer_gpus > 0)")
         if not self.opd.native_rl and self.schedule.opd_steps:

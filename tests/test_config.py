@@ -136,6 +136,8 @@ def test_a_yaml_file_with_overrides(tmp_path: Path):
         (["merge.weights={add: 1.0}"], "merge.weights must name every trainable branch"),
         (["schedule.rl_steps=0", "schedule.opd_steps=0"], "rl_steps + opd_steps must be > 0"),
         (["schedule.cycles=zero"], "schedule.cycles: Input should be a valid integer"),
+        (["resources.num_trainers=2", "ray.sync_transport=ray"], "use ray.sync_transport=auto"),
+        (["resources.num_trainers=2", "resources.trainer_gpus=0.5"], "give each rank a whole GPU"),
     ],
 )
 def test_bad_wiring_fails_naming_the_key(overrides, message):
