@@ -50,7 +50,21 @@ GiB = 2**30
 # exist), measured against this plan's estimate (CPU_RUNTIME_BYTES included):
 #   1024 + 1024 tokens, chunk 512:   plain 3.77 GiB vs 3.85 (+2%)   ckpt 2.29 vs 2.44 (+6%)
 #    256 +  768 tokens, chunk 1024:  plain 2.98 GiB vs 3.10 (+4%)   ckpt 2.24 vs 2.40 (+7%)
-# Not yet measured: bf16 on GPUs, FSDP2 ranks, vLLM (see the README's plan section).
+# Whole Learner.train_step's (copd_ray/learner.py) with 1 and 2 ranks (FSDP2 over gloo),
+# checkpointing off and on, 1 and 4 micro-batches: benchmarks/trainer_memory.py prints each
+# beside this estimate (the README quotes its table). A sampler thread's peak RSS in each
+# phase of the second step (same model, 8 rows of 128 tokens, float32; MiB over the RSS before
+# the model loaded; "backward" covers its start and its end; benchmarks/trainer_memory.py --phases):
+#                           state  backward  old log-probs  optimizer step
+#   1 rank, plain, 1 mb      1527      2326           1858            1762
+#   1 rank, ckpt, 4 mb       1527      1854           1644            1760
+#   2 ranks, plain, 1 mb      764      1303           1065             899
+#   2 ranks, ckpt, 4 mb       764      1207           1043             903
+# ("state": parameters + gradients + AdamW state, counted tensor by tensor.) With one
+# micro-batch the learner's gradients are None until backward, so activations and
+# gradients do not add up; the other phases hold the whole state and something besides.
+# Those four phases are trainer_parts' (its docstring); the constants measured there say so.
+# Not yet measured: bf16 on GPUs, vLLM (see the README's plan section).
 # ---------------------------------------------------------------------------------------
 
 # Trainer state, bytes a parameter (copd_ray/learner.py: weights loaded in float32, AdamW).
@@ -89,6 +103,26 @@ OUTSIDE_HIDDEN_COPIES = 5
 # Padded multi-row micro-batches: HF's SDPA path builds a [rows, 1, T, T] boolean mask
 # (1 byte an entry) and, with a mask, repeats key/value heads to the query's count.
 MASK_BYTES = 1
+
+# The end of a micro-batch's backward: float32 buffers the size of the embedding besides the
+# gradients: the (tied) output layer's gradient held until the embedding's arrives, the
+# embedding's dense gradient, their sum, FSDP2's reduce-scatter input. Measured with
+# benchmarks/trainer_memory.py --phases (checkpointing, 4 micro-batches, where activations
+# are small): 3.5 x the embedding's 94 MiB above parameters + gradients + AdamW state with 1
+# rank; with 2, 3.7 x besides the gathered root (its last block's gathered weights, 24 MiB,
+# are likely the difference).
+END_ROOT_GRAD_COPIES = 3.5
+# The old log-probs (no gradients): one block's working set of the decoder, then a chunk's
+# float32 logits, log-softmax, exp and their product (entropy): measured 3.55 [chunk, V]
+# copies above the state with 1 rank (3.4 with 2, less the gathered root), so 4.
+NO_GRAD_WORKING_BLOCKS = 1
+NO_GRAD_LOGPROB_FLOAT32_COPIES = 4
+# AdamW's step. On GPUs torch uses its foreach implementation, whose
+# `torch._foreach_sqrt(exp_avg_sqs)` (torch/optim/adam.py, _multi_tensor_adam) is a float32
+# copy of every parameter's second moment at once; on CPU it goes a parameter at a time, and
+# the temporaries of the largest (the embedding) were measured: 2.5 x its float32 size.
+FOREACH_ADAM_TEMP_BYTES = 4
+CPU_ADAM_TEMP_COPIES = 2.5
 
 # Log-probs of the chosen tokens, `train.logprob_chunk_tokens` positions at a time,
 # recomputed in backward: vocabulary-wide float32 logits, their log-softmax and the
@@ -608,40 +642,89 @@ def micro_batch(cfg: Config, w: Workload, num_trainers: int, max_tokens: int | N
 
 
 def trainer_parts(cfg: Config, arch: Architecture, w: Workload, k: TrainerKnobs, on_gpu: bool) -> tuple[dict, str]:
-    """A trainer rank's peak, part by part, and what its micro-batch is."""
+    """A trainer rank's peak, part by part (that of its largest phase, `trainer_phases`), and
+    what its micro-batch is and where the peak falls."""
+    phases, detail = trainer_phases(cfg, arch, w, k, on_gpu)
+    peak = max(phases, key=lambda name: sum(phases[name].values()))
+    parts = dict(phases[peak], kv_cache=0)
+    runtime = GPU_RUNTIME_BYTES if on_gpu else CPU_RUNTIME_BYTES
+    margin = GPU_ALLOCATOR_MARGIN * sum(parts.values()) if on_gpu else 0
+    parts["other"] = int(runtime + margin)
+    return parts, f"{detail}; peak: {peak}"
+
+
+def trainer_phases(cfg: Config, arch: Architecture, w: Workload, k: TrainerKnobs,
+                   on_gpu: bool) -> tuple[dict[str, dict], str]:
+    """A trainer rank's memory at each of the four places a step can peak, part by part
+    (weights, grads, optimizer, activations, logprobs; the process itself not included):
+    - "backward": the start of a micro-batch's backward, when every saved activation, the
+      log-prob chunk and the output layer's gradient exist. Gradients of earlier micro-batches
+      exist only when a minibatch takes several (the learner sets them to None first).
+    - "backward's end": the end of a micro-batch's backward: every gradient plus the
+      embedding's and output layer's gradient buffers (END_ROOT_GRAD_COPIES).
+    - "old log-probs": the no-gradient pass over the rank's rows with entropy, while the
+      previous step's gradients still exist.
+    - "optimizer step": AdamW's temporaries.
+    """
     c = DTYPE_BYTES[cfg.model.dtype]
     n, p = k.num_trainers, arch.params
     mode = _act_mode(cfg, n)
-    if n > 1:  # FSDP2: float32 state sharded; ~2 blocks and the root unsharded in model.dtype (+ their grads)
-        weights = math.ceil(p / n) * MASTER_BYTES + 2 * c * (2 * arch.block_params + arch.root_params)
-        grads, optim = math.ceil(p / n) * GRAD_BYTES, math.ceil(p / n) * ADAM_BYTES
-        how = f"FSDP2 over {n} ranks"
-    else:  # plain model; autocast keeps a model.dtype copy of every weight it uses in forward and backward
-        weights = p * MASTER_BYTES + (p * c if c != 4 else 0)
-        grads, optim = p * GRAD_BYTES, p * ADAM_BYTES
-        how = "one rank"
+    shard = math.ceil(p / n)
+    state_grads, adam = shard * GRAD_BYTES, shard * ADAM_BYTES
+    master = shard * MASTER_BYTES + (p * c if n == 1 and c != 4 else 0)  # + autocast's model.dtype copies
     reference = p * c if cfg.grpo.kl_coef > 0 else 0
+    if n > 1:  # FSDP2: ~2 blocks and the root unsharded in model.dtype, and their unsharded gradients
+        gathered = c * (2 * arch.block_params + arch.root_params)
+        gathered_grads, root_gathered = gathered, c * arch.root_params
+        how = f"FSDP2 over {n} ranks"
+    else:  # the output layer's float32 gradient (a tied one is held until the embedding's arrives)
+        gathered, gathered_grads, root_gathered = 0, arch.root_params * GRAD_BYTES, 0
+        how = "one rank"
     per_minibatch, rows = micro_batch(cfg, w, n, k.max_tokens)
+    accumulating = rows < per_minibatch
     tokens = rows * w.seq
     masked = rows > 1
     block = block_activation_bytes(arch, mode, masked)
+    outside = OUTSIDE_HIDDEN_COPIES * arch.hidden * (4 if mode != "sharded" else c)
     if k.checkpointing:
         acts = tokens * (arch.layers * arch.hidden * CKPT_INPUT_BYTES[mode] + (1 + BACKWARD_WORKING_BLOCKS) * block)
     else:
         acts = tokens * (arch.layers + BACKWARD_WORKING_BLOCKS) * block
-    acts += tokens * OUTSIDE_HIDDEN_COPIES * arch.hidden * (4 if mode != "sharded" else c)
-    acts += rows * w.seq * w.seq * MASK_BYTES if masked else 0
+    acts += tokens * outside + (rows * w.seq * w.seq * MASK_BYTES if masked else 0)
     chunk = min(k.chunk, rows * w.response_tokens)
-    logprobs = chunk * arch.vocab * (LOGPROB_FLOAT32_COPIES * 4 + (c if c != 4 else 0))
-    runtime = GPU_RUNTIME_BYTES if on_gpu else CPU_RUNTIME_BYTES
-    parts = dict(weights=int(weights + reference), grads=int(grads), optimizer=int(optim), activations=int(acts),
-                 logprobs=int(logprobs), kv_cache=0)
-    margin = GPU_ALLOCATOR_MARGIN * sum(parts.values()) if on_gpu else 0
-    parts["other"] = int(runtime + margin)
+    lm_head_copy = c if c != 4 else 0  # the lm_head's output in model.dtype before its float32 copy
+    logprobs = chunk * arch.vocab * (LOGPROB_FLOAT32_COPIES * 4 + lm_head_copy)
+
+    # The old (and reference) log-probs: micro-batch by micro-batch over all of the rank's rows.
+    per_rank = math.ceil(w.rows / n)
+    rows_ng = per_rank if k.max_tokens is None else max(1, min(per_rank, k.max_tokens // w.seq))
+    chunk_ng = min(k.chunk, rows_ng * w.response_tokens)
+    acts_ng = rows_ng * w.seq * (NO_GRAD_WORKING_BLOCKS * block_activation_bytes(arch, mode, rows_ng > 1) + outside)
+    acts_ng += rows_ng * w.seq * w.seq * MASK_BYTES if rows_ng > 1 else 0
+    logprobs_ng = chunk_ng * arch.vocab * (NO_GRAD_LOGPROB_FLOAT32_COPIES * 4 + lm_head_copy)
+
+    # The embedding's gradient buffers; the rest of the root (an untied output layer, the final
+    # norm, a vision tower) has one float32 gradient of its own at that moment.
+    end_root_grads = int(4 * (END_ROOT_GRAD_COPIES * arch.embed_params + arch.root_params - arch.embed_params))
+    if on_gpu:  # foreach AdamW: a float32 sqrt of exp_avg_sq for every parameter at once
+        optimizer_temp = shard * FOREACH_ADAM_TEMP_BYTES
+    else:  # one parameter at a time: temporaries of the largest (the embedding or the output layer)
+        optimizer_temp = CPU_ADAM_TEMP_COPIES * 4 * math.ceil(arch.vocab * arch.hidden / n)
+    phases = {
+        "backward": dict(weights=master + gathered + reference,
+                         grads=(state_grads if accumulating else 0) + gathered_grads, optimizer=adam,
+                         activations=acts, logprobs=logprobs),
+        "backward's end": dict(weights=master + root_gathered + reference, grads=state_grads + end_root_grads,
+                               optimizer=adam, activations=0, logprobs=0),
+        "old log-probs": dict(weights=master + gathered + reference, grads=state_grads, optimizer=adam,
+                              activations=acts_ng, logprobs=logprobs_ng),
+        "optimizer step": dict(weights=master + reference, grads=state_grads, optimizer=adam + optimizer_temp,
+                               activations=0, logprobs=0),
+    }
     detail = (f"{how}; micro-batch {rows} x {w.seq:,} tokens of a {per_minibatch}-row minibatch, "
               f"checkpointing {'on' if k.checkpointing else 'off'}, log-prob chunk {chunk:,}"
               + ("; reference model" if reference else ""))
-    return parts, detail
+    return {name: {key: int(v) for key, v in parts.items()} for name, parts in phases.items()}, detail
 
 
 def _vllm_batched_tokens(cfg: Config, gpu_bytes: int | None, gpu_name: str) -> int:

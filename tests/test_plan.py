@@ -109,34 +109,64 @@ def _rows(plan, branch, role):
     return [r for r in plan.rows if r.branch == branch and r.role == role]
 
 
+def _phases(cfg, prompt_tokens=24, on_gpu=False):
+    from copd_ray.plan import _teachers, _trainer_knobs, _workload, trainer_phases
+
+    arch = architecture(cfg)
+    teachers = _teachers(cfg)
+    students = sum("add" in t for t in teachers.values())
+    w = _workload(cfg, teachers["add"], students, prompt_tokens)
+    return trainer_phases(cfg, arch, w, _trainer_knobs(cfg), on_gpu)[0]
+
+
 def test_trainer_arithmetic_by_hand():
     """The tiny Llama (hidden 128, 4 layers, 4 heads of 32, MLP 256, vocabulary 52, float32) and
-    a step of 4 x 2 native + 2 x 2 cross-branch rows of 24 + 8 tokens."""
+    a step of 4 x 2 native + 2 x 2 cross-branch rows of 24 + 8 tokens, phase by phase."""
     cfg = load_config(None, SMALL)
     plan = plan_memory(cfg, prompt_tokens=24, host_memory_gb=1000)
     arch = plan.arch
     P = 128 * 52 + 4 * (4 * 128 * 128 + 3 * 128 * 256 + 2 * 128) + 128  # embedding (tied), 4 blocks, final norm
     assert arch.params == P
-    t = _rows(plan, "add", "trainer")[0]
-    assert (t.parts["weights"], t.parts["grads"], t.parts["optimizer"]) == (4 * P, 4 * P, 8 * P)
+    root, embed = 128 * 52 + 128, 128 * 52
     rows, seq = 4 * 2 + 2 * 2, 24 + 8  # Phase II: the native batch and one teacher's
     tokens = rows * seq  # one minibatch, one micro-batch
     block = 24 * 128 + 12 * 128 + 8 * 128 + 16 * 256  # bytes a token: hidden, q, kv, MLP (float32)
     acts = tokens * (4 + 0.2) * block + tokens * 5 * 128 * 4 + rows * seq * seq  # + outside blocks + the mask
-    assert t.parts["activations"] == int(acts)
-    assert t.parts["logprobs"] == min(2048, rows * 8) * 52 * 12  # the response positions, 3 float32 copies
+    phases = _phases(cfg)
+    # One micro-batch: gradients are None until backward, which starts with the output layer's.
+    assert phases["backward"] == dict(weights=4 * P, grads=4 * root, optimizer=8 * P, activations=int(acts),
+                                      logprobs=min(2048, rows * 8) * 52 * 12)  # 3 float32 copies a position
+    assert phases["backward's end"] == dict(weights=4 * P, grads=4 * P + int(4 * (3.5 * embed + 128)), optimizer=8 * P,
+                                            activations=0, logprobs=0)
+    # Old log-probs: all of the rank's rows, one block's working set, 4 float32 copies (entropy); last step's grads.
+    assert phases["old log-probs"] == dict(weights=4 * P, grads=4 * P, optimizer=8 * P,
+                                           activations=tokens * (block + 5 * 128 * 4) + rows * seq * seq,
+                                           logprobs=rows * 8 * 52 * 16)
+    assert phases["optimizer step"] == dict(weights=4 * P, grads=4 * P, optimizer=int(8 * P + 2.5 * 4 * embed),
+                                            activations=0, logprobs=0)
+    t = _rows(plan, "add", "trainer")[0]
+    assert {k: t.parts[k] for k in phases["backward"]} == phases["backward"]
+    assert "peak: backward" in t.detail
     assert t.parts["other"] == 0.5 * GiB  # CPU: the process itself
     assert t.need == sum(t.parts.values()) and t.have is None and t.where.startswith("host memory")
 
-    ckpt = plan_memory(load_config(None, SMALL + ["train.gradient_checkpointing=true"]), prompt_tokens=24)
-    t = _rows(ckpt, "add", "trainer")[0]
-    assert t.parts["activations"] == int(tokens * (4 * 128 * 4 + 1.2 * block) + tokens * 5 * 128 * 4 + rows * seq * seq)
+    ckpt = load_config(None, SMALL + ["train.gradient_checkpointing=true"])
+    assert _phases(ckpt)["backward"]["activations"] == int(tokens * (4 * 128 * 4 + 1.2 * block) + tokens * 5 * 128 * 4
+                                                           + rows * seq * seq)
 
-    # A token budget of 2 rows: 2 x 32 tokens a micro-batch.
-    micro = plan_memory(load_config(None, SMALL + ["train.max_tokens_per_microbatch=70"]), prompt_tokens=24)
-    t = _rows(micro, "add", "trainer")[0]
-    assert t.parts["activations"] == int(64 * 4.2 * block + 64 * 5 * 128 * 4 + 2 * seq * seq)
+    # A token budget of 2 rows: 2 x 32 tokens a micro-batch, 6 of them: gradients accumulate.
+    micro = load_config(None, SMALL + ["train.max_tokens_per_microbatch=70"])
+    phases = _phases(micro)
+    assert phases["backward"]["activations"] == int(64 * 4.2 * block + 64 * 5 * 128 * 4 + 2 * seq * seq)
+    assert phases["backward"]["grads"] == 4 * P + 4 * root
+    assert phases["old log-probs"]["logprobs"] == 2 * 8 * 52 * 16
+    t = _rows(plan_memory(micro, prompt_tokens=24), "add", "trainer")[0]
     assert "micro-batch 2 x 32 tokens of a 12-row minibatch" in t.detail
+    # The parts are the largest phase's.
+    assert sum(t.parts.values()) - t.parts["other"] == max(sum(ph.values()) for ph in phases.values())
+
+    # On a GPU AdamW's foreach step holds a float32 copy of every exp_avg_sq at once.
+    assert _phases(cfg, on_gpu=True)["optimizer step"]["optimizer"] == 8 * P + 4 * P
 
 
 def test_sharded_ranks_hold_one_nth():
@@ -145,33 +175,40 @@ def test_sharded_ranks_hold_one_nth():
     base = load_config(None, SMALL)
     one = _rows(plan_memory(base, prompt_tokens=24), "add", "trainer")[0]
     for n in (2, 4):
-        plan = plan_memory(load_config(None, SMALL + [f"resources.num_trainers={n}"]), prompt_tokens=24)
+        cfg = load_config(None, SMALL + [f"resources.num_trainers={n}"])
+        plan = plan_memory(cfg, prompt_tokens=24)
         ranks = _rows(plan, "add", "trainer")
         assert len(ranks) == n and all(r.parts == ranks[0].parts for r in ranks)
         arch, r = plan.arch, ranks[0]
         shard = math.ceil(arch.params / n)
         block, root = 4 * 128 * 128 + 3 * 128 * 256 + 2 * 128, 128 * 52 + 128
         assert (arch.block_params, arch.root_params) == (block, root)
-        assert r.parts["weights"] == 4 * shard + 2 * 4 * (2 * block + root)  # float32 model: gathered in float32
-        assert (r.parts["grads"], r.parts["optimizer"]) == (4 * shard, 8 * shard)
-        assert r.parts["optimizer"] == pytest.approx(one.parts["optimizer"] / n, abs=8)
+        phases = _phases(cfg)
+        gathered = 4 * (2 * block + root)  # float32 model: gathered in float32
+        assert phases["backward"]["weights"] == 4 * shard + gathered
+        assert phases["backward"]["grads"] == gathered  # one micro-batch: no sharded gradient yet
+        assert phases["backward's end"]["weights"] == 4 * shard + 4 * root
+        for ph in phases.values():
+            assert ph["optimizer"] >= 8 * shard
+        assert phases["old log-probs"]["grads"] == 4 * shard
+        assert phases["old log-probs"]["optimizer"] == pytest.approx(one.parts["optimizer"] / n, abs=8)
         rows = math.ceil(12 / n)  # rows a rank
         assert f"micro-batch {rows} x 32 tokens" in r.detail and f"FSDP2 over {n} ranks" in r.detail
 
     # bf16: sharded ranks run their blocks in bf16 (20 bytes a token per hidden unit, not 26 under autocast).
     assert ACT_BYTES["sharded"]["hidden"] < ACT_BYTES["autocast"]["hidden"]
-    bf16 = plan_memory(load_config(None, SMALL + ["model.dtype=bfloat16", "resources.num_trainers=2"]),
-                       prompt_tokens=24)
-    r = _rows(bf16, "add", "trainer")[0]
-    assert r.parts["weights"] == 4 * math.ceil(bf16.arch.params / 2) + 2 * 2 * (2 * bf16.arch.block_params
-                                                                                + bf16.arch.root_params)
+    bf16 = load_config(None, SMALL + ["model.dtype=bfloat16", "resources.num_trainers=2"])
+    arch = architecture(bf16)
+    phases = _phases(bf16)
+    assert phases["backward"]["weights"] == 4 * math.ceil(arch.params / 2) + 2 * (2 * arch.block_params
+                                                                                + arch.root_params)
 
 
 def test_kl_reference_and_autocast_copies():
     plain = _rows(plan_memory(load_config(None, SMALL + ["model.dtype=bfloat16"]), prompt_tokens=24), "add", "trainer")
     kl = _rows(plan_memory(load_config(None, SMALL + ["model.dtype=bfloat16", "grpo.kl_coef=0.1"]), prompt_tokens=24),
                "add", "trainer")
-    P = plain[0].parts["grads"] // 4
+    P = plain[0].parts["optimizer"] // 8
     assert plain[0].parts["weights"] == 4 * P + 2 * P  # float32 master + autocast's bf16 copies
     assert kl[0].parts["weights"] == plain[0].parts["weights"] + 2 * P  # a bf16 reference model
     assert "reference model" in kl[0].detail
