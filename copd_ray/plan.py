@@ -45,11 +45,13 @@ GiB = 2**30
 # The traced per-block bytes below give 70.7 KB a token a block for that model (6% above
 # the measured 66 KB: kept, the plan errs on the safe side) and 121.7 KB a token with
 # checkpointing (36.9 KB of block inputs + 1.2 blocks), the measured 122 KB.
-# Whole steps (same model, one rank, float32; old log-probs, forward + backward with
-# log-probs in chunks, AdamW; the second step's peak RSS, when AdamW state and gradients
-# exist), measured against this plan's estimate (CPU_RUNTIME_BYTES included):
-#   1024 + 1024 tokens, chunk 512:   plain 3.77 GiB vs 3.85 (+2%)   ckpt 2.29 vs 2.44 (+6%)
-#    256 +  768 tokens, chunk 1024:  plain 2.98 GiB vs 3.10 (+4%)   ckpt 2.24 vs 2.40 (+7%)
+# Whole steps of a hand-written loop (same model, one rank, float32; old log-probs, forward
+# + backward with log-probs in chunks, AdamW; the second step's peak RSS), measured against
+# this plan's estimate (CPU_RUNTIME_BYTES included):
+#   1024 + 1024 tokens, chunk 512:   plain 3.77 GiB vs 3.57 (-5%)   ckpt 2.29 vs 2.40 (+5%)
+#    256 +  768 tokens, chunk 1024:  plain 2.98 GiB vs 2.82 (-5%)   ckpt 2.24 vs 2.44 (+9%)
+# (That loop zeroed its gradients in place, so they existed during backward; the learner sets
+# them to None, which the estimate below follows: -5% there is the gradients it kept.)
 # Whole Learner.train_step's (copd_ray/learner.py) with 1 and 2 ranks (FSDP2 over gloo),
 # checkpointing off and on, 1 and 4 micro-batches: benchmarks/trainer_memory.py prints each
 # beside this estimate (the README quotes its table). A sampler thread's peak RSS in each
