@@ -112,17 +112,6 @@ class Learner:
 
     # -- weights as generators and scorers hold them ---------------------------------------
 
-    def serving_state(self) -> dict[str, torch.Tensor]:
-        """The weights in `dtype`, whole (an unsharded rank only)."""
-        state = self.model.state_dict()
-        if self.compute_dtype == torch.float32:
-            return state
-        cast: dict[tuple, torch.Tensor] = {}  # by storage, so tied weights stay one tensor
-        for name, v in state.items():
-            if v.is_floating_point():
-                state[name] = cast.setdefault(sharding.storage_key(v), v.to(self.compute_dtype))
-        return state
-
     def bucket_tensors(self, plan: list) -> Iterator[list[torch.Tensor]]:
         """Each bucket's tensors (a plan of TensorSpecs, `actors/weight_sync.py`), whole and
         in the wire dtype, one bucket at a time: no rank

@@ -7,6 +7,7 @@ import sys
 import torch
 
 from conftest import REPO
+from copd_ray.actors.weight_sync import bucket_plan, pack, unpack
 from copd_ray.batch import TrainBatch
 from copd_ray.learner import Learner
 
@@ -35,7 +36,10 @@ def test_bf16_learner_keeps_float32_weights_and_serves_bf16(tiny_folder):
     rounded_away = [k for k in moved if torch.equal(before[k].bfloat16(), after[k].bfloat16())]
     assert moved and rounded_away
 
-    served = learner.serving_state()
+    # What the weight broadcast delivers: the plan in bf16, each bucket packed and unpacked.
+    plan = bucket_plan(learner.model.state_dict(), 1 << 30, learner.compute_dtype)
+    served = dict(kv for bucket, tensors in zip(plan, learner.bucket_tensors(plan))
+                  for kv in unpack(pack(tensors, "cpu"), bucket))
     assert all(v.dtype == torch.bfloat16 for v in served.values() if v.is_floating_point())
     assert torch.equal(served["model.embed_tokens.weight"], after["model.embed_tokens.weight"].bfloat16())
     assert served["lm_head.weight"] is served["model.embed_tokens.weight"]  # tied weights stay one tensor
