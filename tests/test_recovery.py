@@ -63,6 +63,27 @@ def _kill(out, branch, role):
     return pid
 
 
+def _killed_and_clean(common, victims, tmp_path):
+    """The run with `victims` killed one by one in Phase II (each recovered before the
+    next), then the same run without failures: their output folders."""
+    killed = tmp_path / "killed"
+    run = Run(load_config(None, common + [f"output_dir={killed}"]))
+    run.start()
+    for i, (branch, role) in enumerate(victims):
+        _wait(run, lambda: any(r["phase"] == "opd" for r in _records(killed, "step")), "Phase II")
+        _kill(killed, branch, role)
+        _wait(run, lambda: len(_recoveries(killed)) == i + 1, f"the recovery of {role} of {branch}")
+    run.join(timeout=600)
+    assert run.error is None, run.error
+    clean = tmp_path / "clean"
+    train(load_config(None, common + [f"output_dir={clean}"]))
+    return killed, clean
+
+
+def _step_numbers(out):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(out, "step")]
+
+
 def test_a_killed_generator_scorer_and_trainer_are_recovered(ray_session, tiny_folder, tmp_path):
     out = tmp_path / "run"
     opd_steps = 16
@@ -125,22 +146,8 @@ def test_recovered_runs_log_what_an_uninterrupted_run_logs(ray_session, tiny_fol
     """A retried step and a replay from a checkpoint compute the same numbers: the step
     records and the budget equal those of the same run without failures."""
     common = RUN + ["schedule.opd_steps=8", f"model.path={tiny_folder}"]
-    killed = tmp_path / "killed"
-    run = Run(load_config(None, common + [f"output_dir={killed}"]))
-    run.start()
-    for i, (branch, role) in enumerate([("add", "generator 0"), ("mul", "trainer 0")]):
-        _wait(run, lambda: any(r["phase"] == "opd" for r in _records(killed, "step")), "Phase II")
-        _kill(killed, branch, role)
-        _wait(run, lambda: len(_recoveries(killed)) == i + 1, f"the recovery of {role} of {branch}")
-    run.join(timeout=600)
-    assert run.error is None, run.error
-    clean = tmp_path / "clean"
-    train(load_config(None, common + [f"output_dir={clean}"]))
-
-    def numbers(out):
-        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(out, "step")]
-
-    assert numbers(killed) == numbers(clean)
+    killed, clean = _killed_and_clean(common, [("add", "generator 0"), ("mul", "trainer 0")], tmp_path)
+    assert _step_numbers(killed) == _step_numbers(clean)
     summaries = [json.loads((out / "eval.json").read_text()) for out in (killed, clean)]
     assert summaries[0]["budget"] == summaries[1]["budget"] and summaries[0]["eval"] == summaries[1]["eval"]
 
@@ -150,20 +157,6 @@ def test_a_sharded_branch_recovers_a_lost_generator_and_a_lost_rank_exactly(ray_
     are; a lost rank rebuilds the group on every rank and replays from the checkpoint. The
     records equal those of the same run without failures."""
     common = RUN + ["schedule.opd_steps=6", "resources.num_trainers=2", f"model.path={tiny_folder}"]
-    killed = tmp_path / "killed"
-    run = Run(load_config(None, common + [f"output_dir={killed}"]))
-    run.start()
-    for i, (branch, role) in enumerate([("add", "generator 0"), ("add", "trainer 1")]):
-        _wait(run, lambda: any(r["phase"] == "opd" for r in _records(killed, "step")), "Phase II")
-        _kill(killed, branch, role)
-        _wait(run, lambda: len(_recoveries(killed)) == i + 1, f"the recovery of {role} of {branch}")
-    run.join(timeout=600)
-    assert run.error is None, run.error
+    killed, clean = _killed_and_clean(common, [("add", "generator 0"), ("add", "trainer 1")], tmp_path)
     assert [e["then"] for e in _recoveries(killed)] == ["retry the step", "rollback to the last checkpoint"]
-    clean = tmp_path / "clean"
-    train(load_config(None, common + [f"output_dir={clean}"]))
-
-    def numbers(out):
-        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(out, "step")]
-
-    assert numbers(killed) == numbers(clean)
+    assert _step_numbers(killed) == _step_numbers(clean)
