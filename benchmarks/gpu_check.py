@@ -19,7 +19,7 @@ import time
 
 import torch
 
-GRPO = {"lr": 1e-5, "weight_decay": 0.0, "kl_coef": 0.0, "minibatches": 2, "clip_low": 0.2, "clip_high": 0.28,
+GRPO = {"lr": 1e-5, "weight_decay": 0.0, "kl_coef": 0.0, "is_cap": 2.0, "minibatches": 2, "clip_low": 0.2, "clip_high": 0.28,
         "loss_agg": "token_mean", "grad_clip": 1.0}
 
 

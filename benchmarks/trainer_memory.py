@@ -90,7 +90,7 @@ FULL = Sizes(Model(768, 12, 12, 4, 64, 2048, 32000), rows=8, prompt=32, response
 SMALL = Sizes(Model(256, 4, 4, 2, 64, 704, 8000), rows=8, prompt=32, response=32, chunk=2048,
               lp_vocab=151_936, lp_tokens=1024, lp_hidden=64, lp_chunks=(64,))
 
-GRPO = {"lr": 1e-5, "weight_decay": 0.0, "kl_coef": 0.0, "minibatches": 1, "clip_low": 0.2, "clip_high": 0.28,
+GRPO = {"lr": 1e-5, "weight_decay": 0.0, "kl_coef": 0.0, "is_cap": 2.0, "minibatches": 1, "clip_low": 0.2, "clip_high": 0.28,
         "loss_agg": "token_mean", "grad_clip": 1.0}
 
 

@@ -2,7 +2,8 @@
 
 A step combines the native GRPO rollouts (rewards, in groups) with zero or more
 cross-branch OPD rollouts (teacher log-probs per response token); both go through the
-same clipped update.
+same clipped update. `assemble` builds it, in the trainer, from the step's Rollouts and
+TeacherScores (`copd_ray/step_data.py`), and counts what the step spent.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from copd_ray.models.vl_inputs import collate
+from copd_ray.step_data import Rollouts, StepSpec, TeacherScores
 
 
 @dataclass
@@ -24,6 +26,11 @@ class TrainBatch:
     opd_prompt_lengths: list[int] = field(default_factory=list)
     opd_teacher_logprobs: list[list[float]] = field(default_factory=list)  # per response token
     opd_beta: list[float] = field(default_factory=list)  # per sequence (its teacher edge's beta)
+    # The generators' log-probs of every response token, GRPO rows then OPD rows, and
+    # whether they came from another policy than the trainer's current one (then the
+    # loss takes a truncated importance weight).
+    behaviour_logprobs: list[list[float]] = field(default_factory=list)
+    off_policy: bool = False
 
     def __len__(self) -> int:
         return len(self.grpo_sequences) + len(self.opd_sequences)
@@ -35,11 +42,61 @@ class TrainBatch:
         lo, hi = g_lo * self.group_size, g_hi * self.group_size
         n = len(self.opd_sequences)
         o_lo, o_hi = rank * n // world, (rank + 1) * n // world
+        g = len(self.grpo_sequences)
+        behaviour = self.behaviour_logprobs[lo:hi] + self.behaviour_logprobs[g + o_lo : g + o_hi]
         return TrainBatch(
             self.group_size, self.grpo_sequences[lo:hi], self.grpo_prompt_lengths[lo:hi], self.grpo_rewards[lo:hi],
             self.opd_sequences[o_lo:o_hi], self.opd_prompt_lengths[o_lo:o_hi],
-            self.opd_teacher_logprobs[o_lo:o_hi], self.opd_beta[o_lo:o_hi],
+            self.opd_teacher_logprobs[o_lo:o_hi], self.opd_beta[o_lo:o_hi], behaviour, self.off_policy,
         )
+
+
+def assemble(spec: StepSpec, parts: tuple, trainer_steps: int) -> tuple[TrainBatch, dict]:
+    """The step's TrainBatch from its inputs (laid out as `spec` says), and the record of
+    what it holds: rewards, teacher versions, rollouts and teacher tokens spent, the
+    behaviour policy's lag behind the trainer (`trainer_steps` optimizer steps so far)."""
+    batch = TrainBatch(group_size=spec.group_size)
+    record: dict = {"kind": "step", "step": spec.step, "phase": spec.phase, "opd_batches": len(spec.edges),
+                    "teacher_tokens": 0}
+    seconds = {"generate": 0.0, "score": 0.0}
+    used: list[Rollouts] = []
+    at = spec.native_parts
+    if spec.native_parts:
+        native = Rollouts.concat(list(parts[:at]))
+        used.append(native)
+        seconds["generate"] += native.seconds
+        batch.grpo_sequences, batch.grpo_prompt_lengths = native.sequences, native.prompt_lengths
+        batch.grpo_rewards = native.rewards
+        lengths = native.response_lengths()
+        record.update(reward_mean=sum(native.rewards) / len(native.rewards),
+                      pass_rate=sum(r >= 1.0 for r in native.rewards) / len(native.rewards),
+                      response_length=sum(lengths) / len(lengths))
+    for edge in spec.edges:
+        rollouts = Rollouts.concat(list(parts[at : at + edge.parts]))
+        scores: TeacherScores = parts[at + edge.parts]
+        at += edge.parts + 1
+        used.append(rollouts)
+        seconds["generate"] += rollouts.seconds
+        seconds["score"] += scores.seconds
+        batch.opd_sequences += rollouts.sequences
+        batch.opd_prompt_lengths += rollouts.prompt_lengths
+        batch.opd_teacher_logprobs += scores.logprobs
+        batch.opd_beta += [edge.beta] * len(rollouts.sequences)
+        student = [lp for row in rollouts.logprobs for lp in row]
+        teacher = [lp for row in scores.logprobs for lp in row]
+        record["teacher_tokens"] += len(teacher)
+        record.update({
+            f"opd/{edge.teacher}/teacher_version": scores.version,
+            f"opd/{edge.teacher}/reward_mean": sum(rollouts.rewards) / len(rollouts.rewards),
+            f"opd/{edge.teacher}/logp_gap": (sum(teacher) - sum(student)) / max(len(student), 1),
+        })
+    batch.behaviour_logprobs = [lp for r in used for lp in r.logprobs]
+    lag = trainer_steps - min(r.policy_step for r in used)
+    batch.off_policy = lag > 0 or not spec.behaviour_exact
+    record.update({"rollouts": len(batch), "lag/behaviour_version": min(r.version for r in used),
+                   "lag/trainer_version": spec.trainer_version, "lag/steps": lag,
+                   **{f"time/{k}": v for k, v in seconds.items()}})
+    return batch, record
 
 
 def pad_sequences(sequences: list, prompt_lengths: list[int], pad_id: int):

@@ -151,7 +151,7 @@ def _time_table(metrics_path: Path) -> Table:
 
 def _evaluate_folder(cfg: Config, folder: Path) -> dict[str, dict]:
     from copd_ray.capabilities import build_capability, check_chat_template
-    from copd_ray.driver import eval_device
+    from copd_ray.runtime import eval_device
     from copd_ray.engines.factory import make_engine
     from copd_ray.evaluation import evaluate
     from copd_ray.models.vl_inputs import VisionInputBuilder

@@ -199,7 +199,7 @@ def _extra_merge(p: Plan, folder: Path, method: str, cfg: Config) -> dict[str, f
     import ray
 
     from copd_ray.capabilities import build_capability
-    from copd_ray.driver import eval_task_options, evaluate_folder
+    from copd_ray.runtime import eval_task_options, evaluate_folder
     from copd_ray.models.merge_folders import merge_folders
 
     cache = folder / f"eval_merged_{method}.json"
@@ -218,7 +218,8 @@ def _extra_merge(p: Plan, folder: Path, method: str, cfg: Config) -> dict[str, f
 
 def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console, runs: list[str] | None = None) -> dict:
     """Every run for every seed (skipping finished ones), then compare.json, compare.md and plots."""
-    from copd_ray.driver import init_ray, train
+    from copd_ray.driver import train
+    from copd_ray.runtime import init_ray
 
     p = plan(cfg, ratios, runs)
     out.mkdir(parents=True, exist_ok=True)

@@ -262,6 +262,12 @@ class ScheduleConfig(Section):
     # most this many steps. The demo's are ~1 s each; raise it for big models.
     save_every: Int = Field(10, ge=0)
     keep_checkpoints: Int = Field(2, gt=0)  # the newest N are kept
+    # 0: Algorithm 1 step for step (every branch finishes step t, then all sync). k >= 1:
+    # each branch on its own clock, generating the next batch while it trains on this
+    # one, from weights at most k versions old; branches meet only at checkpoints, at
+    # the end and (phase_barrier) where the phase changes.
+    max_staleness: Int = Field(0, ge=0)
+    phase_barrier: bool = True
 
     @model_validator(mode="after")
     def _some_steps(self):
@@ -284,6 +290,10 @@ class GRPOConfig(Section):
     minibatches: Int = Field(2, gt=0)  # optimizer steps per training step
     grad_clip: Float = Field(1.0, gt=0)
     kl_coef: Float = Field(0.0, ge=0)  # KL penalty to the base policy (Eq. 12); off by default
+    # Cap C of the truncated importance weight min(pi_old / pi_behaviour, C) on rollouts
+    # another policy sampled (max_staleness > 0, sync_every > 1, vLLM/SGLang or bf16
+    # numerics); 0 = never weight.
+    is_cap: Float = Field(2.0, ge=0)
 
 
 class TrainConfig(Section):
@@ -296,6 +306,11 @@ class TrainConfig(Section):
     max_tokens_per_microbatch: Int | None = Field(None, gt=0)
     # Response positions whose vocabulary logits exist at once in the log-prob pass.
     logprob_chunk_tokens: Int = Field(2048, gt=0)
+    # Take the rollouts' log-probs as the old log-probs (no extra no-gradient forward) when
+    # they are the trainer's own: same weights (lag 0) and the hf engine in float32. Off by
+    # default: a KV-cached decode differs from a full forward in the last bits, so Algorithm
+    # 1's numbers would no longer repeat exactly, and entropy is then not measured.
+    reuse_rollout_logprobs: bool = False
 
 
 class OPDConfig(Section):
@@ -382,6 +397,9 @@ class MetricsConfig(Section):
     pair_every: Int = Field(5, ge=0)  # steps between top-k overlap / symmetric KL; 0 = off
     topk: Int = Field(10, gt=0)
     pair_sequences: Int = Field(32, gt=0)  # student rollouts the pair metrics average over
+    # Top tokens per position each scorer shares for the symmetric KL (a lower bound of the
+    # full-vocabulary value, exact when they cover the support; >= topk).
+    kl_topk: Int = Field(64, gt=0)
 
 
 class WandbConfig(Section):
@@ -504,6 +522,12 @@ class Config(Section):
                              "(resources.trainer_gpus=1)")
         if self.ray.sync_backend == "nccl" and self.resources.trainer_gpus == 0:
             raise ValueError("ray.sync_backend=nccl needs GPUs (resources.trainer_gpus > 0)")
+        if self.metrics.kl_topk < self.metrics.topk:
+            raise ValueError(f"metrics.kl_topk={self.metrics.kl_topk} < metrics.topk={self.metrics.topk}: the "
+                             "overlap is read from the top tokens the scorers share")
+        if self.schedule.max_staleness and self.schedule.sync_every > 1:
+            raise ValueError("schedule.max_staleness > 0 with schedule.sync_every > 1: the lag of asynchronous "
+                             "rollouts is counted in weight versions; keep sync_every=1")
         if not self.opd.native_rl and self.schedule.opd_steps:
             if set(trainable) - taught:
                 raise ValueError(f"opd.native_rl=false leaves branch(es) {sorted(set(trainable) - taught)} "

@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 from copd_ray import sharding
-from copd_ray.algo import chosen_logprobs, clip_fraction, grpo_advantages, opd_advantages, policy_loss
+from copd_ray.algo import (chosen_logprobs, clip_fraction, grpo_advantages, opd_advantages, policy_loss,
+                           truncated_is_weight)
 from copd_ray.batch import TrainBatch, pack_microbatches, pad_sequences, place_per_token
 from copd_ray.models.loading import DTYPES
 from copd_ray.models.vl_inputs import pixel_kwargs, vision_token_ids
 
-TRAIN_DEFAULTS = {"gradient_checkpointing": False, "max_tokens_per_microbatch": None, "logprob_chunk_tokens": 2048}
+TRAIN_DEFAULTS = {"gradient_checkpointing": False, "max_tokens_per_microbatch": None, "logprob_chunk_tokens": 2048,
+                  "reuse_rollout_logprobs": False}
 
 
 class PolicyLogprobs(nn.Module):
@@ -112,14 +114,20 @@ class Learner:
 
     # -- weights as generators and scorers hold them ---------------------------------------
 
-    def bucket_tensors(self, plan: list) -> Iterator[list[torch.Tensor]]:
+    def bucket_tensors(self, plan: list, cast: bool = True) -> Iterator[list[torch.Tensor]]:
         """Each bucket's tensors (a plan of TensorSpecs, `actors/weight_sync.py`), whole and
         in the wire dtype, one bucket at a time: no rank
         ever holds a second whole copy of the model. Sharded, every rank must iterate
-        (each tensor is an all-gather); only rank 0 sends."""
+        (each tensor is an all-gather); only rank 0 sends. `cast=False` yields one rank's
+        parameters themselves, uncast, for a sender whose copy into its buffer casts in the
+        same pass; a shard is cast all the same, so that its gather moves the wire dtype."""
         state = self.model.state_dict()
         for bucket in plan:
-            yield [sharding.full_tensor(state[s.name], getattr(torch, s.dtype.removeprefix("torch."))) for s in bucket]
+            if cast or self.sharded:
+                yield [sharding.full_tensor(state[s.name], getattr(torch, s.dtype.removeprefix("torch.")))
+                       for s in bucket]
+            else:
+                yield [state[s.name].detach() for s in bucket]
 
     # -- the step -------------------------------------------------------------------------
 
@@ -168,6 +176,13 @@ class Learner:
         entropy_sum = 0.0
         passes = pack_microbatches(list(range(len(sequences))), lengths, budget)
         n_passes = int(self._agree([len(passes)], "max")[0])
+        # The generators' log-probs are the old ones when they sampled with these very weights,
+        # computing as the trainer does: then the no-gradient pass is skipped (its entropy too).
+        reuse = self.train_cfg["reuse_rollout_logprobs"] and not batch.off_policy and self.reference is None
+        if reuse:
+            old_logprobs = (place_per_token(batch.behaviour_logprobs, plens, ids.shape[1]).to(self.device) * mask
+                            if real else torch.zeros_like(mask))
+            n_passes = 0
         with torch.no_grad(), self.autocast():
             self.model.eval()
             for k in range(n_passes):  # a rank with fewer passes repeats its first (ranks stay in lockstep)
@@ -181,7 +196,8 @@ class Learner:
                         ref_logprobs[idx, : w - 1] = self.reference(*mb)[0]
             self.model.train()
         entropy_sum, token_count = self._agree([entropy_sum, mask.sum().item()])
-        entropy = entropy_sum / max(token_count, 1.0)
+        entropy = math.nan if reuse else entropy_sum / max(token_count, 1.0)
+        is_weight, is_stats = self._importance_weights(batch, old_logprobs, mask, plens[:real], token_count)
 
         n_grpo = len(batch.grpo_sequences)
         advantages = torch.zeros_like(old_logprobs)
@@ -222,6 +238,7 @@ class Learner:
                     c["clip_high"], c["loss_agg"], kl_coef=c["kl_coef"],
                     ref_logprobs=ref_logprobs[idx, : w - 1] if ref_logprobs is not None else None,
                     denominator=None if whole else denominators[j],
+                    is_weight=is_weight[idx, : w - 1] if is_weight is not None else None,
                 )
                 # FSDP2 averages gradients over the ranks; the loss is already the whole's share.
                 (loss * (0.0 if filler else float(self.world_size))).backward()
@@ -247,5 +264,20 @@ class Learner:
         return {
             "loss": mean(losses), "clip_fraction": mean(clips), "grad_norm": mean(norms), "entropy": entropy,
             "nan_skipped": skipped, "sequences": int(self._agree([float(real)])[0]),
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - start, **is_stats,
         }
+
+    def _importance_weights(self, batch: TrainBatch, old_logprobs, mask, plens: list[int], tokens: float):
+        """The truncated importance weight of every token (None when the rollouts came from
+        the trainer's current policy, computed as the trainer computes), and its log:
+        the mean weight and the share of tokens whose ratio was truncated."""
+        cap = self.cfg["is_cap"]
+        if not batch.off_policy or cap <= 0:
+            return None, {"is/weight_mean": 1.0, "is/truncated": 0.0}
+        behaviour = place_per_token(batch.behaviour_logprobs, plens, old_logprobs.shape[1] + 1).to(self.device)
+        if len(plens) < old_logprobs.shape[0]:  # a sharded rank's filler row: no rollout behind it
+            behaviour = old_logprobs.clone()
+        weight = truncated_is_weight(old_logprobs, behaviour, cap) * mask
+        truncated = ((old_logprobs - behaviour > math.log(cap)) & (mask > 0)).sum().item()
+        weight_sum, truncated = self._agree([weight.sum().item(), truncated])
+        return weight, {"is/weight_mean": weight_sum / max(tokens, 1.0), "is/truncated": truncated / max(tokens, 1.0)}

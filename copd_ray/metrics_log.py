@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 # Dotted config keys whose values are secrets: never written to wandb or any dump.
@@ -43,6 +44,10 @@ class MetricsLog:
         if resume_step is not None:
             _keep_until(self.path, resume_step)
         self.file = self.path.open("w" if resume_step is None else "a", encoding="utf-8")
+        # Branches on their own clocks (schedule.max_staleness > 0) log from their own
+        # threads, and their steps interleave; wandb's step must not go back.
+        self.lock = threading.Lock()
+        self.wandb_step = 0
         self.wandb = None
         if wandb_cfg.mode != "disabled":
             import wandb
@@ -62,10 +67,12 @@ class MetricsLog:
 
     def log(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(clean) + "\n")
-        self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log(self._flat(record), step=record["step"])
+        with self.lock:
+            self.file.write(json.dumps(clean) + "\n")
+            self.file.flush()
+            if self.wandb is not None:
+                self.wandb_step = max(self.wandb_step, record["step"])
+                self.wandb.log({**self._flat(record), "step": record["step"]}, step=self.wandb_step)
 
     @staticmethod
     def _flat(record: dict) -> dict:

@@ -50,7 +50,8 @@ def fit_line(xs: list[float], ys: list[float]) -> dict[str, float]:
 
 def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: list[float], steps: int,
               experts: Path | None, console) -> dict:
-    from copd_ray.driver import init_ray, train
+    from copd_ray.driver import train
+    from copd_ray.runtime import init_ray
 
     names = [b.name for b in cfg.branch_list()]
     for role, name in (("teacher", teacher), ("student", student)):

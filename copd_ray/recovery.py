@@ -26,6 +26,7 @@ from pathlib import Path
 import ray
 
 from copd_ray.actors import BranchGroup
+from copd_ray.checkpoints import read_state
 from copd_ray.errors import ActorFailure
 
 
@@ -105,9 +106,11 @@ class SelfHealing:
         if self.restarted():
             self.recover(RuntimeError("an actor restarted between steps"))
 
-    def recover(self, error: BaseException) -> None:
+    def recover(self, error: BaseException, rollback: bool = False) -> None:
         """Restore every restarted actor's place in the run, or re-raise `error` when no
-        actor restarted (then it was not a fault of the cluster but a bug or bad input)."""
+        actor restarted (then it was not a fault of the cluster but a bug or bad input).
+        `rollback`: replay from the last checkpoint even when no trainer was lost (branches
+        on their own clocks cannot retry one step: their pipelines hold several)."""
         start = time.perf_counter()
         replaced = self.restarted()
         if not replaced:
@@ -120,6 +123,7 @@ class SelfHealing:
                                "last checkpoint") from None
         branches = sorted({n for n, _ in replaced})
         trainer_lost = any(role.startswith("trainer") for _, role in replaced)
+        rollback = rollback or trainer_lost
         for n in branches:
             g = self.groups[n]
             g.wire(g.generation + 1)
@@ -133,12 +137,12 @@ class SelfHealing:
         events = [{"event": "actor_recovered", "branch": n, "actor": role, "pid_before": old_pids[(n, role)],
                    "pid_after": new["pid"], "failure": self.failures, "error": _first_line(error),
                    "seconds": round(time.perf_counter() - start, 2),
-                   "then": "rollback to the last checkpoint" if trainer_lost else "retry the step"}
+                   "then": "rollback to the last checkpoint" if rollback else "retry the step"}
                   for (n, role), new in replaced.items()]
         self.console.print(f"[yellow]recovered {what} at step {self.step} in {time.perf_counter() - start:.1f} s "
                            f"(failure {self.failures}/{self.max_failures}); "
-                           f"{'rolling back to the last checkpoint' if trainer_lost else 'retrying the step'}[/yellow]")
-        if trainer_lost:
+                           f"{'rolling back to the last checkpoint' if rollback else 'retrying the step'}[/yellow]")
+        if rollback:
             raise Rollback(events)
         for event in events:
             self.log_event(event)
@@ -178,3 +182,15 @@ def _attempt(fn, name):
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
+
+
+def restore(folder: Path | None, trainable: dict, data: dict, healer: SelfHealing) -> int:
+    """Every trainable branch and every data stream back to a checkpoint (None: the run's
+    start), in the running actors; returns the checkpoint's step."""
+    state = read_state(folder) if folder else {"step": 0, "drawn": {}, "versions": {}}
+    healer.each(list(trainable), lambda n: trainable[n].load(str(folder / "branches" / n) if folder else None,
+                                                             state["versions"].get(n, 0)))
+    for n, d in data.items():
+        d.replay(state["drawn"].get(n, 0))
+    healer.console.print(f"resumed from {folder or 'the start'} at step {state['step']}")
+    return state["step"]

@@ -88,3 +88,25 @@ def started_branch(name, cfg, model_folder, run_id):
         yield group
     finally:
         group.shutdown()
+
+
+def sample(group, prompts, params, answers=None, rewards=None):
+    """A branch's rollouts of `prompts` (a Rollouts, gathered from every generator)."""
+    import ray
+
+    from copd_ray.step_data import PromptBatch, Rollouts
+
+    n = len(prompts)
+    batch = PromptBatch(prompts, answers or [""] * n, rewards or ["exact_match"] * n, params)
+    return Rollouts.concat(ray.get(group.sample(batch)))
+
+
+def train_on(group, batch) -> dict:
+    """Every trainer rank's update on a hand-made TrainBatch (a run's steps build theirs
+    inside the trainer); rank 0's metrics."""
+    import ray
+
+    world = len(group.trainers)
+    results = ray.get([t.train_step.remote(batch.shard(i, world)) for i, t in enumerate(group.trainers)])
+    group.trained_since_sync = True
+    return results[0]

@@ -246,3 +246,60 @@ def test_micro_batches_stay_within_the_token_budget():
     assert all(len(mb) * max(lengths[i] for i in mb) <= 20 or len(mb) == 1 for mb in packed)
     assert pack_microbatches([2, 0], lengths, None) == [[2, 0]]
     assert pack_microbatches([], lengths, 20) == []
+
+
+# -- off-policy correction and pair metrics from top-k only -------------------------------------
+
+
+def test_truncated_is_weight_is_one_on_policy_and_matches_a_hand_computation():
+    from copd_ray.algo import truncated_is_weight
+
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    assert torch.equal(truncated_is_weight(old, old.clone(), 2.0), torch.ones(1, 3))
+    behaviour = torch.tensor([[-1.5, -0.5, -0.5 - math.log(4.0)]])
+    # exp(-1.0 + 1.5) = 1.6487; exp(-2.0 + 0.5) = 0.2231; exp(log 4) = 4, truncated to 2.
+    assert truncated_is_weight(old, behaviour, 2.0).tolist()[0] == pytest.approx([math.exp(0.5), math.exp(-1.5), 2.0])
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        truncated_is_weight(old, behaviour, 0.0)
+
+
+def test_the_importance_weight_scales_each_tokens_surrogate():
+    from copd_ray.algo import policy_loss
+
+    logp = torch.tensor([[-1.0, -1.2]])
+    old = torch.tensor([[-1.1, -1.0]])
+    adv = torch.tensor([[1.0, -2.0]])
+    mask = torch.ones(1, 2)
+    w = torch.tensor([[0.5, 2.0]])
+    ratio = [math.exp(0.1), math.exp(-0.2)]
+    # token 0: min(r A, clip(r) A) = r (inside the clip); token 1: A < 0, r = 0.82 -> max of the two = clip: 0.8 * -2
+    per_token = [-min(ratio[0] * 1.0, min(max(ratio[0], 0.8), 1.28) * 1.0) * 0.5,
+                 -min(ratio[1] * -2.0, min(max(ratio[1], 0.8), 1.28) * -2.0) * 2.0]
+    got = policy_loss(logp, old, adv, mask, 0.2, 0.28, "token_mean", is_weight=w)
+    assert got.item() == pytest.approx(sum(per_token) / 2)
+
+
+def test_topk_pair_metrics_overlap_is_exact_and_kl_a_tight_lower_bound():
+    from copd_ray.algo import symmetric_kl, topk_overlap, topk_pair_metrics
+
+    torch.manual_seed(0)
+    vocab = 40
+    s_logits, t_logits = torch.randn(3, 5, vocab) * 2, torch.randn(3, 5, vocab) * 2
+    mask = torch.ones(3, 5)
+    mask[2, 3:] = 0
+    exact_kl = symmetric_kl(s_logits, t_logits, mask).item()
+    bounds = []
+    for k_share in (10, 20, vocab):
+        s_top, t_top = s_logits.log_softmax(-1).topk(k_share, -1), t_logits.log_softmax(-1).topk(k_share, -1)
+        overlap, kl = topk_pair_metrics(s_top.indices, s_top.values, t_top.indices, t_top.values, 5, mask)
+        assert overlap.item() == pytest.approx(topk_overlap(s_logits, t_logits, 5, mask).item())
+        bounds.append(kl.item())
+    assert 0 <= bounds[0] <= bounds[1] <= bounds[2] + 1e-6
+    assert bounds[1] <= exact_kl + 1e-6
+    assert bounds[2] == pytest.approx(exact_kl, rel=1e-5)  # the whole vocabulary shared: exact
+
+    # Hand computation at one position: tokens {0, 1} in both top-2 sets, the rest one bin.
+    p_s, p_t = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.6, 0.2])
+    kl = topk_pair_metrics(torch.tensor([[[0, 1]]]), p_s[:2].log().view(1, 1, 2), torch.tensor([[[1, 0]]]),
+                           p_t[[1, 0]].log().view(1, 1, 2), 2, torch.ones(1, 1))[1].item()
+    assert kl == pytest.approx(sum((a - b) * math.log(a / b) for a, b in zip(p_s.tolist(), p_t.tolist())))

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import sigint_reaches_child
 from copd_ray.config import load_config
-from copd_ray.driver import BranchDataError, train
+from copd_ray.driver import train
+from copd_ray.run_data import BranchDataError
 from copd_ray.errors import CheckpointError
 from copd_ray.topology import Topology
 

@@ -11,7 +11,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import started_branch
+from conftest import sample, started_branch, train_on
 from copd_ray.actors import GeneratorActor, ScorerActor, TrainBatch
 from copd_ray.config import load_config
 from copd_ray.engines import HFEngine, SamplingParams
@@ -113,12 +113,11 @@ def test_vllm_follows_a_weight_broadcast(ray_session, tiny_folder, tiny_tokenize
     with started_branch("vsync", cfg, tiny_folder, "test-vllm-sync") as group:
         assert group.transport == "torch"
         prompts = [tiny_tokenizer(p)["input_ids"] for p in ["123+045=", "500+500="]]
-        out = group.rollout(prompts, SamplingParams(n=8, max_new_tokens=6, seed=1), ["168", "1000"], ["exact_match"] * 2)
-        seqs = [prompts[s.prompt_index] + s.token_ids for s in out["samples"]]
-        plens = [len(prompts[s.prompt_index]) for s in out["samples"]]
+        out = sample(group, prompts, SamplingParams(n=8, max_new_tokens=6, seed=1), ["168", "1000"])
+        seqs, plens = out.sequences, out.prompt_lengths
         before = ray.get(group.scorer.score.remote(seqs, plens)).logprobs
         for _ in range(3):  # enough updates to move the log-probs visibly
-            group.train(TrainBatch(8, seqs, plens, [float(i % 2) for i in range(16)]))
+            train_on(group, TrainBatch(8, seqs, plens, [float(i % 2) for i in range(16)]))
         assert group.sync()["version"] == 1
         scores = ray.get(group.scorer.score.remote(seqs, plens))
         assert scores.version == 1 and ray.get(group.generators[0].version.remote()) == 1
@@ -128,8 +127,8 @@ def test_vllm_follows_a_weight_broadcast(ray_session, tiny_folder, tiny_tokenize
         expected = reference.score(seqs, plens).logprobs
         assert max(abs(a - b) for r, e in zip(scores.logprobs, expected) for a, b in zip(r, e)) < 1e-4
         assert max(abs(a - b) for r, e in zip(before, expected) for a, b in zip(r, e)) > 1e-3
-        greedy = group.rollout(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=8))["samples"]
-        assert [s.token_ids for s in greedy] == [s.token_ids for s in reference.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))]
+        greedy = sample(group, prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=8))
+        assert [seq[len(p):] for seq, p in zip(greedy.sequences, prompts)] == [s.token_ids for s in reference.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))]
 
 
 @needs_vllm

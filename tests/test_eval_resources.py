@@ -4,7 +4,7 @@ import ray
 
 from copd_ray.capabilities import build_capability
 from copd_ray.config import load_config
-from copd_ray.driver import eval_device, eval_task_options, evaluate_folder
+from copd_ray.runtime import eval_device, eval_task_options, evaluate_folder
 
 
 def test_an_evaluation_task_asks_for_a_generators_cpus_and_gpus():
@@ -23,7 +23,7 @@ PROBE = """
 import json, os, sys
 import ray
 from copd_ray.config import load_config
-from copd_ray.driver import eval_task_options
+from copd_ray.runtime import eval_task_options
 
 ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)  # a GPU node, as Ray sees it
 

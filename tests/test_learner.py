@@ -1,6 +1,7 @@
 """The Learner (the trainer's step without Ray): mixed precision, and the GPU check script
 that drives it, run here on the CPU."""
 
+import math
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ from copd_ray.actors.weight_sync import bucket_plan, pack, unpack
 from copd_ray.batch import TrainBatch
 from copd_ray.learner import Learner
 
-GRPO = {"lr": 1e-5, "weight_decay": 0.0, "kl_coef": 0.0, "minibatches": 1, "clip_low": 0.2, "clip_high": 0.28,
+GRPO = {"lr": 1e-5, "weight_decay": 0.0, "kl_coef": 0.0, "is_cap": 2.0, "minibatches": 1, "clip_low": 0.2, "clip_high": 0.28,
         "loss_agg": "token_mean", "grad_clip": 1.0}
 
 
@@ -69,3 +70,43 @@ def test_gpu_check_script_runs_its_checks_on_the_cpu(tmp_path):
     for r in runs:
         assert r["score_vs_direct_max_gap"] < (1e-4 if r["dtype"] == "float32" else 0.1)
         assert r["objective_after"] > r["objective_before"]
+
+
+def _sampled_batch(learner, off_policy=False) -> TrainBatch:
+    """Rollouts of the learner's own weights through the hf engine, with their log-probs."""
+    import copy
+
+    from copd_ray.engines import HFEngine, SamplingParams
+
+    engine = HFEngine(copy.deepcopy(learner.model), learner.tokenizer.eos_token_id, learner.tokenizer.pad_token_id)
+    prompt = learner.tokenizer("12+34=")["input_ids"]
+    samples = engine.generate([prompt], SamplingParams(n=4, max_new_tokens=6, seed=3))
+    return TrainBatch(4, [prompt + s.token_ids for s in samples], [len(prompt)] * 4, [1.0, 0.0, 0.0, 1.0],
+                      behaviour_logprobs=[s.logprobs for s in samples], off_policy=off_policy)
+
+
+def test_rollout_logprobs_stand_in_for_the_old_logprob_pass_when_they_are_the_trainers_own(tiny_folder):
+    grpo = {**GRPO, "lr": 1e-3, "minibatches": 2}
+    plain = Learner("b", 0, 1, str(tiny_folder), grpo)
+    reused = Learner("b", 0, 1, str(tiny_folder), grpo, train={"reuse_rollout_logprobs": True})
+    batch = _sampled_batch(plain)
+    a, b = plain.train_step(batch), reused.train_step(batch)
+    assert b["entropy"] != b["entropy"] and a["entropy"] > 0  # NaN: no pass measured it
+    assert abs(a["loss"] - b["loss"]) < 1e-5 and a["is/weight_mean"] == b["is/weight_mean"] == 1.0
+    start = Learner("b", 0, 1, str(tiny_folder), grpo).model.state_dict()
+    after_a, after_b = plain.model.state_dict(), reused.model.state_dict()
+    update = max((after_a[k] - start[k]).abs().max().item() for k in after_a)
+    # Two AdamW updates of ~lr each; the KV-cached decode's last bits move them by ~1% at most.
+    assert max((after_a[k] - after_b[k]).abs().max().item() for k in after_a) < 0.02 * update
+
+
+def test_off_policy_rollouts_are_weighted_and_the_weights_logged(tiny_folder):
+    learner = Learner("b", 0, 1, str(tiny_folder), {**GRPO, "is_cap": 1.5})
+    batch = _sampled_batch(learner, off_policy=True)
+    # Behaviour log-probs 0.5 lower than the trainer's: every ratio is e^0.5 = 1.65, cut to 1.5.
+    batch.behaviour_logprobs = [[lp - 0.5 for lp in row] for row in batch.behaviour_logprobs]
+    stats = learner.train_step(batch)
+    assert stats["is/truncated"] == 1.0 and abs(stats["is/weight_mean"] - 1.5) < 1e-6
+    batch.behaviour_logprobs = [[lp + 1.0 for lp in row] for row in batch.behaviour_logprobs]  # now 0.5 higher
+    stats = learner.train_step(batch)
+    assert stats["is/truncated"] == 0.0 and abs(stats["is/weight_mean"] - math.exp(-0.5)) < 2e-3

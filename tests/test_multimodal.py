@@ -205,7 +205,7 @@ def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_th
                                                                                    tmp_path):
     import ray
 
-    from conftest import started_branch
+    from conftest import sample, started_branch, train_on
     from copd_ray.actors import TrainBatch
     from copd_ray.config import load_config
     from copd_ray.engines import HFEngine, SamplingParams
@@ -216,10 +216,9 @@ def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_th
                              "model.tiny.vision=true"])
     with started_branch("image", cfg, vl_folder, "test-vl") as student, \
             started_branch("text", cfg, vl_folder, "test-vl") as teacher:
-        out = student.rollout(prompts, SamplingParams(n=2, max_new_tokens=5, seed=1), [r.answer for r in records],
-                              ["exact_match"] * len(records))
-        sequences = [prompts[s.prompt_index] + s.token_ids for s in out["samples"]]
-        plens = [len(prompts[s.prompt_index]) for s in out["samples"]]
+        out = sample(student, prompts, SamplingParams(n=2, max_new_tokens=5, seed=1), [r.answer for r in records],
+                     ["exact_match"] * len(records))
+        sequences, plens = out.sequences, out.prompt_lengths
         scores = ray.get(teacher.scorer.score.remote(sequences, plens))
         model, _ = __import__("copd_ray.models", fromlist=["load_policy"]).load_policy(str(vl_folder))
         direct = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id).score(sequences, plens)
@@ -228,7 +227,7 @@ def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_th
         batch = TrainBatch(2, sequences, plens, [float(i % 2) for i in range(len(sequences))],
                            opd_sequences=sequences[:4], opd_prompt_lengths=plens[:4],
                            opd_teacher_logprobs=scores.logprobs[:4], opd_beta=[1.0] * 4)
-        trained = student.train(batch)
+        trained = train_on(student, batch)
         assert trained["nan_skipped"] == 0 and trained["sequences"] == len(sequences) + 4
         assert student.sync()["version"] == 1
         moved = ray.get(student.scorer.score.remote(sequences[:2], plens[:2]))
@@ -237,7 +236,7 @@ def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_th
         # A checkpoint of the vision-language student resumes exactly (its tensor names on
         # disk differ from those at run time).
         folder = student.save(str(tmp_path / "ckpt"))
-        student.train(batch)
+        train_on(student, batch)
         student.load(folder, 1)
         again = ray.get(student.scorer.score.remote(sequences[:2], plens[:2]))
         assert all(a == pytest.approx(b, abs=1e-6) for a, b in zip(again.logprobs, moved.logprobs))
@@ -299,7 +298,8 @@ def test_the_vision_warm_up_trains_on_pixels_and_caches_a_loadable_folder(tmp_pa
 
 def test_image_capabilities_refuse_http_scoring_before_any_actor_starts(vl_folder, tmp_path):
     from copd_ray.config import load_config
-    from copd_ray.driver import BranchDataError, train
+    from copd_ray.driver import train
+    from copd_ray.run_data import BranchDataError
 
     cfg = load_config("configs/demo_multimodal.yaml", [
         f"model.path={vl_folder}", f"output_dir={tmp_path / 'o'}", "serve.enabled=true", "topology.transport=serve"])

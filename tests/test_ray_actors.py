@@ -8,10 +8,11 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import started_branch
+from conftest import started_branch, train_on
 from copd_ray.actors import BranchGroup, PlacementError, TrainBatch
 from copd_ray.config import load_config
 from copd_ray.engines import SamplingParams
+from copd_ray.step_data import PromptBatch, Rollouts
 from copd_ray.topology import Topology
 from copd_ray.topology.actor import TopologyActor
 
@@ -26,26 +27,33 @@ def branch(ray_session, tiny_folder):
         yield group
 
 
+PROMPTS = ["123+045=", "500+500=", "001+002=", "999+001="]
+
+
 def _batch(group, tokenizer, seed=0):
-    prompts = [tokenizer(p)["input_ids"] for p in ["123+045=", "500+500=", "001+002=", "999+001="]]
-    answers = ["168", "1000", "3", "1000"]
-    out = group.rollout(prompts, SamplingParams(n=4, max_new_tokens=6, seed=seed), answers, ["exact_match"] * 4)
-    seqs = [prompts[s.prompt_index] + s.token_ids for s in out["samples"]]
-    plens = [len(prompts[s.prompt_index]) for s in out["samples"]]
-    rewards = [float(i % 3 == 0) for i in range(len(seqs))]  # varied, so groups carry signal
-    return out, TrainBatch(4, seqs, plens, rewards)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    batch = PromptBatch(prompts, ["168", "1000", "3", "1000"], ["exact_match"] * 4,
+                        SamplingParams(n=4, max_new_tokens=6, seed=seed))
+    out = Rollouts.concat(ray.get(group.sample(batch)))
+    rewards = [float(i % 3 == 0) for i in range(len(out.sequences))]  # varied, so groups carry signal
+    return out, TrainBatch(4, out.sequences, out.prompt_lengths, rewards, behaviour_logprobs=out.logprobs)
 
 
 def test_rollouts_come_back_in_prompt_order_across_generators(branch, tiny_tokenizer):
-    out, batch = _batch(branch, tiny_tokenizer)
-    assert [s.prompt_index for s in out["samples"]] == [i for i in range(4) for _ in range(4)]
-    assert len(out["rewards"]) == 16 and set(out["rewards"]) <= {0.0, 1.0}
+    out, _ = _batch(branch, tiny_tokenizer)
+    assert len(ray.get(branch.sample(PromptBatch([[1, 2]] * 4, [""] * 4, ["exact_match"] * 4, SamplingParams())))) == 2
+    prompts = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
+    assert [seq[:len(prompts[i // 4])] for i, seq in enumerate(out.sequences)] == [p for p in prompts for _ in range(4)]
+    assert out.prompt_lengths == [len(p) for p in prompts for _ in range(4)]
+    assert len(out.rewards) == 16 and set(out.rewards) <= {0.0, 1.0}
+    assert [len(lp) for lp in out.logprobs] == [len(s) - p for s, p in zip(out.sequences, out.prompt_lengths)]
+    assert out.version == branch.version
 
 
 def test_weight_sync_delivers_the_trainers_exact_tensors(branch, tiny_tokenizer):
     _, batch = _batch(branch, tiny_tokenizer, seed=1)
     before = branch.trainer_state()
-    metrics = branch.train(batch)
+    metrics = train_on(branch, batch)
     assert metrics["nan_skipped"] == 0 and math.isfinite(metrics["loss"])
     trained = branch.trainer_state()  # gathered from the two shards
     assert any(not torch.equal(before[k], trained[k]) for k in trained)
@@ -81,7 +89,7 @@ def test_a_nan_loss_skips_the_update(branch, tiny_tokenizer):
     batch.opd_beta = [1.0, 1.0]
     batch.grpo_sequences, batch.grpo_prompt_lengths, batch.grpo_rewards = [], [], []
     before = branch.trainer_state()
-    metrics = branch.train(batch)
+    metrics = train_on(branch, batch)
     assert metrics["nan_skipped"] >= 1
     after = branch.trainer_state()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -128,7 +136,7 @@ def test_standalone_torch_transport_delivers_the_same_tensors(ray_session, tiny_
     with started_branch("torchsync", cfg, tiny_folder, "test-torch-transport") as group:
         assert group.transport == "torch"
         _, batch = _batch(group, tiny_tokenizer, seed=4)
-        group.train(batch)
+        train_on(group, batch)
         assert group.sync()["version"] == 1
         trained = group.trainer_state()
         for receiver in group.generators + [group.scorer]:

@@ -17,7 +17,7 @@ from copd_ray.learner import Learner
 # minibatches (not the update rule) would differ from one rank's. AdamW's first step is
 # about lr per weight whatever the gradient's scale, so the pre-clipping gradient norm is
 # compared too: it is what would show a wrongly scaled gradient.
-GRPO = {"lr": 1e-4, "weight_decay": 0.0, "kl_coef": 0.0, "minibatches": 1, "clip_low": 0.2, "clip_high": 0.28,
+GRPO = {"lr": 1e-4, "weight_decay": 0.0, "kl_coef": 0.0, "is_cap": 2.0, "minibatches": 1, "clip_low": 0.2, "clip_high": 0.28,
         "loss_agg": "token_mean", "grad_clip": 1.0}
 
 

@@ -9,13 +9,12 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from copd_ray.batch import TrainBatch
 from copd_ray.actors.generator import GeneratorActor
 from copd_ray.actors.scorer import ScorerActor
 from copd_ray.actors.trainer import TrainerActor
 from copd_ray.config import Config
-from copd_ray.engines import SamplingParams
 from copd_ray.errors import CopdError
+from copd_ray.step_data import PromptBatch, StepSpec
 
 
 class PlacementError(CopdError, RuntimeError):
@@ -40,6 +39,7 @@ class BranchGroup:
         self.pg = placement_group(self.bundles, strategy="PACK", name=f"copd-{run_id}-{name}")
         self.model_path = model_path
         self.version = 0
+        self.steps = 0  # the trainer's optimizer steps (training steps) so far
         self.trained_since_sync = False
         self.generation = 0  # of the weight group: it is rebuilt after a member restarts
         self.incarnations: dict[str, str] = {}  # role -> the incarnation the driver wired
@@ -135,39 +135,32 @@ class BranchGroup:
         self.plan = ray.get(self.trainers[0].weight_plan.remote(self.cfg.ray.bucket_mb))
 
     # -- the three jobs of a step -------------------------------------------------------------
+    # Each returns object references: rollouts and scores go actor to actor, and only
+    # the trainers' records reach the driver (`copd_ray/branch_step.py`).
 
-    def rollout(self, prompts: list[list[int]], params: SamplingParams,
-                answers: list[str] | None = None, rewards: list[str] | None = None) -> dict:
-        """Spread whole prompts over the generators; results come back in prompt order."""
-        g = len(self.generators)
-        cuts = [len(prompts) * i // g for i in range(g + 1)]
-        refs = [
-            gen.rollout.remote(prompts[lo:hi], params, answers[lo:hi] if answers else None, rewards[lo:hi] if rewards else None)
-            for gen, lo, hi in zip(self.generators, cuts, cuts[1:]) if hi > lo
-        ]
-        parts = ray.get(refs)
-        samples, rewards_out = [], []
-        for part, lo in zip(parts, cuts):
-            for s in part["samples"]:
-                s.prompt_index += lo
-            samples += part["samples"]
-            rewards_out += part.get("rewards", [])
-        return {"samples": samples, "rewards": rewards_out, "seconds": max(p["seconds"] for p in parts),
-                "version": min(p["version"] for p in parts)}
+    def _spread(self, batch: PromptBatch) -> list[tuple[object, PromptBatch]]:
+        """Whole prompts over the generators, in prompt order: (generator, its slice)."""
+        g, n = len(self.generators), len(batch.prompts)
+        cuts = [n * i // g for i in range(g + 1)]
+        return [(gen, batch.slice(lo, hi)) for gen, lo, hi in zip(self.generators, cuts, cuts[1:]) if hi > lo]
 
-    def evaluate(self, prompts: list[list[int]], answers: list[str], rewards: list[str], max_new_tokens: int) -> float:
-        """Greedy pass@1 over the prompts, spread over the generators like any rollout."""
-        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-        scored = self.rollout(prompts, params, answers, rewards)["rewards"]
-        return sum(scored) / len(scored)
+    def sample(self, batch: PromptBatch) -> list:
+        """One Rollouts reference per generator used, in prompt order."""
+        return [gen.sample.remote(part) for gen, part in self._spread(batch)]
 
-    def train(self, batch: TrainBatch) -> dict:
-        world = len(self.trainers)
-        results = ray.get([t.train_step.remote(batch.shard(i, world)) for i, t in enumerate(self.trainers)])
+    def evaluate(self, batch: PromptBatch) -> float:
+        """Mean reward (pass@1 for 0/1 verifiers) of greedy rollouts, spread like any rollout."""
+        parts = ray.get([gen.pass_count.remote(part) for gen, part in self._spread(batch)])
+        return sum(s for s, _ in parts) / sum(c for _, c in parts)
+
+    def train(self, spec: StepSpec, inputs: list) -> list:
+        """Every rank's update on the step's inputs (references, laid out as `spec` says)."""
+        return [t.train_on.remote(spec, *inputs) for t in self.trainers]
+
+    def trained(self) -> None:
+        """A step's update landed in every rank (its weights are not yet broadcast)."""
         self.trained_since_sync = True
-        return results[0] if world == 1 else {
-            k: (sum(r[k] for r in results) / world if k != "nan_skipped" else max(r[k] for r in results)) for k in results[0]
-        }
+        self.steps += 1
 
     def trainer_state(self) -> dict:
         """The trainer's whole float32 weights on CPU (gathered from every rank when sharded)."""
@@ -190,7 +183,7 @@ class BranchGroup:
         receivers = self.generators + [self.scorer]
         world = len(self.trainers)  # sharded ranks all gather each bucket; rank 0 sends
         sent, *received = ray.get([t.send_weights.remote(self.plan) for t in self.trainers]
-                                  + [a.receive_weights.remote(self.plan, version) for a in receivers])
+                                  + [a.receive_weights.remote(self.plan, version, self.steps) for a in receivers])
         received = received[world - 1 :]
         versions = {r["version"] for r in received}
         if versions != {version}:
@@ -207,8 +200,8 @@ class BranchGroup:
     def load(self, folder: str | None, version: int) -> None:
         """Trainers take the checkpoint (None: back to the run's start); generators and
         scorer get it by broadcast."""
-        ray.get([t.load.remote(folder) if folder else t.reset.remote() for t in self.trainers])
-        self.version, self.trained_since_sync = version, False
+        steps = ray.get([t.load.remote(folder) if folder else t.reset.remote() for t in self.trainers])[0]
+        self.version, self.steps, self.trained_since_sync = version, steps or 0, False
         self.push()
 
     def shutdown(self) -> None:

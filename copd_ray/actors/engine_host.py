@@ -23,6 +23,7 @@ class EngineHost:
         self.engine, self.tokenizer = make_engine(engine_kind, model_path, engine_cfg, dtype, trust_remote_code,
                                                   device, threads, seed)
         self.weight_group: WeightGroup | None = None
+        self.policy_step = 0  # the trainer's optimizer steps behind the weights held
         # New in every process Ray (re)starts: the driver tells a restarted actor by it.
         self.incarnation = uuid.uuid4().hex
 
@@ -44,7 +45,8 @@ class EngineHost:
         self.weight_group = WeightGroup(name, world_size, rank, backend, transport, address)
         return rank
 
-    def receive_weights(self, plan: list[list[TensorSpec]], version: int) -> dict:
+    def receive_weights(self, plan: list[list[TensorSpec]], version: int, policy_step: int = 0) -> dict:
         start = time.perf_counter()
         self.engine.update_weights(self.weight_group.receive(plan), version)
+        self.policy_step = policy_step
         return {"version": self.engine.version, "seconds": time.perf_counter() - start}

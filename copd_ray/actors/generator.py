@@ -9,6 +9,7 @@ import ray
 from copd_ray.actors.engine_host import EngineHost
 from copd_ray.engines import SamplingParams
 from copd_ray.rewards import get_reward
+from copd_ray.step_data import PromptBatch, Rollouts
 
 
 @ray.remote
@@ -27,3 +28,19 @@ class GeneratorActor(EngineHost):
             ]
         out["seconds"] = time.perf_counter() - start
         return out
+
+    def sample(self, batch: PromptBatch) -> Rollouts:
+        """A step's rollouts of these prompts, as the teacher scorer and the trainer read
+        them (they get this by object reference, never through the driver)."""
+        out = self.rollout(batch.prompts, batch.params, batch.answers, batch.rewards)
+        samples = out["samples"]
+        return Rollouts(
+            sequences=[batch.prompts[s.prompt_index] + s.token_ids for s in samples],
+            prompt_lengths=[len(batch.prompts[s.prompt_index]) for s in samples],
+            logprobs=[s.logprobs for s in samples], rewards=out["rewards"], version=out["version"],
+            policy_step=self.policy_step, seconds=out["seconds"])
+
+    def pass_count(self, batch: PromptBatch) -> tuple[float, int]:
+        """(sum of rewards, rollouts) of a greedy evaluation: two numbers back, not the samples."""
+        rewards = self.rollout(batch.prompts, batch.params, batch.answers, batch.rewards)["rewards"]
+        return sum(rewards), len(rewards)

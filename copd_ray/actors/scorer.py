@@ -8,7 +8,9 @@ import ray
 import torch
 
 from copd_ray.actors.engine_host import EngineHost
+from copd_ray.algo import topk_pair_metrics
 from copd_ray.engines import Scores
+from copd_ray.step_data import Rollouts, TeacherScores, TopK
 
 
 @ray.remote
@@ -26,12 +28,44 @@ class ScorerActor(EngineHost):
         scores.extra["seconds"] = time.perf_counter() - start
         return scores
 
+    def score_rollouts(self, *parts: Rollouts) -> TeacherScores:
+        """A student's rollouts (the generators' parts, by reference) scored as teacher."""
+        rollouts = Rollouts.concat(list(parts))
+        scores = self.score(rollouts.sequences, rollouts.prompt_lengths)
+        return TeacherScores(scores.logprobs, scores.version, scores.extra["seconds"])
+
     def info(self) -> dict:
         return {"branch": self.branch, "version": self.engine.version, "vocab_size": self.engine.vocab_size,
                 "score_calls": self.score_calls}
 
+    def top_k(self, k: int, *parts: Rollouts) -> TopK:
+        """This policy's k most likely tokens at every response position of the rollouts."""
+        rollouts = Rollouts.concat(list(parts))
+        k = min(k, self.engine.vocab_size)
+        scores = self.engine.score(rollouts.sequences, rollouts.prompt_lengths, top_k=k)
+        if scores.top_k_ids is None:
+            raise NotImplementedError(f"a {type(self.engine).__name__} does not return top-k log-probs")
+        width = max(len(r) for r in scores.top_k_ids)
+        ids = torch.zeros(len(scores.top_k_ids), width, k, dtype=torch.long)
+        lps = torch.full((len(scores.top_k_ids), width, k), -torch.inf)
+        mask = torch.zeros(len(scores.top_k_ids), width)
+        for i, (row_ids, row_lps) in enumerate(zip(scores.top_k_ids, scores.top_k_logprobs)):
+            if row_ids:
+                ids[i, : len(row_ids)] = torch.tensor(row_ids)
+                lps[i, : len(row_lps)] = torch.tensor(row_lps, dtype=torch.float32)
+                mask[i, : len(row_ids)] = 1.0
+        return TopK(ids, lps, mask)
+
+    def pair_metrics(self, teacher: TopK, k: int, *parts: Rollouts) -> dict[str, float]:
+        """Top-k overlap and symmetric KL between this policy (the student) and a teacher,
+        from the teacher's top-k along the same rollouts: O(positions x k) numbers cross
+        between the scorers, no full-vocabulary row."""
+        own = self.top_k(teacher.ids.shape[-1], *parts)
+        overlap, kl = topk_pair_metrics(own.ids, own.logprobs, teacher.ids, teacher.logprobs, k, own.mask)
+        return {"topk_overlap": overlap.item(), "symmetric_kl": kl.item()}
+
     def distributions(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[torch.Tensor]:
-        """Full-vocabulary log-probs at each response position (for overlap and KL metrics)."""
+        """Full-vocabulary log-probs at each response position (exact metrics in tests and benchmarks)."""
         if not hasattr(self.engine, "response_logprob_rows"):
             raise NotImplementedError(f"a {type(self.engine).__name__} cannot return full distributions")
         with torch.inference_mode():

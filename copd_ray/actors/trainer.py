@@ -22,9 +22,11 @@ import torch
 
 from copd_ray import sharding
 from copd_ray.actors.weight_sync import WeightGroup, bucket_plan, host_store
+from copd_ray.batch import assemble
 from copd_ray.errors import CheckpointError
 from copd_ray.learner import Learner
 from copd_ray.models.loading import copy_processor_files
+from copd_ray.step_data import StepSpec
 
 
 @ray.remote
@@ -87,6 +89,16 @@ class TrainerActor(Learner):
         self.weight_group = WeightGroup(name, world_size, rank, backend, transport, address, store=store)
         return rank
 
+    # -- the step -----------------------------------------------------------------------
+
+    def train_on(self, spec: StepSpec, *parts) -> dict:
+        """One step on the rollouts and teacher scores that `spec` lays out (Ray hands them
+        over by reference from the generators and scorers). Every rank reads them all and
+        trains on its share. Returns {"train": this rank's update metrics, "step": what the
+        batch held} (only numbers: the driver gets this and nothing else)."""
+        batch, record = assemble(spec, parts, self.steps)
+        return {"train": self.train_step(batch.shard(self.rank, self.world_size)), "step": record}
+
     # -- weights ------------------------------------------------------------------------
 
     def weight_plan(self, bucket_mb: float) -> list:
@@ -95,10 +107,10 @@ class TrainerActor(Learner):
     def send_weights(self, plan: list) -> dict:
         """Rank 0 broadcasts; on a sharded branch every rank is called, to gather each bucket."""
         start = time.perf_counter()
-        buckets = self.bucket_tensors(plan)
+        buckets = self.bucket_tensors(plan, cast=False)  # the send casts while copying into its buffer
         if self.rank == 0:
-            sent = self.weight_group.send(buckets)
-        else:
+            sent = self.weight_group.send(plan, buckets)
+        else:  # a sharded rank: its gathered buckets are in the wire dtype
             sent = sum(sum(t.numel() * t.element_size() for t in tensors) for tensors in buckets)
         return {"bytes": sent, "seconds": time.perf_counter() - start}
 

@@ -5,6 +5,13 @@ standalone torch process group where an engine holds torch's default group. The 
 state dict into buckets of one dtype; each bucket is one `broadcast` call, so a sync is
 a handful of collective calls and one remote call per receiver, never one per tensor.
 Tied tensors (an embedding shared with the output layer) travel once.
+
+A sync runs near the speed of the broadcast itself (`benchmarks/weight_sync.py`): packing
+into a fresh buffer per bucket (`torch.cat`, a `.to(dtype)` per tensor) cost as much as the
+broadcast on CPU, where every fresh large buffer is paid again in page faults. So the sender
+copies each tensor once, cast on the way, into one of two buffers it keeps, and fills the
+next bucket while the last is on the wire; receivers keep their buffers (on CPU) and take
+the next bucket while the engine loads the last.
 """
 
 from __future__ import annotations
@@ -60,9 +67,20 @@ def bucket_plan(state_dict: dict[str, torch.Tensor], bucket_bytes: int,
     return buckets
 
 
+def fill(flat: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Copy one bucket's tensors (in plan order) into the front of `flat` and return that
+    part: one pass per tensor, cast to `flat`'s dtype (and moved to its device) on the way."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        flat[offset : offset + n].view(t.shape).copy_(t.detach())
+        offset += n
+    return flat[:offset]
+
+
 def pack(tensors: list[torch.Tensor], device) -> torch.Tensor:
-    """One bucket's tensors (in plan order) as one flat buffer."""
-    return torch.cat([t.detach().reshape(-1) for t in tensors]).to(device).contiguous()
+    """One bucket's tensors (in plan order, of one dtype) as one new flat buffer."""
+    return fill(torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=device), tensors)
 
 
 def unpack(flat: torch.Tensor, bucket: list[TensorSpec]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -88,21 +106,30 @@ class WeightGroup:
     """This process's membership in its branch's weight-sync group.
 
     transport "ray": a `ray.util.collective` group (it builds on torch's default process
-    group). transport "torch": a standalone gloo/nccl process group with its own store,
-    for members whose default group is already taken: an in-process vLLM or SGLang engine
-    initialises torch.distributed for itself, and a second default group cannot exist.
+    group; on gloo the buckets travel over a torch group of the same members, which unlike
+    Ray's broadcast does not block). transport "torch": a standalone gloo/nccl process
+    group with its own store, for members whose default group is already taken: an
+    in-process vLLM or SGLang engine initialises torch.distributed for itself, and a
+    second default group cannot exist.
     """
 
     def __init__(self, name: str, world_size: int, rank: int, backend: str, transport: str = "ray",
                  address: tuple[str, int] | None = None, store=None, timeout_s: float = 120.0) -> None:
         self.name, self.rank, self.world_size, self.transport = name, rank, world_size, transport
         self.device = "cuda" if backend == "nccl" else "cpu"
+        self._send_bytes = [torch.empty(0, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        self._kept: dict[int, torch.Tensor] = {}  # receive buffers by bucket (a group has one plan)
         if transport == "ray":
             from ray.util import collective
 
             collective.init_collective_group(
                 world_size, rank, backend=backend, group_name=name, gloo_timeout=int(timeout_s * 1000)
             )
+            # Ray's broadcast blocks. On gloo its group is torch's default group, made of this
+            # group's members: a torch group of theirs lets one bucket travel while the next
+            # is filled or the last loaded.
+            self._pg = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)) \
+                if backend == "gloo" else None
             return
         timeout = datetime.timedelta(seconds=timeout_s)
         if store is None:
@@ -114,25 +141,83 @@ class WeightGroup:
         else:
             self._pg = torch.distributed.ProcessGroupGloo(prefixed, rank, world_size, timeout)
 
-    def _broadcast(self, flat: torch.Tensor) -> None:
-        if self.transport == "ray":
+    def _start(self, flat: torch.Tensor) -> torch.distributed.Work | _Done:
+        """Begin broadcasting `flat`; the handle's wait() returns once this rank may touch it."""
+        if self._pg is None:
             from ray.util import collective
 
-            collective.broadcast(flat, src_rank=0, group_name=self.name)
-        else:
-            self._pg.broadcast([flat], torch.distributed.BroadcastOptions()).wait()
+            collective.broadcast(flat, src_rank=0, group_name=self.name)  # blocking: no overlap here
+            if self.device == "cuda":  # Ray's NCCL broadcast returns before its stream is done with `flat`
+                torch.cuda.synchronize()
+            return _DONE
+        return self._pg.broadcast([flat], torch.distributed.BroadcastOptions())
 
-    def send(self, buckets: Iterable[list[torch.Tensor]]) -> int:
-        """Broadcast each bucket's tensors (in plan order) as one flat buffer."""
+    def send(self, plan: list[list[TensorSpec]], buckets: Iterable[list[torch.Tensor]]) -> int:
+        """Broadcast each bucket's tensors (in plan order) as one flat buffer in the plan's
+        wire dtype. Two buffers, kept: one is filled while the other is on the wire."""
+        pending: list[torch.distributed.Work | _Done] = [_DONE, _DONE]
         sent = 0
-        for tensors in buckets:
-            flat = pack(tensors, self.device)
-            self._broadcast(flat)
+        for i, (bucket, tensors) in enumerate(zip(plan, buckets)):
+            slot = i % 2
+            pending[slot].wait()  # this buffer's previous bucket has left
+            flat = self._flat(slot, bucket, tensors)
+            pending[slot] = self._start(flat)
             sent += flat.numel() * flat.element_size()
+        for p in pending:
+            p.wait()
         return sent
 
+    def _flat(self, slot: int, bucket: list[TensorSpec], tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The bucket as one flat tensor of its wire dtype. A lone tensor that already is one
+        travels as it is, with no copy (a tensor larger than the bucket limit is alone:
+        an embedding often is); the others are copied into a kept buffer."""
+        t = tensors[0]
+        if (len(tensors) == 1 and t.dtype == DTYPES[bucket[0].dtype] and t.is_contiguous()
+                and t.device.type == self.device):
+            return t.detach().view(-1)
+        return fill(self._send_buffer(slot, bucket), tensors)
+
+    def _send_buffer(self, slot: int, bucket: list[TensorSpec]) -> torch.Tensor:
+        """Bytes kept across buckets and syncs, grown to the largest bucket, seen as its dtype."""
+        dtype = DTYPES[bucket[0].dtype]
+        nbytes = sum(s.numel for s in bucket) * dtype.itemsize
+        if self._send_bytes[slot].numel() < nbytes:
+            self._send_bytes[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._send_bytes[slot][:nbytes].view(dtype)
+
     def receive(self, plan: list[list[TensorSpec]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in plan order: views into buffers this group may refill on its next
+        sync, so a consumer copies them before then. The next bucket is already on its way
+        while the consumer loads this one."""
+        buffers = (self._receive_buffer(i, bucket) for i, bucket in enumerate(plan))
+        incoming = ((flat, self._start(flat)) for flat in buffers)
+        arriving = next(incoming)
         for bucket in plan:
-            flat = torch.empty(sum(s.numel for s in bucket), dtype=DTYPES[bucket[0].dtype], device=self.device)
-            self._broadcast(flat)
+            flat, pending = arriving
+            pending.wait()
+            arriving = next(incoming, None)  # the next bucket comes in while the consumer loads this one
             yield from unpack(flat, bucket)
+
+    def _receive_buffer(self, i: int, bucket: list[TensorSpec]) -> torch.Tensor:
+        """Bucket i's buffer, one per bucket: a consumer may hold every bucket's views until
+        the sync ends (vLLM reloads the whole state at once). Kept across syncs on CPU, where
+        a fresh large buffer costs its page faults again on every sync; on a GPU torch's
+        caching allocator already reuses memory, and a kept copy of the model would take
+        memory from the engine."""
+        dtype, numel = DTYPES[bucket[0].dtype], sum(s.numel for s in bucket)
+        if self.device != "cpu":
+            return torch.empty(numel, dtype=dtype, device=self.device)
+        kept = self._kept.get(i)
+        if kept is None or kept.dtype != dtype or kept.numel() != numel:
+            kept = self._kept[i] = torch.empty(numel, dtype=dtype)
+        return kept
+
+
+class _Done:
+    """The handle of a broadcast that has already finished."""
+
+    def wait(self) -> None:
+        pass
+
+
+_DONE = _Done()

@@ -4,9 +4,9 @@ GRPO advantages and loss, the OPD token signal, branch-health metrics and mergin
 """
 
 from copd_ray.algo.logprobs import chosen_logprobs
-from copd_ray.algo.grpo import clip_fraction, grpo_advantages, kl_k3, policy_loss
+from copd_ray.algo.grpo import clip_fraction, grpo_advantages, kl_k3, policy_loss, truncated_is_weight
 from copd_ray.algo.merge import merge_state_dicts
-from copd_ray.algo.metrics import symmetric_kl, token_entropy, topk_overlap
+from copd_ray.algo.metrics import symmetric_kl, token_entropy, topk_overlap, topk_pair_metrics
 from copd_ray.algo.opd import opd_advantages
 
 __all__ = [
@@ -20,4 +20,6 @@ __all__ = [
     "symmetric_kl",
     "token_entropy",
     "topk_overlap",
+    "topk_pair_metrics",
+    "truncated_is_weight",
 ]

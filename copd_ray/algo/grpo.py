@@ -29,6 +29,17 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1.0
 
 
+@torch.no_grad()
+def truncated_is_weight(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(pi_old / pi_behaviour, cap) per token (TIS): corrects a loss on rollouts that
+    another policy sampled (an older version, or an engine with other numerics) toward the
+    trainer's policy at the start of the step, with the weight capped so that a token the
+    behaviour policy found unlikely cannot dominate the update."""
+    if cap <= 0:
+        raise ValueError(f"the importance-weight cap must be > 0, got {cap}")
+    return torch.exp(old_logprobs - behaviour_logprobs).clamp(max=cap)
+
+
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, denominator: float | None = None) -> torch.Tensor:
     """Reduce a [B, T] per-token quantity over the unmasked tokens.
 
@@ -56,12 +67,14 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     denominator: float | None = None,
+    is_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Negated clipped surrogate, aggregated over unmasked tokens (`denominator`: see `aggregate`).
 
     All inputs are [B, T]; `advantages` may also be [B] (one per sequence, as GRPO gives).
     With `kl_coef > 0` and `ref_logprobs`, adds the k3 KL penalty to a reference policy
-    (Eq. 12's beta term); it is off by default, as in DAPO-style recipes.
+    (Eq. 12's beta term); it is off by default, as in DAPO-style recipes. `is_weight` [B, T]
+    (`truncated_is_weight`) multiplies the surrogate of each token, not the KL term.
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1).expand_as(logprobs)
@@ -69,6 +82,8 @@ def policy_loss(
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
+    if is_weight is not None:
+        per_token = per_token * is_weight
     if kl_coef:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")

@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Callable
 
 from copd_ray.rewards.math import math_reward
-from copd_ray.rewards.simple import exact_match, multiple_choice
+from copd_ray.rewards.simple import char_overlap, exact_match, multiple_choice
 
 RewardFn = Callable[[str, str], float]
 
@@ -19,6 +19,7 @@ REWARDS: dict[str, RewardFn] = {
     "math": math_reward,
     "exact_match": exact_match,
     "multiple_choice": multiple_choice,
+    "char_overlap": char_overlap,
 }
 
 

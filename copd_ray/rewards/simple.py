@@ -1,4 +1,4 @@
-"""Rewards that need no math: exact match and multiple-choice letters."""
+"""Rewards that need no math: exact match, multiple-choice letters, and a shaped one."""
 
 from __future__ import annotations
 
@@ -38,3 +38,11 @@ def multiple_choice(response: str, answer: str) -> float:
     """1.0 when the chosen letter is the answer's letter."""
     letter = choice_letter(response)
     return 1.0 if letter is not None and letter == answer.strip().strip("()").upper() else 0.0
+
+
+def char_overlap(response: str, answer: str) -> float:
+    """Share of the answer's distinct characters that the response contains: partial
+    credit that an untrained policy already earns, so that GRPO has a signal from the
+    first step (smoke tests and reproducibility checks on a fresh tiny model)."""
+    wanted = set(answer.strip())
+    return len(wanted & set(response)) / len(wanted) if wanted else 0.0

@@ -1,0 +1,125 @@
+"""The Ray side of a run: joining or starting Ray, the actors of every branch with the
+topology actor and the optional Serve app (`Runtime`), and the evaluation tasks of
+saved model folders."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+import torch
+
+from copd_ray.actors import BranchGroup
+from copd_ray.config import Config
+from copd_ray.data import PromptRecord
+from copd_ray.topology import Topology
+from copd_ray.topology.actor import TopologyActor
+
+
+def init_ray(cfg: Config) -> bool:
+    """Join the cluster named by ray.address or RAY_ADDRESS (as under `ray job submit`), or
+    start a local Ray. Returns whether this call started it."""
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+class Runtime:
+    """The Ray side of a run: the topology actor, one actor group per branch, and (when
+    asked for) the Serve app in front of the scorers. `close()` releases all of it."""
+
+    def __init__(self, cfg: Config, topology: Topology, base_path: str, console) -> None:
+        self.groups: dict[str, BranchGroup] = {}  # every branch, frozen teachers included
+        self.trainable: dict[str, BranchGroup] = {}
+        self.serving = False
+        try:
+            self._start(cfg, topology, base_path, console)
+        except BaseException:
+            self.close()  # a branch that cannot be placed must not leave the others holding the cluster
+            raise
+
+    def _start(self, cfg: Config, topology: Topology, base_path: str, console) -> None:
+        names = list(topology.branches)
+        run_id = uuid.uuid4().hex[:8]
+        self.topology_actor = TopologyActor.remote(topology)
+        branches = {b.name: b for b in cfg.branch_list()}
+        paths = {n: branches[n].init or base_path for n in names}
+        for n in names:
+            self.groups[n] = BranchGroup(n, cfg, paths[n], run_id, frozen=branches[n].frozen)
+        self.trainable = {n: g for n, g in self.groups.items() if not g.frozen}
+        for g in self.groups.values():
+            g.wait_placed()
+        ray.get([ref for g in self.groups.values() for ref in g.start_actors()])
+        with ThreadPoolExecutor(max_workers=len(self.groups)) as pool:  # rendezvous: all at once
+            list(pool.map(lambda g: g.wire(), self.groups.values()))
+        endpoints = {n: g.scorer for n, g in self.groups.items()}
+        if cfg.serve.enabled:
+            from copd_ray.serve import serve_running, start_serving
+
+            sv = cfg.serve
+            self.owns_serve = not serve_running()  # then close() stops Serve and frees its port
+            # An empty COPD_RAY_SERVE_TOKEN reaches start_serving, which refuses it: auth
+            # never goes off silently.
+            token = sv.token if sv.token is not None else os.environ.get("COPD_RAY_SERVE_TOKEN")
+            handles = start_serving(endpoints, paths, sv.host, sv.port, token, sv.max_sequences, sv.max_tokens,
+                                    sv.max_top_k, max_request_tokens=sv.max_request_tokens,
+                                    max_body_bytes=sv.max_body_bytes)
+            self.serving = True
+            console.print(f"serve: live teacher scoring at http://{sv.host}:{sv.port}/score/<branch>; GET /branches")
+            if cfg.topology.transport == "serve":
+                endpoints = handles
+        # Each branch's scorer becomes reachable as a teacher through the topology.
+        ray.get([self.topology_actor.register.remote(n, e) for n, e in endpoints.items()])
+        self.endpoints = endpoints
+
+    def close(self) -> None:
+        if self.serving:
+            from copd_ray.serve import stop_serving
+
+            stop_serving(shutdown=self.owns_serve)
+            self.serving = False
+        for g in self.groups.values():
+            g.shutdown()
+        self.groups, self.trainable = {}, {}
+
+
+def eval_task_options(cfg: Config) -> dict:
+    """Ray options of an evaluation task: a generator's CPUs and GPUs, since it runs the same
+    engine. Only a task that asks for a GPU has one reserved and named in its
+    CUDA_VISIBLE_DEVICES; one that asks for none lands on any node and ran on its CPU (or on a
+    GPU it had not reserved, beside the actors that had)."""
+    return {"num_cpus": cfg.resources.generator_cpus, "num_gpus": cfg.resources.generator_gpus}
+
+
+def eval_device(cfg: Config) -> str:
+    """Where an evaluation loads its engine: as a generator does (EngineHost), on "cuda" only
+    when the config gives generators a GPU."""
+    return "cuda" if cfg.resources.generator_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+@ray.remote
+def evaluate_folder(folder: str, cfg: Config, held: dict[str, list[PromptRecord]]) -> dict[str, float]:
+    """Greedy held-out pass@1 of a saved model folder on every capability, as a Ray task;
+    launch it with `.options(**eval_task_options(cfg))` so that it has a generator's GPUs."""
+    from copd_ray.engines.factory import make_engine
+    from copd_ray.evaluation import evaluate
+    from copd_ray.models.vl_inputs import VisionInputBuilder
+    from copd_ray.rewards import get_reward
+
+    torch.set_num_threads(cfg.resources.actor_threads)
+    device = eval_device(cfg)
+    engine, tokenizer = make_engine(cfg.engine.kind, folder, cfg.engine.model_dump(), cfg.model.dtype,
+                                    cfg.model.trust_remote_code, device, cfg.resources.actor_threads, cfg.seed)
+    vision = VisionInputBuilder.for_folder(folder, cfg.model.trust_remote_code)
+    return {
+        c.name: evaluate(engine, tokenizer, held[c.name], get_reward(c.reward), c.template, cfg.eval.max_new_tokens,
+                         vision)["pass_rate"]
+        for c in cfg.capabilities
+    }
