@@ -160,22 +160,12 @@ class WeightGroup:
         for i, (bucket, tensors) in enumerate(zip(plan, buckets)):
             slot = i % 2
             pending[slot].wait()  # this buffer's previous bucket has left
-            flat = self._flat(slot, bucket, tensors)
+            flat = fill(self._send_buffer(slot, bucket), tensors)
             pending[slot] = self._start(flat)
             sent += flat.numel() * flat.element_size()
         for p in pending:
             p.wait()
         return sent
-
-    def _flat(self, slot: int, bucket: list[TensorSpec], tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The bucket as one flat tensor of its wire dtype. A lone tensor that already is one
-        travels as it is, with no copy (a tensor larger than the bucket limit is alone:
-        an embedding often is); the others are copied into a kept buffer."""
-        t = tensors[0]
-        if (len(tensors) == 1 and t.dtype == DTYPES[bucket[0].dtype] and t.is_contiguous()
-                and t.device.type == self.device):
-            return t.detach().view(-1)
-        return fill(self._send_buffer(slot, bucket), tensors)
 
     def _send_buffer(self, slot: int, bucket: list[TensorSpec]) -> torch.Tensor:
         """Bytes kept across buckets and syncs, grown to the largest bucket, seen as its dtype."""

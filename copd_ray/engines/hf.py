@@ -180,10 +180,14 @@ class HFEngine(RolloutEngine):
         # state_dict() tensors share storage with the parameters, so copy_ updates in place
         # (and a tied embedding is written through either of its names).
         own = self.model.state_dict()
+        written = set()  # a tied tensor arrives under each of its names: copy it once
         for name, tensor in named_tensors:
             if name not in own:
                 raise KeyError(f"update_weights: the model has no tensor named {name!r}")
             if own[name].shape != tensor.shape:
                 raise ValueError(f"update_weights: {name} has shape {tuple(own[name].shape)}, got {tuple(tensor.shape)}")
-            own[name].copy_(tensor)
+            key = (own[name].data_ptr(), tensor.data_ptr())
+            if key not in written:
+                own[name].copy_(tensor)
+                written.add(key)
         self.version = version
