@@ -32,43 +32,16 @@ import hashlib
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+
+from trainer_memory import Model, build_folder  # a sibling script: benchmarks/ is on the path
 
 TRANSPORTS = ("torch", "ray")
 WIRES = ("float32", "bfloat16")
 
 
-@dataclass(frozen=True)
-class Model:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-
-
-FULL = Model(512, 7, 8, 4, 1536, 32000)
-SMALL = Model(128, 2, 4, 2, 384, 8000)
-
-
-def build_folder(m: Model, folder: str) -> int:
-    """The model (random weights, float32) and the char tokenizer, saved for the actors to load."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from copd_ray.models.tiny import build_char_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_char_tokenizer()
-    model = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.intermediate, num_hidden_layers=m.layers,
-        num_attention_heads=m.heads, num_key_value_heads=m.kv_heads, head_dim=m.hidden // m.heads,
-        tie_word_embeddings=True, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+# The Qwen3 of random weights that benchmarks/trainer_memory.py builds, at other sizes.
+FULL = Model(512, 7, 8, 4, 64, 1536, 32000)
+SMALL = Model(128, 2, 4, 2, 32, 384, 8000)
 
 
 # -- run inside the actors (actor.__ray_call__: the first argument is the actor itself) ------

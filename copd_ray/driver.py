@@ -75,8 +75,8 @@ class Loop:
 
     def lockstep(self, step: int) -> None:
         """Step `step` of Algorithm 1 in every branch, then every weight broadcast."""
-        cfg, trainable, (cycle, phase) = self.cfg, self.runtime.trainable, self.plan[step - 1]
-        prompts = draw_prompts(list(trainable), step, phase, cfg, self.data, self.prompter,
+        cfg, trainable = self.cfg, self.runtime.trainable
+        prompts = draw_prompts(list(trainable), step, self.plan[step - 1][1], cfg, self.data, self.prompter,
                                self.runtime.topology_actor)
         # Every branch takes its step in parallel (one that fails is retried after recovery) ...
         records = self.healer.each(list(trainable), lambda n: branch_step.run(
@@ -84,17 +84,23 @@ class Loop:
         # ... then every branch broadcasts its new weights to its generators and scorer.
         synced = self.healer.each(list(trainable), lambda n: trainable[n].sync()) \
             if step % cfg.schedule.sync_every == 0 else {}
+        self.report(step, records, synced, trainable, self.topology.edges, self.healer.call)
+        self.progress.update(0, completed=step)
+
+    def report(self, step: int, records: dict, synced: dict, groups: dict, edges, call=lambda fn: fn()) -> None:
+        """After step `step` of `groups` (all in lockstep; one on its own clock): records, pair
+        metrics of `edges` and evals when due, the console line; `call` wraps actor calls."""
+        cfg, (cycle, phase) = self.cfg, self.plan[step - 1]
         for n, r in records.items():
-            r.update({"cycle": cycle, "version": trainable[n].version,
+            r.update({"cycle": cycle, "version": groups[n].version,
                       "time/sync": synced[n]["seconds"] if synced else 0.0})
-        self.healer.call(lambda: log_pairs(self.log, step, cfg, self.topology.edges, self.runtime.groups, self.data,
-                                           self.prompter, self.pair_every, self.progress.console))
+        call(lambda: log_pairs(self.log, step, cfg, edges, self.runtime.groups, self.data, self.prompter,
+                               self.pair_every, self.progress.console))
         log_step(self.log, step, records)
         if cfg.eval.every and step % cfg.eval.every == 0:
-            log_eval(self.log, step, self.healer.call(lambda: evaluate_branches(
-                trainable, self.prompter, cfg, cfg.eval.during_training_size)))
+            log_eval(self.log, step, call(lambda: evaluate_branches(groups, self.prompter, cfg,
+                                                                    cfg.eval.during_training_size)))
         self.progress.console.print(step_line(step, phase, records))
-        self.progress.update(0, completed=step)
 
     def on_own_clocks(self, steps: list[int]) -> None:
         """Steps `steps` with each branch on its own clock: its generators sample step
@@ -112,15 +118,8 @@ class Loop:
                     flights.append(branch_step.launch(group, prompts[steps[ahead]][n], cfg, self.data[n].beta))
                     ahead += 1
                 record = branch_step.finish(group, flights.popleft())
-                synced = group.sync()
-                record.update({"cycle": self.plan[step - 1][0], "version": group.version, "time/sync": synced["seconds"]})
-                log_pairs(self.log, step, cfg, [e for e in self.topology.edges if e[1] == n], self.runtime.groups,
-                          self.data, self.prompter, self.pair_every, self.progress.console)
-                log_step(self.log, step, {n: record})
-                if cfg.eval.every and step % cfg.eval.every == 0:
-                    log_eval(self.log, step, evaluate_branches({n: group}, self.prompter, cfg,
-                                                               cfg.eval.during_training_size))
-                self.progress.console.print(step_line(step, self.plan[step - 1][1], {n: record}))
+                self.report(step, {n: record}, {n: group.sync()}, {n: group},
+                            [e for e in self.topology.edges if e[1] == n])
                 self.progress.advance(0, 1 / len(trainable))
 
         with ThreadPoolExecutor(max_workers=len(trainable)) as pool:

@@ -23,9 +23,13 @@ def topk_overlap(
     k = min(k, student_logits.shape[-1])
     s_ids = student_logits.topk(k, dim=-1).indices  # [B, T, k]
     t_ids = teacher_logits.topk(k, dim=-1).indices
-    # Top-k ids are distinct within a set, so counting pairwise matches counts the intersection.
-    shared = (s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
-    return _masked_mean(shared.float() / k, mask)
+    return _masked_mean(_shared_share(s_ids, t_ids), mask)
+
+
+def _shared_share(s_ids: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
+    """|s & t| / k at each position of two [B, T, k] top-k id sets. Top-k ids are distinct
+    within a set, so counting pairwise matches counts the intersection."""
+    return (s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)).any(dim=-1).sum(dim=-1).float() / s_ids.shape[-1]
 
 
 @torch.no_grad()
@@ -66,8 +70,7 @@ def topk_pair_metrics(
     if student_ids.shape != teacher_ids.shape:
         raise ValueError(f"student {tuple(student_ids.shape)} and teacher {tuple(teacher_ids.shape)} top-k differ")
     k = min(k, student_ids.shape[-1])
-    s_k, t_k = student_ids[..., :k], teacher_ids[..., :k]
-    overlap = (s_k.unsqueeze(-1) == t_k.unsqueeze(-2)).any(-1).sum(-1).float() / k
+    overlap = _shared_share(student_ids[..., :k], teacher_ids[..., :k])
 
     match = student_ids.unsqueeze(-1) == teacher_ids.unsqueeze(-2)  # [B, T, K_s, K_t]
     shared = match.any(-1)  # student entries the teacher also ranks in its top K
