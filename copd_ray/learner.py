@@ -170,44 +170,63 @@ class Learner:
         lengths = [len(s) for s in sequences]
         trim = budget is not None
 
-        # Old (and reference) log-probs and entropy, without gradients, micro-batch by micro-batch.
-        old_logprobs = torch.zeros_like(mask)
+        # Old log-probs. With one optimizer step a training step (grpo.minibatches=1) the update's
+        # own forward runs at the old weights, so its log-probs, detached, are the old ones
+        # exactly and no extra pass is needed (TRL and verl skip it the same way). With more
+        # minibatches a no-gradient pass takes them first, unless the rollouts' own log-probs are
+        # the trainer's (train.reuse_rollout_logprobs). The reference policy always needs a pass.
+        fused = c["minibatches"] == 1
+        reuse = not fused and self.train_cfg["reuse_rollout_logprobs"] and not batch.off_policy
+        weigh = batch.off_policy and c["is_cap"] > 0
+        behaviour = torch.zeros_like(mask)  # the generators' log-probs, where they are used
+        if real and (reuse or weigh):
+            behaviour[:real] = place_per_token(batch.behaviour_logprobs, plens[:real], ids.shape[1]).to(self.device)
+        old_logprobs = behaviour * mask if reuse else torch.zeros_like(mask)
         ref_logprobs = torch.zeros_like(mask) if self.reference is not None else None
+        measure_old = not fused and not reuse
         entropy_sum = 0.0
         passes = pack_microbatches(list(range(len(sequences))), lengths, budget)
-        n_passes = int(self._agree([len(passes)], "max")[0])
-        # The generators' log-probs are the old ones when they sampled with these very weights,
-        # computing as the trainer does: then the no-gradient pass is skipped (its entropy too).
-        reuse = self.train_cfg["reuse_rollout_logprobs"] and not batch.off_policy and self.reference is None
-        if reuse:
-            old_logprobs = (place_per_token(batch.behaviour_logprobs, plens, ids.shape[1]).to(self.device) * mask
-                            if real else torch.zeros_like(mask))
-            n_passes = 0
+        n_passes = int(self._agree([len(passes)], "max")[0]) if measure_old or self.reference is not None else 0
         with torch.no_grad(), self.autocast():
             self.model.eval()
             for k in range(n_passes):  # a rank with fewer passes repeats its first (ranks stay in lockstep)
                 rows = passes[k] if k < len(passes) else passes[0]
                 idx, w, mb = self._rows(rows, tensors, sequences, trim)
-                lp, ent = self.forward(*mb, entropy=True)
+                if measure_old:
+                    lp, ent = self.forward(*mb, entropy=True)
                 if k < len(passes):
-                    old_logprobs[idx, : w - 1] = lp
-                    entropy_sum += (ent * mb[3]).sum().item()
+                    if measure_old:
+                        old_logprobs[idx, : w - 1] = lp
+                        entropy_sum += (ent * mb[3]).sum().item()
                     if self.reference is not None:
                         ref_logprobs[idx, : w - 1] = self.reference(*mb)[0]
             self.model.train()
-        entropy_sum, token_count = self._agree([entropy_sum, mask.sum().item()])
-        entropy = math.nan if reuse else entropy_sum / max(token_count, 1.0)
-        is_weight, is_stats = self._importance_weights(batch, old_logprobs, mask, plens[:real], token_count)
 
+        # The per-token signals, computed per micro-batch from its old log-probs: GRPO's
+        # group-normalised reward (a number per sequence), OPD's teacher - old log-prob gap.
         n_grpo = len(batch.grpo_sequences)
-        advantages = torch.zeros_like(old_logprobs)
+        grpo_adv = torch.zeros_like(mask)
         if n_grpo:
             seq_adv = grpo_advantages(torch.tensor(batch.grpo_rewards), batch.group_size).to(self.device)
-            advantages[:n_grpo] = seq_adv.unsqueeze(1) * mask[:n_grpo]
+            grpo_adv[:n_grpo] = seq_adv.unsqueeze(1) * mask[:n_grpo]
+        opd_row = torch.zeros(mask.shape[0], 1, dtype=torch.bool, device=self.device)
+        teacher, beta = torch.zeros_like(mask), torch.zeros(mask.shape[0], 1, device=self.device)
         if batch.opd_sequences:
-            teacher = place_per_token(batch.opd_teacher_logprobs, batch.opd_prompt_lengths, ids.shape[1]).to(self.device)
-            beta = torch.tensor(batch.opd_beta, device=self.device).unsqueeze(1)
-            advantages[n_grpo:] = opd_advantages(teacher, old_logprobs[n_grpo:], 1.0) * beta * mask[n_grpo:]
+            opd_row[n_grpo:real] = True
+            teacher[n_grpo:real] = place_per_token(batch.opd_teacher_logprobs, batch.opd_prompt_lengths,
+                                                   ids.shape[1]).to(self.device)
+            beta[n_grpo:real, 0] = torch.tensor(batch.opd_beta, device=self.device)
+        is_sums = [0.0, 0.0]  # importance weights, truncated tokens
+
+        def signals(idx, w, old, m):
+            adv = torch.where(opd_row[idx], opd_advantages(teacher[idx, : w - 1], old, 1.0) * beta[idx] * m,
+                              grpo_adv[idx, : w - 1])
+            if not weigh:
+                return adv, None
+            weight = truncated_is_weight(old, behaviour[idx, : w - 1], c["is_cap"]) * m
+            is_sums[0] += weight.sum().item()
+            is_sums[1] += ((old - behaviour[idx, : w - 1] > math.log(c["is_cap"])) & (m > 0)).sum().item()
+            return adv, weight
 
         order = list(range(real))
         self.rng.shuffle(order)
@@ -232,21 +251,22 @@ class Learner:
                 filler = k >= len(parts)  # lockstep: a weightless pass on a row this rank has
                 idx, w, mb = self._rows(parts[k] if not filler else [0], tensors, sequences, trim)
                 with self.autocast():
-                    logprobs, _ = self.forward(*mb)
+                    logprobs, ent = self.forward(*mb, entropy=fused)
+                old = logprobs.detach() if fused else old_logprobs[idx, : w - 1]
+                advantages, is_weight = signals(idx, w, old, mb[3] * (0.0 if filler else 1.0))
                 loss = policy_loss(
-                    logprobs, old_logprobs[idx, : w - 1], advantages[idx, : w - 1], mb[3], c["clip_low"],
-                    c["clip_high"], c["loss_agg"], kl_coef=c["kl_coef"],
-                    ref_logprobs=ref_logprobs[idx, : w - 1] if ref_logprobs is not None else None,
-                    denominator=None if whole else denominators[j],
-                    is_weight=is_weight[idx, : w - 1] if is_weight is not None else None,
+                    logprobs, old, advantages, mb[3], c["clip_low"], c["clip_high"], c["loss_agg"],
+                    kl_coef=c["kl_coef"], ref_logprobs=ref_logprobs[idx, : w - 1] if ref_logprobs is not None else None,
+                    denominator=None if whole else denominators[j], is_weight=is_weight,
                 )
                 # FSDP2 averages gradients over the ranks; the loss is already the whole's share.
                 (loss * (0.0 if filler else float(self.world_size))).backward()
                 if not filler:
                     tokens = mb[3].sum().item()
+                    if fused:
+                        entropy_sum += (ent * mb[3]).sum().item()
                     stats[0] += loss.item()
-                    stats[1] += clip_fraction(logprobs.detach(), old_logprobs[idx, : w - 1], mb[3], c["clip_low"],
-                                              c["clip_high"]).item() * tokens
+                    stats[1] += clip_fraction(logprobs.detach(), old, mb[3], c["clip_low"], c["clip_high"]).item() * tokens
                     stats[2] += tokens
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c["grad_clip"])
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -259,6 +279,10 @@ class Learner:
             losses.append(loss_sum)
             norms.append(norm.item())
             clips.append(clipped / max(tokens, 1.0))
+        entropy_sum, token_count, weight_sum, truncated = self._agree([entropy_sum, mask.sum().item(), *is_sums])
+        entropy = math.nan if reuse else entropy_sum / max(token_count, 1.0)
+        is_stats = ({"is/weight_mean": weight_sum / max(token_count, 1.0), "is/truncated": truncated / max(token_count, 1.0)}
+                    if weigh else {"is/weight_mean": 1.0, "is/truncated": 0.0})
         self.steps += 1
         mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
         return {
@@ -266,18 +290,3 @@ class Learner:
             "nan_skipped": skipped, "sequences": int(self._agree([float(real)])[0]),
             "seconds": time.perf_counter() - start, **is_stats,
         }
-
-    def _importance_weights(self, batch: TrainBatch, old_logprobs, mask, plens: list[int], tokens: float):
-        """The truncated importance weight of every token (None when the rollouts came from
-        the trainer's current policy, computed as the trainer computes), and its log:
-        the mean weight and the share of tokens whose ratio was truncated."""
-        cap = self.cfg["is_cap"]
-        if not batch.off_policy or cap <= 0:
-            return None, {"is/weight_mean": 1.0, "is/truncated": 0.0}
-        behaviour = place_per_token(batch.behaviour_logprobs, plens, old_logprobs.shape[1] + 1).to(self.device)
-        if len(plens) < old_logprobs.shape[0]:  # a sharded rank's filler row: no rollout behind it
-            behaviour = old_logprobs.clone()
-        weight = truncated_is_weight(old_logprobs, behaviour, cap) * mask
-        truncated = ((old_logprobs - behaviour > math.log(cap)) & (mask > 0)).sum().item()
-        weight_sum, truncated = self._agree([weight.sum().item(), truncated])
-        return weight, {"is/weight_mean": weight_sum / max(tokens, 1.0), "is/truncated": truncated / max(tokens, 1.0)}

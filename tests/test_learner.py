@@ -110,3 +110,47 @@ def test_off_policy_rollouts_are_weighted_and_the_weights_logged(tiny_folder):
     batch.behaviour_logprobs = [[lp + 1.0 for lp in row] for row in batch.behaviour_logprobs]  # now 0.5 higher
     stats = learner.train_step(batch)
     assert stats["is/truncated"] == 0.0 and abs(stats["is/weight_mean"] - math.exp(-0.5)) < 2e-3
+
+
+def test_one_minibatch_takes_its_old_logprobs_from_the_update_forward(tiny_folder):
+    """grpo.minibatches=1: no separate old-log-prob pass, and the step is the plain one written
+    out here: full-vocabulary log-probs, ratio 1, the truncated importance weight against the
+    behaviour log-probs, a token-mean loss, grad-norm clip, one AdamW step."""
+    from copd_ray.models import load_policy
+
+    grpo = {**GRPO, "lr": 1e-3, "is_cap": 1.5}
+    learner = Learner("b", 0, 1, str(tiny_folder), grpo)
+    batch = _sampled_batch(learner, off_policy=True)
+    batch.behaviour_logprobs = [[lp + (0.7 if i % 2 else -0.6) for i, lp in enumerate(row)]
+                                for row in batch.behaviour_logprobs]
+    stats = learner.train_step(batch)
+
+    model, _ = load_policy(str(tiny_folder))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    rewards = torch.tensor(batch.grpo_rewards)
+    adv = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+    total, tokens, weights, entropy = 0.0, 0, [], []
+    for seq, p, a, behaviour in zip(batch.grpo_sequences, batch.grpo_prompt_lengths, adv, batch.behaviour_logprobs):
+        logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0, p - 1 : len(seq) - 1], -1)
+        lp = logp.gather(-1, torch.tensor(seq[p:]).unsqueeze(-1)).squeeze(-1)
+        w = torch.exp(lp.detach() - torch.tensor(behaviour)).clamp(max=1.5)
+        total = total - (torch.exp(lp - lp.detach()) * a * w).sum()
+        tokens += len(lp)
+        weights += w.tolist()
+        entropy += (-(logp.exp() * logp).sum(-1)).tolist()
+    (total / tokens).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+    assert abs(stats["is/weight_mean"] - sum(weights) / len(weights)) < 1e-5
+    assert stats["is/truncated"] == sum(w == 1.5 for w in weights) / len(weights) > 0
+    assert abs(stats["entropy"] - sum(entropy) / len(entropy)) < 1e-4  # measured in the update's own forward
+    assert abs(stats["loss"] - total.item() / tokens) < 1e-5 and stats["clip_fraction"] == 0.0
+    start = load_policy(str(tiny_folder))[0].state_dict()
+    mine, theirs = learner.model.state_dict(), model.state_dict()
+    update = max((theirs[k] - start[k]).abs().max().item() for k in theirs)
+    assert update > 1e-4
+    # AdamW's first step divides each gradient by its own size, which magnifies the float
+    # rounding of small gradients: 1% of the update.
+    assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) < 1e-2 * update

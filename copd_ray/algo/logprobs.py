@@ -27,24 +27,27 @@ def chosen_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor,
                     banned: tuple[int, ...] = (), entropy: bool = False):
     """(log p(target) [N], entropy [N] or None) for hidden states [N, H] and targets [N].
 
-    `head` maps hidden states to logits (a causal LM's output layer). Entropy is only
-    computed without gradients (it is a metric).
+    `head` maps hidden states to logits (a causal LM's output layer). Entropy is a metric:
+    it never carries a gradient.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     grad = torch.is_grad_enabled() and hidden.requires_grad
+
+    def piece(h, t):
+        lp, logp = _chunk_logprobs(head, h, t, banned)
+        if not entropy:
+            return lp, None
+        with torch.no_grad():
+            return lp, -(logp.exp() * logp).sum(-1)
+
     out, ent = [], []
     for lo in range(0, hidden.shape[0], chunk):
         h, t = hidden[lo : lo + chunk], targets[lo : lo + chunk]
-        if grad:
-            out.append(checkpoint(lambda h, t: _chunk_logprobs(head, h, t, banned)[0], h, t, use_reentrant=False))
-            continue
-        lp, logp = _chunk_logprobs(head, h, t, banned)
+        lp, e = checkpoint(piece, h, t, use_reentrant=False) if grad else piece(h, t)
         out.append(lp)
-        if entropy:
-            ent.append(-(logp.exp() * logp).sum(-1))
-        del logp
+        ent.append(e)
     if not out:  # no positions: keep the graph connected to hidden for backward
         empty = hidden.sum(-1).float() * 0.0
-        return empty, (empty if entropy else None)
-    return torch.cat(out), (torch.cat(ent) if entropy and ent else None)
+        return empty, (empty.detach() if entropy else None)
+    return torch.cat(out), (torch.cat(ent) if entropy else None)
