@@ -40,6 +40,19 @@ def test_sampling_logprobs_equal_a_forward_pass(engine, prompts):
     assert worst < 1e-4
 
 
+def test_each_prompt_is_read_once_and_its_samples_are_those_of_repeated_prompts(engine, prompts):
+    """n samples a prompt share one prefill (its KV cache copied to each row): the same
+    tokens and log-probs as the prompts written out n times, read once per row."""
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=4)
+    shared = engine.generate(prompts, params)
+    repeated = [p for p in prompts for _ in range(3)]
+    each = engine.generate(repeated, SamplingParams(n=1, temperature=1.0, max_new_tokens=8, seed=4))
+    assert [s.prompt_index for s in shared] == [i // 3 for i in range(12)]
+    assert [s.token_ids for s in shared] == [s.token_ids for s in each]
+    for a, b in zip(shared, each):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
+
+
 def test_greedy_is_argmax_and_reproducible(engine, prompts):
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=6)
     first = engine.generate(prompts, params)

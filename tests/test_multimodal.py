@@ -194,6 +194,11 @@ def test_the_engine_scores_with_pixels_in_context_as_a_direct_forward_does(vl):
         direct = [logp[t - 1, seq.input_ids[t]].item() for t in range(p, len(seq))]
         assert scored == pytest.approx(direct, abs=1e-5)
         assert sample.logprobs == pytest.approx(direct, abs=1e-5)  # sampling saw the same distribution
+    # Each prompt's pixels and tokens are read once for its two samples: the same samples as
+    # the prompts written out twice.
+    twice = engine.generate([p for p in prompts for _ in range(2)],
+                            SamplingParams(n=1, temperature=1.0, max_new_tokens=6, seed=0))
+    assert [s.token_ids for s in twice] == [s.token_ids for s in samples]
 
     greedy = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=6))
     for prompt, sample in zip(prompts, greedy):

@@ -86,13 +86,21 @@ class HFEngine(RolloutEngine):
     def _generate_batch(self, batch, params: SamplingParams, generator) -> list[Sample]:
         device = self.device
         stop_ids = torch.tensor([self.eos_token_id, *params.stop_token_ids], device=device)
-        # Left padding keeps every row's next token in the last column.
-        ids, mask, extra = collate([p for _, p in batch], self.pad_token_id, left=True, device=device)
+        # Each prompt is read once, however many samples it has (as vLLM's prefix cache does):
+        # its KV cache is then copied to each sample's row. Left padding keeps every row's
+        # next token in the last column.
+        first: dict[int, int] = {}
+        rows_of = torch.tensor([first.setdefault(i, len(first)) for i, _ in batch], device=device)
+        prompts = {i: p for i, p in batch}
+        ids, mask, extra = collate([prompts[i] for i in first], self.pad_token_id, left=True, device=device)
         positions = self._positions(ids, mask, extra)
 
         logits, cache = self._step(input_ids=ids, attention_mask=mask, position_ids=positions, **extra)
         # Each new token takes the next position (in every M-RoPE axis: text runs on all three).
         next_pos = positions.amax(dim=-1) + 1 if extra else positions[:, -1] + 1
+        if len(first) < len(batch):
+            cache.batch_select_indices(rows_of)
+            logits, mask, next_pos = logits[rows_of], mask[rows_of], next_pos[..., rows_of]
 
         rows = len(batch)
         tokens = torch.full((rows, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
