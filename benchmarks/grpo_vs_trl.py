@@ -29,14 +29,22 @@ of the accumulated batch, which is the step); one optimizer step a step (grpo.mi
 TRL num_iterations=1, the whole step per device, gradient_accumulation_steps=1); AdamW, lr
 1e-4 constant, no weight decay, grad-norm clip 1; no reference model (TRL beta=0); float32;
 one forward with and one backward per step: TRL's default gradient checkpointing (a
-recomputing forward) is off, as copd-ray's is, and TRL skips the old log-prob forward at
-these settings, so copd-ray takes the rollouts' log-probs as the old ones
-(train.reuse_rollout_logprobs=true) except in async mode, where rollouts are a version behind
-and its trainer recomputes them for the truncated importance weight (grpo.is_cap). --threads
-are the torch threads of TRL's process and copd-ray's driver, --actor-threads those of each
-copd-ray actor. Differs: the advantage eps (copd-ray 1e-6, TRL 1e-4); TRL samples with
-`model.generate` in its one process, copd-ray with its KV-cached engine in a generator actor
-and broadcasts the new weights to it every step.
+recomputing forward) is off, as copd-ray's is, and with one optimizer step a step both take
+the old log-probs from that forward, detached (TRL's num_iterations=1; copd-ray's
+grpo.minibatches=1, in both modes: the weights that take the step are the old ones; in async
+mode the rollouts are a version behind and copd-ray weights each token by the truncated
+importance weight against their log-probs, grpo.is_cap). --threads are the torch threads of
+TRL's process and copd-ray's driver, --actor-threads those of each copd-ray actor.
+
+Where the work differs (this is where copd-ray's speed comes from, besides overlapping
+generation with the update in async mode): copd-ray reads each prompt once for its G samples,
+in sampling (the hf engine copies the prompt's KV cache to each sample, as vLLM's prefix cache
+does) and in the update (train.share_prompts: the prompt's one pass, the responses on copies of
+its cache, gradients flowing back through them), where TRL reads each of the G copies whole;
+the row "copd-ray async, whole rows" runs with train.share_prompts=false to show that part.
+Also differs: the advantage eps (copd-ray 1e-6, TRL 1e-4); TRL samples with `model.generate`
+in its one process, copd-ray with its KV-cached engine in a generator actor and broadcasts the
+new weights to it every step.
 
 Timing: a step takes the wall time between two consecutive finished steps (copd-ray: its
 step record appearing in `<output_dir>/metrics.jsonl`, polled every millisecond; TRL: a
@@ -223,7 +231,7 @@ def main() -> None:
         f"capabilities=[{{name: add, source: 'synthetic:add', heldout_size: {heldout}}}]", "branches=[{name: add}]",
         "topology.kind=none", "schedule.cycles=1", f"schedule.rl_steps={steps}", "schedule.opd_steps=0",
         "schedule.save_every=0", f"grpo.prompts_per_step={a.prompts}", f"grpo.group_size={a.group}",
-        "grpo.minibatches=1", "grpo.loss_agg=token_mean", "train.reuse_rollout_logprobs=true", "eval.every=0",
+        "grpo.minibatches=1", "grpo.loss_agg=token_mean", "eval.every=0",
         "metrics.pair_every=0", f"resources.actor_threads={a.actor_threads}"]
     cfg = load_config(None, common)
     g, cap = cfg.grpo, build_capability(cfg.capability("add"), cfg.seed)
@@ -240,11 +248,12 @@ def main() -> None:
                 "pass@1": heldout_pass(model, cap, cfg),
                 "wall_s": time.perf_counter() - start, "load_1min": os.getloadavg()[0], **extra}
 
-    for name, staleness in (("copd-ray sync", 0), ("copd-ray async", 1)):
+    for name, extra in (("copd-ray sync", ["schedule.max_staleness=0"]),
+                        ("copd-ray async", ["schedule.max_staleness=1"]),
+                        ("copd-ray async, whole rows", ["schedule.max_staleness=1", "train.share_prompts=false"])):
         start = time.perf_counter()
         try:
-            times, records, model, own = run_copd([*common, f"schedule.max_staleness={staleness}"],
-                                                  work / name.split()[1])
+            times, records, model, own = run_copd([*common, *extra], work / name.replace(" ", "_").replace(",", ""))
             # run_pass: the run's own final evaluation (the same problems, in a Ray task); phases: the
             # medians of the step records' times (generation overlaps the update in async mode)
             phases = {k: statistics.median(r[f"time/{k}"] for r in records[skip:])
@@ -284,19 +293,19 @@ def main() -> None:
             notes.append(f"TRL {result['version']} ({trl_python})")
 
     trl_rate = rows.get("TRL GRPOTrainer", {}).get("rollouts_per_s")
-    print(f"\n{'':<20} {'s/step':>8} {'mean s':>8} {'rollouts/s':>11} {'x TRL':>6} {'reward':>7} {'pass@1':>7} "
+    print(f"\n{'':<26} {'s/step':>8} {'mean s':>8} {'rollouts/s':>11} {'x TRL':>6} {'reward':>7} {'pass@1':>7} "
           f"{'load':>5}")
     for name, r in rows.items():
         if "error" in r:
-            print(f"{name:<20} failed: {r['error']}")
+            print(f"{name:<26} failed: {r['error']}")
             continue
         if "s_per_step" in r:
             r["x_trl"] = r["rollouts_per_s"] / trl_rate if trl_rate else None
             x = f"{r['x_trl']:.2f}" if trl_rate else "-"
-            print(f"{name:<20} {r['s_per_step']:8.3f} {r['mean_s_per_step']:8.3f} {r['rollouts_per_s']:11.1f} "
+            print(f"{name:<26} {r['s_per_step']:8.3f} {r['mean_s_per_step']:8.3f} {r['rollouts_per_s']:11.1f} "
                   f"{x:>6} {r['reward_last10']:7.3f} {r['pass@1']:7.3f} {r['load_1min']:5.1f}")
         else:
-            print(f"{name:<20} {'':8} {'':8} {'':11} {'':6} {'':7} {r['pass@1']:7.3f}")
+            print(f"{name:<26} {'':8} {'':8} {'':11} {'':6} {'':7} {r['pass@1']:7.3f}")
     notes.append("reward: mean training reward of the last 10 steps; pass@1: greedy, held out, after training "
                  f"(standard error at {len(cap.heldout)} problems: up to {(0.25 / len(cap.heldout)) ** 0.5:.3f})")
     notes.append(f"load: the 1-minute load average after the row ({os.cpu_count()} cores); well above the "

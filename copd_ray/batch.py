@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from copd_ray.models.vl_inputs import collate
+from copd_ray.models.vl_inputs import VisualInputs, collate
 from copd_ray.step_data import Rollouts, StepSpec, TeacherScores
 
 
@@ -111,6 +111,38 @@ def pad_sequences(sequences: list, prompt_lengths: list[int], pad_id: int):
     for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
         response[i, p - 1 : len(seq) - 1] = 1.0
     return ids, attention, ids[:, 1:], response, extra
+
+
+@dataclass
+class SharedPrompts:
+    """A micro-batch laid out so that each distinct prompt is read once (a GRPO group's
+    samples share theirs): the prompts, then every row's response on its prompt's KV cache."""
+
+    prompt_ids: torch.Tensor  # [U, P] the distinct prompts, left-padded
+    prompt_mask: torch.Tensor  # [U, P]
+    rows_of: torch.Tensor  # [b] each row's prompt, an index into the U
+    response_ids: torch.Tensor  # [b, R] each row's response, right-padded
+    response_mask: torch.Tensor  # [b, R]
+    offsets: torch.Tensor  # [b] p - 1: the shifted-grid column of each row's first response token
+
+
+def share_prompts(sequences: list, prompt_lengths: list[int], pad_id: int, device) -> SharedPrompts | None:
+    """The layout of these rows, or None where it saves nothing (no prompt repeats) or does
+    not apply (vision-language rows: their prompts carry pixels)."""
+    if any(isinstance(s, VisualInputs) for s in sequences):
+        return None
+    first: dict[tuple, int] = {}
+    rows_of = [first.setdefault(tuple(s[:p]), len(first)) for s, p in zip(sequences, prompt_lengths)]
+    if len(first) == len(sequences):
+        return None
+    prompt_ids, prompt_mask, _ = collate([list(p) for p in first], pad_id, left=True, device=device)
+    response_ids, response_mask, _ = collate([s[p:] or [pad_id] for s, p in zip(sequences, prompt_lengths)], pad_id,
+                                             device=device)
+    for i, (s, p) in enumerate(zip(sequences, prompt_lengths)):
+        if len(s) == p:  # no response: nothing of the row is scored
+            response_mask[i] = 0
+    return SharedPrompts(prompt_ids, prompt_mask, torch.tensor(rows_of, device=device), response_ids, response_mask,
+                         torch.tensor([p - 1 for p in prompt_lengths], device=device))
 
 
 def place_per_token(values: list[list[float]], prompt_lengths: list[int], width: int) -> torch.Tensor:

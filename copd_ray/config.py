@@ -311,6 +311,11 @@ class TrainConfig(Section):
     # default: a KV-cached decode differs from a full forward in the last bits, so Algorithm
     # 1's numbers would no longer repeat exactly, and entropy is then not measured.
     reuse_rollout_logprobs: bool = False
+    # Read each distinct prompt once a micro-batch (a GRPO group's samples share it) and each
+    # row's response on a copy of its KV cache: the same log-probs and gradients for less
+    # compute. Text policies on one trainer rank without gradient checkpointing; elsewhere,
+    # and with false, every row goes through the model whole.
+    share_prompts: bool = True
 
 
 class OPDConfig(Section):

@@ -23,12 +23,12 @@ from torch import nn
 from copd_ray import sharding
 from copd_ray.algo import (chosen_logprobs, clip_fraction, grpo_advantages, opd_advantages, policy_loss,
                            truncated_is_weight)
-from copd_ray.batch import TrainBatch, pack_microbatches, pad_sequences, place_per_token
+from copd_ray.batch import SharedPrompts, TrainBatch, pack_microbatches, pad_sequences, place_per_token, share_prompts
 from copd_ray.models.loading import DTYPES
 from copd_ray.models.vl_inputs import pixel_kwargs, vision_token_ids
 
 TRAIN_DEFAULTS = {"gradient_checkpointing": False, "max_tokens_per_microbatch": None, "logprob_chunk_tokens": 2048,
-                  "reuse_rollout_logprobs": False}
+                  "reuse_rollout_logprobs": False, "share_prompts": True}
 
 
 class PolicyLogprobs(nn.Module):
@@ -40,8 +40,11 @@ class PolicyLogprobs(nn.Module):
         super().__init__()
         self.policy, self.banned, self.chunk = policy, banned, chunk
 
-    def forward(self, ids, attention, targets, mask, extra: dict, entropy: bool = False):
+    def forward(self, ids, attention, targets, mask, extra: dict, shared: SharedPrompts | None = None,
+                entropy: bool = False):
         backbone = getattr(self.policy, self.policy.base_model_prefix)
+        if shared is not None:
+            return self._on_shared_prompts(backbone, shared, mask.shape[1], entropy)
         hidden = backbone(input_ids=ids, attention_mask=attention, use_cache=False, **extra).last_hidden_state[:, :-1]
         where = mask > 0
         lp, ent = chosen_logprobs(self.policy.get_output_embeddings(), hidden[where], targets[where], self.chunk,
@@ -49,6 +52,33 @@ class PolicyLogprobs(nn.Module):
 
         def grid(v):
             return torch.zeros(where.shape, dtype=v.dtype, device=v.device).masked_scatter(where, v)
+
+        return grid(lp), (grid(ent) if ent is not None else None)
+
+    def _on_shared_prompts(self, backbone, shared: SharedPrompts, width: int, entropy: bool):
+        """Each distinct prompt through the model once, then every row's response on a copy
+        of its prompt's KV cache (gradients flow back through the copies into the prompt's
+        one pass), as the engine samples them: the same log-probs for less compute."""
+        rows, pmask = shared.rows_of, shared.prompt_mask
+        prompt = backbone(input_ids=shared.prompt_ids, attention_mask=pmask,
+                          position_ids=(pmask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+        cache = prompt.past_key_values
+        cache.batch_select_indices(rows)
+        r = shared.response_ids.shape[1]
+        positions = pmask.sum(1)[rows].unsqueeze(1) + torch.arange(r, device=pmask.device)
+        response = backbone(input_ids=shared.response_ids, attention_mask=torch.cat([pmask[rows], shared.response_mask], 1),
+                            position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        # Response token t is predicted by the hidden state before it: the prompt's last for t = 0.
+        hidden = torch.cat([prompt.last_hidden_state[rows, -1:], response[:, :-1]], 1)
+        where = shared.response_mask > 0
+        lp, ent = chosen_logprobs(self.policy.get_output_embeddings(), hidden[where], shared.response_ids[where],
+                                  self.chunk, self.banned, entropy)
+        # Onto the shifted [b, width] grid: response token t of row i sits at column offsets[i] + t.
+        columns = shared.offsets.unsqueeze(1) + torch.arange(r, device=pmask.device)
+
+        def grid(v):
+            dense = torch.zeros(where.shape, dtype=v.dtype, device=v.device).masked_scatter(where, v)
+            return torch.zeros(len(rows), width + r, dtype=v.dtype, device=v.device).scatter(1, columns, dense)[:, :width]
 
         return grid(lp), (grid(ent) if ent is not None else None)
 
@@ -94,6 +124,10 @@ class Learner:
         self.banned = tuple(vision_token_ids(self.model.config))  # never in a response (vision-language policies)
         self.forward = PolicyLogprobs(self.model, self.banned, self.train_cfg["logprob_chunk_tokens"])
         _check_output_layer(self.forward)
+        # Reading each prompt once needs the model's KV cache in training: one rank (FSDP2
+        # expects one forward of each block), no recomputed blocks (they drop the cache).
+        self.share_prompts = (self.train_cfg["share_prompts"] and not self.sharded
+                              and not self.train_cfg["gradient_checkpointing"])
         if self.train_cfg["gradient_checkpointing"]:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
@@ -136,8 +170,9 @@ class Learner:
         t = self.tokenizer
         return [t.bos_token_id if t.bos_token_id is not None else t.pad_token_id, t.eos_token_id or t.pad_token_id]
 
-    def _rows(self, rows, tensors, sequences, trim: bool):
-        """A micro-batch's tensors; with a token budget, cut to its own longest row."""
+    def _rows(self, rows, tensors, sequences, plens, trim: bool):
+        """A micro-batch's tensors; with a token budget, cut to its own longest row; laid out
+        to read each prompt once where prompts repeat (train.share_prompts)."""
         ids, attention, targets, mask, extra = tensors
         idx = torch.tensor(rows, device=self.device)
         w = max(len(sequences[i]) for i in rows) if trim else ids.shape[1]
@@ -145,7 +180,11 @@ class Learner:
         if extra:  # these rows' token types and their pixels only
             part = {"mm_token_type_ids": extra["mm_token_type_ids"][idx, :w],
                     **pixel_kwargs([sequences[i] for i in rows], self.device)}
-        return idx, w, (ids[idx, :w], attention[idx, :w], targets[idx, : w - 1], mask[idx, : w - 1], part)
+        shared = None
+        if self.share_prompts:
+            shared = share_prompts([sequences[i] for i in rows], [plens[i] for i in rows], self.tokenizer.pad_token_id,
+                                   self.device)
+        return idx, w, (ids[idx, :w], attention[idx, :w], targets[idx, : w - 1], mask[idx, : w - 1], part, shared)
 
     def _agree(self, values: list[float], op: str = "sum") -> list[float]:
         return sharding.all_reduce(values, op) if self.sharded else values
@@ -191,7 +230,7 @@ class Learner:
             self.model.eval()
             for k in range(n_passes):  # a rank with fewer passes repeats its first (ranks stay in lockstep)
                 rows = passes[k] if k < len(passes) else passes[0]
-                idx, w, mb = self._rows(rows, tensors, sequences, trim)
+                idx, w, mb = self._rows(rows, tensors, sequences, plens, trim)
                 if measure_old:
                     lp, ent = self.forward(*mb, entropy=True)
                 if k < len(passes):
@@ -249,7 +288,7 @@ class Learner:
             stats = [0.0, 0.0, 0.0]  # loss, clipped tokens, tokens
             for k in range(counts[j]):
                 filler = k >= len(parts)  # lockstep: a weightless pass on a row this rank has
-                idx, w, mb = self._rows(parts[k] if not filler else [0], tensors, sequences, trim)
+                idx, w, mb = self._rows(parts[k] if not filler else [0], tensors, sequences, plens, trim)
                 with self.autocast():
                     logprobs, ent = self.forward(*mb, entropy=fused)
                 old = logprobs.detach() if fused else old_logprobs[idx, : w - 1]

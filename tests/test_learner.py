@@ -154,3 +154,54 @@ def test_one_minibatch_takes_its_old_logprobs_from_the_update_forward(tiny_folde
     # AdamW's first step divides each gradient by its own size, which magnifies the float
     # rounding of small gradients: 1% of the update.
     assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) < 1e-2 * update
+
+
+def test_each_prompt_read_once_gives_the_log_probs_and_gradients_of_whole_rows(tiny_folder):
+    """train.share_prompts: two groups of prompts of different lengths (and a row with no
+    response) give, through one prompt pass and the responses on its KV cache, the log-probs
+    and gradients that each row read whole by itself gives."""
+    from copd_ray.batch import pad_sequences
+
+    learner = Learner("b", 0, 1, str(tiny_folder), GRPO)
+    tok = learner.tokenizer
+    prompts = [tok(p)["input_ids"] for p in ("12+345=", "7*8=")]
+    responses = [tok(t, add_special_tokens=False)["input_ids"] for t in ("357", "3", "35", "56", "5", "")]
+    sequences = [prompts[i // 3] + r for i, r in enumerate(responses)]
+    plens = [len(prompts[i // 3]) for i in range(6)]
+    tensors = pad_sequences(sequences, plens, tok.pad_token_id)
+    idx, w, mb = learner._rows(list(range(6)), tensors, sequences, plens, trim=False)
+    assert mb[-1] is not None and mb[-1].prompt_ids.shape[0] == 2  # two prompt passes for six rows
+
+    learner.model.zero_grad()
+    lp, ent = learner.forward(*mb, entropy=True)
+    lp.sum().backward()
+    shared_grads = {k: p.grad.clone() for k, p in learner.model.named_parameters()}
+
+    learner.model.zero_grad()
+    total = 0.0
+    for seq, p, row, row_ent in zip(sequences, plens, lp, ent):
+        logp = torch.log_softmax(learner.model(input_ids=torch.tensor([seq])).logits[0, p - 1 : len(seq) - 1], -1)
+        direct = logp.gather(-1, torch.tensor(seq[p:], dtype=torch.long).unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(row[p - 1 : len(seq) - 1], direct, atol=1e-5)
+        assert torch.allclose(row_ent[p - 1 : len(seq) - 1], -(logp.exp() * logp).sum(-1), atol=1e-5)
+        assert row[len(seq) - 1 :].abs().sum() == 0 and row[: p - 1].abs().sum() == 0  # nothing off the response
+        total = total + direct.sum()
+    total.backward()
+    for k, p in learner.model.named_parameters():
+        assert torch.allclose(shared_grads[k], p.grad, atol=1e-5, rtol=1e-4), k
+    assert any(g.abs().sum() > 0 for g in shared_grads.values())
+
+
+def test_a_step_on_shared_prompts_is_the_step_on_whole_rows(tiny_folder):
+    grpo = {**GRPO, "lr": 1e-3, "minibatches": 2, "loss_agg": "seq_mean_token_mean"}
+    shared = Learner("b", 0, 1, str(tiny_folder), grpo)
+    whole = Learner("b", 0, 1, str(tiny_folder), grpo, train={"share_prompts": False})
+    batch = _sampled_batch(shared)
+    a, b = shared.train_step(batch), whole.train_step(batch)
+    for key in ("loss", "entropy", "clip_fraction"):
+        assert abs(a[key] - b[key]) < 1e-5, key
+    start = Learner("b", 0, 1, str(tiny_folder), grpo).model.state_dict()
+    after_a, after_b = shared.model.state_dict(), whole.model.state_dict()
+    update = max((after_b[k] - start[k]).abs().max().item() for k in after_b)
+    # Two AdamW updates: each divides a gradient by its own size, magnifying float rounding.
+    assert max((after_a[k] - after_b[k]).abs().max().item() for k in after_a) < 0.02 * update

@@ -27,9 +27,12 @@ def _records(out, kind):
 def test_lockstep_reproduces_the_run_from_before_the_step_moved_into_the_branch(ray_session, tiny_folder, tmp_path):
     """tests/data/golden_sync_steps.json: the step records (time/* left out) of this very
     config, written by the driver of commit 3b597d3, which still passed every rollout and
-    score through the driver. The numbers must be the same, float for float."""
+    score through the driver. The numbers must be the same, float for float: so every row
+    goes through the trainer whole, as then (train.share_prompts=false; reading each prompt
+    once gives the same log-probs up to float rounding, tests/test_learner.py)."""
     out = tmp_path / "run"
     cfg = load_config(None, FAST + SHAPED + [f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1",
+                                             "train.share_prompts=false",
                                              "schedule.rl_steps=2", "schedule.opd_steps=2", "eval.every=0",
                                              "metrics.pair_every=2"])
     train(cfg)
