@@ -6,6 +6,7 @@ import math
 import shutil
 from pathlib import Path
 
+import pytest
 
 from copd_ray.config import load_config
 from copd_ray.driver import train
@@ -17,6 +18,7 @@ FAST = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generato
 # A shaped reward gives the untrained policy a GRPO signal from the first step.
 SHAPED = ["capabilities.0.reward=char_overlap", "capabilities.1.reward=char_overlap", "grpo.lr=0.005"]
 GOLDEN = Path(__file__).parent / "data" / "golden_sync_steps.json"
+EXACT = {"reward_mean", "pass_rate", "response_length", "rollouts", "teacher_tokens"}  # what sampling decided
 
 
 def _records(out, kind):
@@ -27,12 +29,13 @@ def _records(out, kind):
 def test_lockstep_reproduces_the_run_from_before_the_step_moved_into_the_branch(ray_session, tiny_folder, tmp_path):
     """tests/data/golden_sync_steps.json: the step records (time/* left out) of this very
     config, written by the driver of commit 3b597d3, which still passed every rollout and
-    score through the driver. The numbers must be the same, float for float: so every row
-    goes through the trainer whole, as then (train.share_prompts=false; reading each prompt
-    once gives the same log-probs up to float rounding, tests/test_learner.py)."""
+    score through the driver. What sampling decided (rewards, lengths, counts) must be the
+    same exactly; the losses, norms and entropies to float rounding, which depends on the CPU
+    (the file was written on another one) and on reading each prompt once
+    (train.share_prompts, on by default; whole rows then): a loss near 0 is a cancellation
+    of terms ~0.05, so 1e-6 is its absolute tolerance."""
     out = tmp_path / "run"
     cfg = load_config(None, FAST + SHAPED + [f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1",
-                                             "train.share_prompts=false",
                                              "schedule.rl_steps=2", "schedule.opd_steps=2", "eval.every=0",
                                              "metrics.pair_every=2"])
     train(cfg)
@@ -41,7 +44,9 @@ def test_lockstep_reproduces_the_run_from_before_the_step_moved_into_the_branch(
     assert len(steps) == len(golden) == 8
     for new, old in zip(steps, sorted(golden, key=lambda r: (r["step"], r["branch"]))):
         for key, value in old.items():
-            assert new[key] == value, (old["step"], old["branch"], key)
+            sampled = key in EXACT or key.endswith("/reward_mean") or not isinstance(value, float)
+            assert new[key] == (value if sampled else pytest.approx(value, rel=1e-4, abs=1e-6)), (
+                old["step"], old["branch"], key, value, new[key])
         assert new["lag/steps"] == 0 and new["is/weight_mean"] == 1.0  # on-policy: no importance weight
     assert any(r["loss"] != 0 for r in golden)  # the comparison has something to compare
 
