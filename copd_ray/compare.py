@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -255,6 +256,18 @@ def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console, 
     return result
 
 
+def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The Student-t interval of the mean of paired differences (one per seed), or None with
+    fewer than two seeds. Seeds are the unit: each reseeds the whole pipeline."""
+    if len(diffs) < 2:
+        return None
+    from scipy.stats import t
+
+    mean = statistics.fmean(diffs)
+    half = t.ppf((1 + level) / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean - half, mean + half
+
+
 def _row_eval(row: Row, folder: Path) -> dict[str, float]:
     if row.model.startswith("merged:"):
         return json.loads((folder / f"eval_merged_{row.model.split(':', 1)[1]}.json").read_text())
@@ -293,8 +306,11 @@ def collect(p: Plan, out: Path, seeds: list[int]) -> dict:
     copd = next(r for r in rows if r["group"] == "CoPD")
     for r in rows:
         diffs = [r["per_seed"][s]["overall"] - copd["per_seed"][s]["overall"] for s in seeds]
+        ci = paired_interval(diffs)
         r["vs_copd"] = {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                        "copd_ahead": sum(d < 0 for d in diffs), "seeds": len(diffs)}
+                        "ci95": list(ci) if ci else None, "resolved": bool(ci) and (ci[0] > 0 or ci[1] < 0),
+                        "copd_ahead": sum(d < 0 for d in diffs), "copd_behind": sum(d > 0 for d in diffs),
+                        "seeds": len(diffs)}
     pairs = {}
     for run in [r for r in p.runs if r.name == "copd" or r.name.startswith("static_opd_")]:
         pairs[run.name] = {seed: [r for r in read_metrics(out / f"seed_{seed}" / run.name / "metrics.jsonl")

@@ -17,7 +17,6 @@ its own clock between barriers, generating up to k steps ahead of its trainer.
 from __future__ import annotations
 
 import json
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,10 +28,10 @@ from copd_ray import branch_step
 from copd_ray.checkpoints import save_checkpoint
 from copd_ray.config import Config
 from copd_ray.metrics_log import MetricsLog
-from copd_ray.monitor import evaluate_branches, log_eval, log_pairs, log_step, step_line
+from copd_ray.monitor import Stopwatch, evaluate_branches, log_eval, log_pairs, log_step, step_line
 from copd_ray.recovery import Rollback, SelfHealing, restore
 from copd_ray.run_data import BranchData, Prompter, draw_prompts, prepare
-from copd_ray.runtime import Runtime, eval_task_options, evaluate_folder, init_ray
+from copd_ray.runtime import Runtime, init_ray
 from copd_ray.topology import Topology
 
 
@@ -140,8 +139,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
 
     console = console or Console()
     out = Path(cfg.output_dir)
-    started = time.perf_counter()
-    plan = schedule(cfg)
+    clock, plan = Stopwatch(), schedule(cfg)
     # Data, base policy and checks run while Ray starts; what fails there stops the run
     # before any actor exists (and stops the Ray this call started).
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -149,6 +147,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
         started_ray = init_ray(cfg)
         try:
             topology, caps, data, (resume, resume_state), base_path, prompter = preparing.result()
+            clock.mark("ray_and_data")
         except BaseException:
             if started_ray:
                 ray.shutdown()
@@ -161,7 +160,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
         frozen = [n for n in groups if n not in trainable]
         console.print(f"ray: {len(groups)} branches up ({', '.join(names)}"
                       f"{'; frozen teachers ' + ', '.join(frozen) if frozen else ''}), topology "
-                      f"{[f'{t}->{s}' for t, s in topology.edges]}, {time.perf_counter() - started:.0f} s")
+                      f"{[f'{t}->{s}' for t, s in topology.edges]}, {clock.mark('actors_up'):.0f} s")
         resume_step = resume_state["step"] if resume else None  # as find_resume read and checked it
         log = MetricsLog(out, cfg.wandb, cfg.run_name, cfg.model_dump(mode="json"), resume_step)
         healer = SelfHealing(groups, runtime.topology_actor, runtime.endpoints, cfg.ray.max_failures,
@@ -178,6 +177,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
             if cfg.eval.every:
                 log_eval(log, 0, evaluate_branches(trainable, prompter, cfg, cfg.eval.during_training_size))
 
+        clock.mark("first_step")
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console, transient=False) as progress:
             progress.add_task("CoPD", total=len(plan))
@@ -218,6 +218,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
                     redo_events = [{**e, "step": healer.step, "steps_redone": healer.step - last_checkpoint[0]}
                                    for e in rollback.events]
 
+        clock.mark("trained")
         # Merge the branches in parameter space into the unified model (when there are several).
         models = {"base": base_path, **{f"branch:{n}": branch_dirs[n] for n in names}}
         if len(names) > 1:
@@ -225,12 +226,11 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
             models["merged"] = str(merge_folders(
                 [branch_dirs[n] for n in names], out / "merged", cfg.merge.method, weights,
                 base_folder=base_path if cfg.merge.method == "task_arithmetic" else None))
-        runtime.close()  # frees the cluster for the evaluation tasks
-
-        # Evaluate base, every branch and the merged model on every capability.
-        held = {n: c.heldout for n, c in caps.items()}
-        task = evaluate_folder.options(**eval_task_options(cfg))
-        results = dict(zip(models, ray.get([task.remote(p, cfg, held) for p in models.values()])))
+        # Evaluate base, every branch and the merged model on every capability (on the
+        # generators, whose engines are warm), then free the cluster.
+        results = runtime.evaluate(models, cfg, {n: c.heldout for n, c in caps.items()})
+        runtime.close()
+        clock.mark("evaluated")
         log.log({"kind": "event", "step": len(plan), "event": "final_eval",
                  **{f"{m}/{c}": v for m, per in results.items() for c, v in per.items()}})
     finally:
@@ -242,7 +242,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
             ray.shutdown()
 
     summary = {"eval": results, "models": models, "budget": budget(read_metrics(out / "metrics.jsonl")),
-               "steps": len(plan), "seconds": round(time.perf_counter() - started, 1)}
+               "steps": len(plan), "seconds": clock.mark("done"), "timing": clock.marks}
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     summary["plots"] = [str(p) for p in plot_run(out)]
     return summary

@@ -30,6 +30,15 @@ def evaluate(
     }
 
 
+def pass_rates(engine: RolloutEngine, tokenizer, held: dict[str, list[PromptRecord]], cfg, vision=None) -> dict[str, float]:
+    """Greedy held-out pass@1 on every capability of `cfg` (a Config): its records in `held`,
+    its reward, template and eval.max_new_tokens."""
+    from copd_ray.rewards import get_reward
+
+    return {c.name: evaluate(engine, tokenizer, held[c.name], get_reward(c.reward), c.template,
+                             cfg.eval.max_new_tokens, vision)["pass_rate"] for c in cfg.capabilities}
+
+
 def guessing_rate(records: list[PromptRecord]) -> float:
     """The pass rate of a policy that ignores its input and always gives the most common
     answer: a rate at or below it says nothing about whether the policy reads its prompt

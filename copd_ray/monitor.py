@@ -4,6 +4,7 @@ driver; rollouts and distributions stay with the actors."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -81,3 +82,14 @@ def step_line(step: int, phase: str, records: dict[str, dict]) -> str:
         lag = f" lag {r['lag/steps']}" if r["lag/steps"] else ""
         parts.append(f"{n} {reward}L={r['loss']:+.3f} v{r['version']}{lag} {t:.1f}s")
     return f"{step:4d} {phase:3s}| " + " | ".join(parts)
+
+
+class Stopwatch:
+    """Seconds since the run started at named points (where start-up and the end went)."""
+
+    def __init__(self) -> None:
+        self.start, self.marks = time.perf_counter(), {}
+
+    def mark(self, name: str) -> float:
+        self.marks[name] = round(time.perf_counter() - self.start, 2)
+        return self.marks[name]

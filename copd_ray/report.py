@@ -47,8 +47,10 @@ def markdown(result: dict) -> str:
         f"{'mean ± std over ' + str(len(seeds)) + ' seeds ' + str(seeds) if len(seeds) > 1 else 'one seed'}. "
         "Best of each column in **bold**, worst in _italics_ (the base model is not ranked). "
         "Each seed reseeds the whole pipeline, the base policy's warm-up included, so the spread "
-        "across seeds is wide; the paired column compares each row with CoPD seed by seed "
-        "(mean ± std of the difference in overall accuracy, and in how many seeds CoPD was ahead).",
+        "across seeds is wide; the paired column compares each row with CoPD seed by seed: the "
+        "mean difference in overall accuracy (row − CoPD), its 95% Student-t interval over the "
+        "seeds, in how many seeds CoPD was ahead, and **resolved** where the interval excludes 0 "
+        "(otherwise the ordering is undecided at this number of seeds).",
         "",
         "| method | " + " | ".join(cols) + " | Δ overall vs CoPD, paired | RL steps | OPD steps | rollouts "
         "| teacher tokens | budget |",
@@ -70,8 +72,8 @@ def markdown(result: dict) -> str:
         b, v = r["budget"], r["vs_copd"]
         ok = "✓" if r["budget_ok"] else f"≠ {r['expected_steps']}"
         vs = "" if r["group"] == "CoPD" else (
-            f"{v['mean']:+.3f}" + (f" ± {v['std']:.3f}" if v["seeds"] > 1 else "")
-            + f" (CoPD ahead {v['copd_ahead']}/{v['seeds']})")
+            f"{v['mean']:+.3f}" + (f" [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" if v.get("ci95") else "")
+            + f" (CoPD ahead {v['copd_ahead']}/{v['seeds']})" + (", **resolved**" if v.get("resolved") else ""))
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {vs}"
                      + f" | {b['rl_steps']} | {b['opd_steps']} | {b['rollouts']} | {b['teacher_tokens']} | {ok} |")
     lines += [

@@ -79,6 +79,21 @@ class Runtime:
         ray.get([self.topology_actor.register.remote(n, e) for n, e in endpoints.items()])
         self.endpoints = endpoints
 
+    def evaluate(self, folders: dict[str, str], cfg: Config, held: dict[str, list[PromptRecord]]) -> dict:
+        """Held-out pass@1 of each saved folder ({name: {capability: rate}}), on the run's own
+        generators: their engines are warm (no process to start, no imports, no engine to
+        build); each loads a folder's weights over its own and evaluates it, the folders dealt
+        to the generators in turn. If a generator fails, evaluation tasks do the work."""
+        generators = [g for group in self.trainable.values() for g in group.generators]
+        names = list(folders)
+        refs = [generators[i % len(generators)].evaluate_folder.remote(folders[n], cfg, held)
+                for i, n in enumerate(names)]
+        try:
+            return dict(zip(names, ray.get(refs)))
+        except ray.exceptions.RayActorError:
+            task = evaluate_folder.options(**eval_task_options(cfg))
+            return dict(zip(names, ray.get([task.remote(folders[n], cfg, held) for n in names])))
+
     def close(self) -> None:
         if self.serving:
             from copd_ray.serve import stop_serving
@@ -88,6 +103,9 @@ class Runtime:
         for g in self.groups.values():
             g.shutdown()
         self.groups, self.trainable = {}, {}
+        if getattr(self, "topology_actor", None) is not None:  # else each run in a Ray session leaves one behind
+            ray.kill(self.topology_actor)
+            self.topology_actor = None
 
 
 def eval_task_options(cfg: Config) -> dict:
@@ -109,17 +127,11 @@ def evaluate_folder(folder: str, cfg: Config, held: dict[str, list[PromptRecord]
     """Greedy held-out pass@1 of a saved model folder on every capability, as a Ray task;
     launch it with `.options(**eval_task_options(cfg))` so that it has a generator's GPUs."""
     from copd_ray.engines.factory import make_engine
-    from copd_ray.evaluation import evaluate
+    from copd_ray.evaluation import pass_rates
     from copd_ray.models.vl_inputs import VisionInputBuilder
-    from copd_ray.rewards import get_reward
 
     torch.set_num_threads(cfg.resources.actor_threads)
     device = eval_device(cfg)
     engine, tokenizer = make_engine(cfg.engine.kind, folder, cfg.engine.model_dump(), cfg.model.dtype,
                                     cfg.model.trust_remote_code, device, cfg.resources.actor_threads, cfg.seed)
-    vision = VisionInputBuilder.for_folder(folder, cfg.model.trust_remote_code)
-    return {
-        c.name: evaluate(engine, tokenizer, held[c.name], get_reward(c.reward), c.template, cfg.eval.max_new_tokens,
-                         vision)["pass_rate"]
-        for c in cfg.capabilities
-    }
+    return pass_rates(engine, tokenizer, held, cfg, VisionInputBuilder.for_folder(folder, cfg.model.trust_remote_code))

@@ -1,6 +1,7 @@
 """`copd-ray compare`: the plan (pure), the report (pure) and every row on a real local Ray."""
 
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
@@ -53,16 +54,34 @@ def test_the_report_marks_best_and_worst_and_says_where_copd_loses():
     def row(name, group, add, overall_std=0.0):
         return {"name": name, "group": group, "mean": {"add": add, "overall": add}, "std": {"add": 0.1, "overall": overall_std},
                 "budget": {"rl_steps": 4, "opd_steps": 0, "rollouts": 10, "teacher_tokens": 0}, "budget_ok": True,
-                "expected_steps": 4, "vs_copd": {"mean": add - 0.5, "std": 0.01, "copd_ahead": int(add < 0.5), "seeds": 2}}
+                "expected_steps": 4, "vs_copd": {"mean": add - 0.5, "std": 0.01, "copd_ahead": int(add < 0.5), "seeds": 2,
+                                                 "ci95": [add - 0.75, add - 0.25], "resolved": abs(add - 0.5) > 0.25}}
     result = {"capabilities": ["add"], "seeds": [0, 1], "branches": ["add", "mul"], "steps_per_branch": 2,
               "expert_steps_before_opd": 1,
               "rows": [row("base", "reference", 0.9), row("mixed", "baseline", 0.7), row("CoPD", "CoPD", 0.5),
                        row("no merge", "ablation", 0.2)]}
     md = markdown(result)
     assert "| mixed | **0.700 ± 0.100** |" in md and "| no merge | _0.200 ± 0.100_ |" in md
-    assert "| -0.300 ± 0.010 (CoPD ahead 1/2) |" in md  # the paired column of "no merge"
+    assert "| -0.300 [-0.550, -0.050] (CoPD ahead 1/2), **resolved** |" in md  # the paired column of "no merge"
+    assert "| +0.200 [-0.050, +0.450] (CoPD ahead 0/2) |" in md  # mixed: the interval holds 0, undecided
     assert "| base | 0.900 ± 0.100 |" in md  # the reference is never ranked
     assert "- add: CoPD (merged) 0.500; ahead of it: mixed (+0.200)." in md
+
+
+def test_the_paired_interval_is_the_student_t_interval_over_seeds():
+    from copd_ray.compare import paired_interval
+
+    diffs = [0.01, 0.03, -0.02, 0.04, 0.02]  # row - CoPD, five seeds
+    mean = 0.016
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 4)
+    half = 2.7764451 * sd / math.sqrt(5)  # t(0.975, 4 degrees of freedom), from a table
+    lo, hi = paired_interval(diffs)
+    assert abs(lo - (mean - half)) < 1e-6 and abs(hi - (mean + half)) < 1e-6
+    assert lo < 0 < hi  # undecided
+    lo, hi = paired_interval([0.05, 0.04, 0.06])  # three seeds, all ahead by ~0.05
+    half = 4.3026527 * 0.01 / math.sqrt(3)
+    assert abs(lo - (0.05 - half)) < 1e-6 and lo > 0  # resolved
+    assert paired_interval([0.1]) is None
 
 
 def test_compare_rejects_a_bad_ratio_before_any_actor_starts():

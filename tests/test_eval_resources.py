@@ -1,5 +1,6 @@
 """Evaluation tasks ask Ray for what a generator has, so that on a GPU cluster they run on a GPU."""
 
+import pytest
 import ray
 
 from copd_ray.capabilities import build_capability
@@ -60,3 +61,37 @@ def test_the_cpu_evaluation_task_runs_with_these_options(ray_session, tiny_folde
     held = {c.name: build_capability(c, cfg.seed).heldout[:6] for c in cfg.capabilities}
     rates = ray.get(evaluate_folder.options(**eval_task_options(cfg)).remote(str(tiny_folder), cfg, held))
     assert set(rates) == {"add", "mul"} and all(0.0 <= r <= 1.0 for r in rates.values())
+
+
+def test_a_runs_final_evaluation_on_its_warm_generators_equals_the_evaluation_tasks(ray_session, tiny_folder,
+                                                                                    tiny_tokenizer, tmp_path):
+    """Runtime.evaluate: each generator loads a saved folder's weights over its own and
+    evaluates it; the numbers are those of a fresh evaluation task on that folder, whichever
+    folder the generator held before (partial-credit rewards, so the rates are not all 0)."""
+    from rich.console import Console
+
+    from copd_ray.models import build_tiny_policy, save_policy
+    from copd_ray.runtime import Runtime
+    from copd_ray.topology import Topology
+
+    other = save_policy(build_tiny_policy(tiny_tokenizer, seed=1), tiny_tokenizer, tmp_path / "other")
+    cfg = load_config(None, [f"model.path={tiny_folder}", "capabilities.0.reward=char_overlap",
+                             "capabilities.1.reward=char_overlap", "resources.trainer_cpus=0.1",
+                             "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1"])
+    held = {c.name: build_capability(c, cfg.seed).heldout[:12] for c in cfg.capabilities}
+    # Two branches, two generators: a and c go to one (tiny, then other), b and d to the other.
+    folders = {"a": str(tiny_folder), "b": str(other), "c": str(other), "d": str(tiny_folder)}
+    runtime = Runtime(cfg, Topology.from_config("pairwise", ["add", "mul"]), str(tiny_folder), Console(quiet=True))
+    actors = [runtime.topology_actor] + [a for g in runtime.groups.values() for a in g.members().values()]
+    try:
+        warm = runtime.evaluate(folders, cfg, held)
+    finally:
+        runtime.close()
+    for actor in actors:  # the topology actor too: every run in a Ray session used to leave one behind
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=60)
+    task = evaluate_folder.options(**eval_task_options(cfg))
+    fresh = dict(zip(folders, ray.get([task.remote(f, cfg, held) for f in folders.values()])))
+    assert warm == fresh
+    assert warm["a"] == warm["d"] and warm["b"] == warm["c"] and warm["a"] != warm["b"]
+    assert any(r > 0.0 for rates in warm.values() for r in rates.values())

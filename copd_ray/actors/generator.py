@@ -40,6 +40,18 @@ class GeneratorActor(EngineHost):
             logprobs=[s.logprobs for s in samples], rewards=out["rewards"], version=out["version"],
             policy_step=self.policy_step, seconds=out["seconds"])
 
+    def evaluate_folder(self, folder: str, cfg, held: dict) -> dict[str, float]:
+        """Held-out pass@1 of a saved model folder (`runtime.evaluate_folder`'s job, on this
+        warm engine): its weights are loaded over the branch's, so call it only once the
+        branch is done training."""
+        from copd_ray.evaluation import pass_rates
+        from copd_ray.models.loading import runtime_state_dict
+        from copd_ray.models.vl_inputs import VisionInputBuilder
+
+        trust = cfg.model.trust_remote_code
+        self.engine.update_weights(runtime_state_dict(folder, trust).items(), version=-1)
+        return pass_rates(self.engine, self.tokenizer, held, cfg, VisionInputBuilder.for_folder(folder, trust))
+
     def pass_count(self, batch: PromptBatch) -> tuple[float, int]:
         """(sum of rewards, rollouts) of a greedy evaluation: two numbers back, not the samples."""
         rewards = self.rollout(batch.prompts, batch.params, batch.answers, batch.rewards)["rewards"]

@@ -154,13 +154,9 @@ class TrainerActor(Learner):
         """Weights, and where the folder has a trainer_state.pt, the optimizer state, the
         shuffle stream and the step count (a folder without one loads the weights only).
         A checkpoint written by another number of ranks loads too."""
-        # Through from_pretrained: a vision-language checkpoint's tensor names on disk are
-        # not its runtime names, and transformers alone knows the mapping.
-        from copd_ray.models.loading import model_class
+        from copd_ray.models.loading import runtime_state_dict
 
-        saved = model_class(folder).from_pretrained(folder, dtype=torch.float32)
-        weights = saved.state_dict()
-        del saved
+        weights = runtime_state_dict(folder)
         path = Path(folder) / "trainer_state.pt"
         extra = _load_trainer_state(path) if path.exists() else None
         optim = extra["optimizer"] if extra else None

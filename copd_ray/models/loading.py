@@ -26,6 +26,18 @@ def model_class(path: str, trust_remote_code: bool = False):
     return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
 
 
+def runtime_state_dict(folder: str, trust_remote_code: bool = False) -> dict:
+    """A saved folder's float32 weights on CPU under the names a loaded model uses. Through
+    from_pretrained: a vision-language checkpoint's tensor names on disk are not its
+    runtime names, and transformers alone knows the mapping."""
+    import torch
+
+    quiet_transformers()
+    saved = model_class(folder, trust_remote_code).from_pretrained(folder, dtype=torch.float32,
+                                                                   trust_remote_code=trust_remote_code)
+    return saved.state_dict()
+
+
 def load_policy(path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu"):
     """(model, tokenizer) from a local folder. Remote code runs only when asked for."""
     quiet_transformers()
