@@ -220,7 +220,7 @@ def _extra_merge(p: Plan, folder: Path, method: str, cfg: Config) -> dict[str, f
 def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console, runs: list[str] | None = None) -> dict:
     """Every run for every seed (skipping finished ones), then compare.json, compare.md and plots."""
     from copd_ray.driver import train
-    from copd_ray.runtime import init_ray
+    from copd_ray.runtime import WarmPool, init_ray
 
     p = plan(cfg, ratios, runs)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,6 +233,7 @@ def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console, 
     started_ray = bool(pending) and init_ray(cfg)  # a finished comparison only rewrites its report
     import ray
 
+    pool = WarmPool()  # each run reloads the last run's actors where it can, instead of starting its own
     try:
         for i, (seed, run) in enumerate(todo, start=1):
             folder = out / f"seed_{seed}" / run.name
@@ -241,11 +242,13 @@ def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console, 
                 continue
             console.rule(f"compare {i}/{len(todo)}: seed {seed}, {run.name} "
                          f"({time.perf_counter() - started:.0f} s so far)")
-            train(run_config(p, run, folder, seed), console=console)
+            train(run_config(p, run, folder, seed), console=console, pool=pool)
+        pool.close()  # the evaluation tasks below need the CPUs the idle actors hold
         for seed, row in extra:
             folder = out / f"seed_{seed}" / row.run
             _extra_merge(p, folder, row.model.split(":", 1)[1], run_config(p, Run(row.run, {}), folder, seed))
     finally:
+        pool.close()
         if started_ray:
             ray.shutdown()
     result = collect(p, out, seed_list)

@@ -31,7 +31,7 @@ from copd_ray.metrics_log import MetricsLog
 from copd_ray.monitor import Stopwatch, evaluate_branches, log_eval, log_pairs, log_step, step_line
 from copd_ray.recovery import Rollback, SelfHealing, restore
 from copd_ray.run_data import BranchData, Prompter, draw_prompts, prepare
-from copd_ray.runtime import Runtime, init_ray
+from copd_ray.runtime import Runtime, WarmPool, init_ray
 from copd_ray.topology import Topology
 
 
@@ -128,8 +128,9 @@ class Loop:
             self.healer.recover(errors[0], rollback=True)
 
 
-def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
-    """Algorithm 1 end to end; returns {"eval", "models", "budget", "steps", "seconds", "plots"}."""
+def train(cfg: Config, topology: Topology | None = None, console=None, pool: WarmPool | None = None) -> dict:
+    """Algorithm 1 end to end; returns {"eval", "models", "budget", "steps", "seconds", "timing",
+    "plots"}. With a `pool` the run takes warm actors from it and leaves its own there."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -142,8 +143,8 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
     clock, plan = Stopwatch(), schedule(cfg)
     # Data, base policy and checks run while Ray starts; what fails there stops the run
     # before any actor exists (and stops the Ray this call started).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        preparing = pool.submit(prepare, cfg, topology, console)
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        preparing = executor.submit(prepare, cfg, topology, console)
         started_ray = init_ray(cfg)
         try:
             topology, caps, data, (resume, resume_state), base_path, prompter = preparing.result()
@@ -154,7 +155,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
             raise
     runtime, log = None, None
     try:
-        runtime = Runtime(cfg, topology, base_path, console)
+        runtime = Runtime(cfg, topology, base_path, console, pool)
         groups, trainable = runtime.groups, runtime.trainable  # frozen teachers never step
         names = list(trainable)
         frozen = [n for n in groups if n not in trainable]
@@ -229,7 +230,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None) -> dict:
         # Evaluate base, every branch and the merged model on every capability (on the
         # generators, whose engines are warm), then free the cluster.
         results = runtime.evaluate(models, cfg, {n: c.heldout for n, c in caps.items()})
-        runtime.close()
+        runtime.close(keep=not started_ray)  # a Ray this call stops takes the actors with it
         clock.mark("evaluated")
         log.log({"kind": "event", "step": len(plan), "event": "final_eval",
                  **{f"{m}/{c}": v for m, per in results.items() for c, v in per.items()}})

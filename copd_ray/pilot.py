@@ -51,7 +51,7 @@ def fit_line(xs: list[float], ys: list[float]) -> dict[str, float]:
 def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: list[float], steps: int,
               experts: Path | None, console) -> dict:
     from copd_ray.driver import train
-    from copd_ray.runtime import init_ray
+    from copd_ray.runtime import WarmPool, init_ray
 
     names = [b.name for b in cfg.branch_list()]
     for role, name in (("teacher", teacher), ("student", student)):
@@ -68,13 +68,14 @@ def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: 
     started_ray = init_ray(cfg)
     import ray
 
+    pool = WarmPool()  # each run reloads the last run's actors where it can
     try:
         if experts is None:  # the comparison's expert run, trained here
             p = plan(cfg, [])
             experts = out / "experts"
             if not (experts / "eval.json").exists():
                 console.rule("pilot: training the experts")
-                train(run_config(p, p.runs[0], experts, cfg.seed), console=console)
+                train(run_config(p, p.runs[0], experts, cfg.seed), console=console, pool=pool)
         if not (experts / "eval.json").exists():
             raise ConfigError(f"{experts} is not a finished run (no eval.json)")
         before = json.loads((experts / "eval.json").read_text())["eval"][f"branch:{student}"]
@@ -84,7 +85,7 @@ def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: 
             folder = out / f"tau_{tau:g}"
             if not (folder / "eval.json").exists():
                 console.rule(f"pilot: tau {tau:g}, {steps} OPD steps {teacher} -> {student}")
-                train(pilot_config(cfg, experts, teacher, student, tau, steps, folder), console=console)
+                train(pilot_config(cfg, experts, teacher, student, tau, steps, folder), console=console, pool=pool)
             after = json.loads((folder / "eval.json").read_text())["eval"][f"branch:{student}"]
             pairs = sorted((r for r in read_metrics(folder / "metrics.jsonl") if r["kind"] == "pair"),
                            key=lambda r: r["step"])
@@ -93,6 +94,7 @@ def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: 
                            "symmetric_kl": pairs[0]["symmetric_kl"], "overlap_after": pairs[-1]["topk_overlap"],
                            "before": before, "after": after, "gain": gain})
     finally:
+        pool.close()
         if started_ray:
             ray.shutdown()
     gains = [p["gain"] for p in points]

@@ -31,14 +31,57 @@ def init_ray(cfg: Config) -> bool:
     return True
 
 
+class WarmPool:
+    """Branch actor groups (and the topology actor) kept alive between the runs of one Ray session (compare, pilot,
+    tests): a run takes an idle group of its shape and reloads its actors (model, optimizer,
+    engine) instead of starting processes that import torch and transformers again (~5 s
+    of CPU each). Only groups of one trainer rank and hf engines are kept; `close()` ends them."""
+
+    def __init__(self) -> None:
+        self.idle: list[tuple[tuple, BranchGroup]] = []
+        self.topology_actor = None
+
+    @staticmethod
+    def shape(cfg: Config, frozen: bool) -> tuple | None:
+        """What a reused group must have been created with (its bundles, actors and restart
+        budget are fixed then), or None where it is not kept."""
+        r, e = cfg.resources, cfg.engine
+        if r.num_trainers > 1 or {e.kind, e.scorer_kind or e.kind} != {"hf"}:
+            return None
+        return (frozen, r.trainer_cpus, r.trainer_gpus, r.generator_cpus, r.generator_gpus, r.scorer_cpus,
+                r.scorer_gpus, r.num_generators, cfg.ray.max_failures)
+
+    def take(self, shape: tuple | None) -> BranchGroup | None:
+        for i, (s, group) in enumerate(self.idle):
+            if s == shape:
+                return self.idle.pop(i)[1]
+        return None
+
+    def give(self, shape: tuple | None, group: BranchGroup) -> None:
+        if shape is None:
+            group.shutdown()
+        else:
+            self.idle.append((shape, group))
+
+    def close(self, groups_only: bool = False) -> None:
+        """End every idle group (their placement groups are freed) and the topology actor."""
+        for _, group in self.idle:
+            group.shutdown()
+        self.idle = []
+        if self.topology_actor is not None and not groups_only:
+            ray.kill(self.topology_actor)
+            self.topology_actor = None
+
+
 class Runtime:
     """The Ray side of a run: the topology actor, one actor group per branch, and (when
-    asked for) the Serve app in front of the scorers. `close()` releases all of it."""
+    asked for) the Serve app in front of the scorers. `close()` releases all of it, or with
+    a `pool` and `keep=True` hands the branch groups to the pool for the next run."""
 
-    def __init__(self, cfg: Config, topology: Topology, base_path: str, console) -> None:
+    def __init__(self, cfg: Config, topology: Topology, base_path: str, console, pool: WarmPool | None = None) -> None:
         self.groups: dict[str, BranchGroup] = {}  # every branch, frozen teachers included
         self.trainable: dict[str, BranchGroup] = {}
-        self.serving = False
+        self.serving, self.pool, self.shapes = False, pool, {}
         try:
             self._start(cfg, topology, base_path, console)
         except BaseException:
@@ -48,11 +91,24 @@ class Runtime:
     def _start(self, cfg: Config, topology: Topology, base_path: str, console) -> None:
         names = list(topology.branches)
         run_id = uuid.uuid4().hex[:8]
-        self.topology_actor = TopologyActor.remote(topology)
+        if self.pool and self.pool.topology_actor is not None:
+            self.topology_actor, self.pool.topology_actor = self.pool.topology_actor, None
+            self.topology_actor.reset.remote(topology)  # runs before any register call below
+        else:
+            self.topology_actor = TopologyActor.remote(topology)
         branches = {b.name: b for b in cfg.branch_list()}
         paths = {n: branches[n].init or base_path for n in names}
         for n in names:
-            self.groups[n] = BranchGroup(n, cfg, paths[n], run_id, frozen=branches[n].frozen)
+            self.shapes[n] = WarmPool.shape(cfg, branches[n].frozen)
+            warm = self.pool.take(self.shapes[n]) if self.pool else None
+            if warm:
+                warm.reuse(n, cfg, paths[n], run_id)
+                self.groups[n] = warm
+        if self.pool:  # the groups this run does not use would hold what the new ones need
+            self.pool.close(groups_only=True)
+        for n in names:
+            if n not in self.groups:
+                self.groups[n] = BranchGroup(n, cfg, paths[n], run_id, frozen=branches[n].frozen)
         self.trainable = {n: g for n, g in self.groups.items() if not g.frozen}
         for g in self.groups.values():
             g.wait_placed()
@@ -94,17 +150,24 @@ class Runtime:
             task = evaluate_folder.options(**eval_task_options(cfg))
             return dict(zip(names, ray.get([task.remote(folders[n], cfg, held) for n in names])))
 
-    def close(self) -> None:
+    def close(self, keep: bool = False) -> None:
+        """Release everything; with `keep` (a run that ended well) a pool takes the groups."""
         if self.serving:
             from copd_ray.serve import stop_serving
 
             stop_serving(shutdown=self.owns_serve)
             self.serving = False
-        for g in self.groups.values():
-            g.shutdown()
+        for n, g in self.groups.items():
+            if keep and self.pool is not None:
+                self.pool.give(self.shapes[n], g)
+            else:
+                g.shutdown()
         self.groups, self.trainable = {}, {}
         if getattr(self, "topology_actor", None) is not None:  # else each run in a Ray session leaves one behind
-            ray.kill(self.topology_actor)
+            if keep and self.pool is not None:
+                self.pool.topology_actor = self.topology_actor
+            else:
+                ray.kill(self.topology_actor)
             self.topology_actor = None
 
 

@@ -47,6 +47,7 @@ class BranchGroup:
         self.trainers: list = []
         self.generators: list = []
         self.scorer = None
+        self.reused = False  # serves a second run (WarmPool): its first wiring used the old names
 
     def wait_placed(self) -> None:
         """Fail fast, saying what was asked and what is free, when the cluster cannot hold the branch."""
@@ -66,9 +67,27 @@ class BranchGroup:
                 "Lower resources.* or give Ray more (ray.num_cpus for a local Ray)."
             ) from None
 
+    def reuse(self, name: str, cfg: Config, model_path: str, run_id: str) -> None:
+        """Serve another run with these actors (`WarmPool`): `start_actors` then reloads them."""
+        self.name, self.cfg, self.model_path, self.run_id = name, cfg, model_path, run_id
+        self.version, self.steps, self.trained_since_sync, self.plan = 0, 0, False, None
+        self.reused = True
+
     def start_actors(self) -> list:
-        """Create the actors (asynchronously); returns refs that resolve when all are up."""
+        """Create the actors, or reload a reused group's (asynchronously); returns refs that
+        resolve when all are up."""
         c, r = self.cfg, self.cfg.resources
+        if self.reused:
+            engine = dict(engine_cfg=c.engine.model_dump(), seed=c.seed, dtype=c.model.dtype,
+                          trust_remote_code=c.model.trust_remote_code, threads=r.actor_threads)
+            refs = [self.scorer.reload.remote(self.name, self.model_path, c.engine.scorer_kind or c.engine.kind,
+                                              gpus=r.scorer_gpus, **engine)]
+            refs += [t.reload.remote(self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump(),
+                                     dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code,
+                                     threads=r.actor_threads, gpus=r.trainer_gpus, seed=c.seed, train=c.train.model_dump())
+                     for i, t in enumerate(self.trainers)]
+            return refs + [g.reload.remote(self.name, self.model_path, c.engine.kind, gpus=r.generator_gpus, **engine)
+                           for g in self.generators]
         common = dict(dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code, threads=r.actor_threads)
 
         def at(i: int, cpus: float, gpus: float):
@@ -109,6 +128,8 @@ class BranchGroup:
         self.generation = generation
         if self.frozen:
             return
+        if self.reused:  # a Ray collective group cannot be made twice in a process: a standalone one
+            generation = self.generation = max(generation, 1)
         # Sharded trainer ranks form their group (and shard the policy) once; again only
         # when one of them restarted, since rejoining rebuilds every rank's state.
         if len(self.trainers) > 1 and not all(ray.get([t.dp_ready.remote() for t in self.trainers])):

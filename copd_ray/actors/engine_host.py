@@ -31,6 +31,15 @@ class EngineHost:
         return {"branch": self.branch, "pid": os.getpid(), "version": self.engine.version,
                 "incarnation": self.incarnation}
 
+    def reload(self, *args, **kwargs) -> dict:
+        """Become a fresh actor of another run (`WarmPool`): __init__ again with its
+        arguments, in this process, whose imports are done. The incarnation stays: it names
+        the process, which Ray did not restart."""
+        incarnation = self.incarnation
+        self.__init__(*args, **kwargs)
+        self.incarnation = incarnation
+        return self.ready()
+
     def version(self) -> int:
         return self.engine.version
 

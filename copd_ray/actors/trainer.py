@@ -47,6 +47,15 @@ class TrainerActor(Learner):
     def ready(self) -> dict:
         return {"branch": self.branch, "rank": self.rank, "pid": os.getpid(), "incarnation": self.incarnation}
 
+    def reload(self, *args, **kwargs) -> dict:
+        """Become a fresh actor of another run (`WarmPool`): __init__ again with its
+        arguments, in this process, whose imports are done. The incarnation stays: it names
+        the process, which Ray did not restart."""
+        incarnation = self.incarnation
+        self.__init__(*args, **kwargs)
+        self.incarnation = incarnation
+        return self.ready()
+
     def reset(self) -> None:
         """Back to the start of the run (weights from model_path, fresh optimizer and
         shuffling), keeping the groups: a rollback to before the first checkpoint."""

@@ -18,6 +18,10 @@ class TopologyActor:
         self.endpoints: dict[str, object] = {}
         self.registrations: dict[str, int] = {}
 
+    def reset(self, topology: Topology) -> None:
+        """Another run's graph, no endpoints yet (a `WarmPool` keeps this actor between runs)."""
+        self.__init__(topology)
+
     def register(self, branch: str, endpoint) -> int:
         """Set (or replace) a branch's scorer endpoint; returns how often it was set."""
         if branch not in self.topology.branches:
