@@ -8,11 +8,12 @@ import uuid
 
 import torch
 
+from copd_ray.actors.reloadable import Reloadable
 from copd_ray.actors.weight_sync import TensorSpec, WeightGroup
 from copd_ray.engines.factory import make_engine
 
 
-class EngineHost:
+class EngineHost(Reloadable):
     """Base of GeneratorActor and ScorerActor (each decorated with ray.remote)."""
 
     def __init__(self, branch: str, model_path: str, engine_kind: str, engine_cfg: dict, dtype: str = "float32",
@@ -30,15 +31,6 @@ class EngineHost:
     def ready(self) -> dict:
         return {"branch": self.branch, "pid": os.getpid(), "version": self.engine.version,
                 "incarnation": self.incarnation}
-
-    def reload(self, *args, **kwargs) -> dict:
-        """Become a fresh actor of another run (`WarmPool`): __init__ again with its
-        arguments, in this process, whose imports are done. The incarnation stays: it names
-        the process, which Ray did not restart."""
-        incarnation = self.incarnation
-        self.__init__(*args, **kwargs)
-        self.incarnation = incarnation
-        return self.ready()
 
     def version(self) -> int:
         return self.engine.version

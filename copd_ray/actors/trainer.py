@@ -21,6 +21,7 @@ import ray
 import torch
 
 from copd_ray import sharding
+from copd_ray.actors.reloadable import Reloadable
 from copd_ray.actors.weight_sync import WeightGroup, bucket_plan, host_store
 from copd_ray.batch import assemble
 from copd_ray.errors import CheckpointError
@@ -30,7 +31,7 @@ from copd_ray.step_data import StepSpec
 
 
 @ray.remote
-class TrainerActor(Learner):
+class TrainerActor(Learner, Reloadable):
     def __init__(self, branch: str, rank: int, world_size: int, model_path: str, grpo: dict,
                  dtype: str = "float32", trust_remote_code: bool = False, threads: int = 1,
                  gpus: float = 0.0, seed: int = 0, train: dict | None = None) -> None:
@@ -46,15 +47,6 @@ class TrainerActor(Learner):
 
     def ready(self) -> dict:
         return {"branch": self.branch, "rank": self.rank, "pid": os.getpid(), "incarnation": self.incarnation}
-
-    def reload(self, *args, **kwargs) -> dict:
-        """Become a fresh actor of another run (`WarmPool`): __init__ again with its
-        arguments, in this process, whose imports are done. The incarnation stays: it names
-        the process, which Ray did not restart."""
-        incarnation = self.incarnation
-        self.__init__(*args, **kwargs)
-        self.incarnation = incarnation
-        return self.ready()
 
     def reset(self) -> None:
         """Back to the start of the run (weights from model_path, fresh optimizer and
