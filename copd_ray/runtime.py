@@ -32,10 +32,11 @@ def init_ray(cfg: Config) -> bool:
 
 
 class WarmPool:
-    """Branch actor groups (and the topology actor) kept alive between the runs of one Ray session (compare, pilot,
-    tests): a run takes an idle group of its shape and reloads its actors (model, optimizer,
-    engine) instead of starting processes that import torch and transformers again (~5 s
-    of CPU each). Only groups of one trainer rank and hf engines are kept; `close()` ends them."""
+    """Branch actor groups and the topology actor, kept alive between the runs of one Ray
+    session (compare, pilot, `train(pool=...)`): a run takes an idle group of its shape and
+    reloads its actors (model, optimizer, engine) instead of starting processes that import
+    torch and transformers again (~5 s of CPU each). Only groups of one trainer rank and hf
+    engines are kept; `close()` ends them."""
 
     def __init__(self) -> None:
         self.idle: list[tuple[tuple, BranchGroup]] = []

@@ -47,7 +47,7 @@ class BranchGroup:
         self.trainers: list = []
         self.generators: list = []
         self.scorer = None
-        self.reused = False  # serves a second run (WarmPool): its first wiring used the old names
+        self.reused = False  # reloaded for another run (WarmPool): its processes hold an old weight group
 
     def wait_placed(self) -> None:
         """Fail fast, saying what was asked and what is free, when the cluster cannot hold the branch."""
