@@ -99,7 +99,8 @@ def plan(cfg: Config, ratios: list[str], runs: list[str] | None = None) -> Plan:
                                    "transport": transport}
     alone = {"weights": None}  # merge weights name the CoPD branches, which these runs do not have
     p = Plan(cfg, names, t, half)
-    p.runs.append(Run("experts", {"topology": topo("none"),
+    # The experts log their pair metrics too (teaching nobody): Figure 4's "static pipeline" curve.
+    p.runs.append(Run("experts", {"topology": topo("none"), "metrics": {"pairs": "all"},
                                   "schedule": {**only_rl(t), "save_every": half, "keep_checkpoints": 1000}}))
     p.runs.append(Run("mixed", {"branches": [{"name": "mixed", "data": [c.name for c in cfg.capabilities]}],
                                 "topology": topo("none"), "merge": alone, "schedule": only_rl(k * t)}))
@@ -315,7 +316,7 @@ def collect(p: Plan, out: Path, seeds: list[int]) -> dict:
                         "copd_ahead": sum(d < 0 for d in diffs), "copd_behind": sum(d > 0 for d in diffs),
                         "seeds": len(diffs)}
     pairs = {}
-    for run in [r for r in p.runs if r.name == "copd" or r.name.startswith("static_opd_")]:
+    for run in [r for r in p.runs if r.name in ("copd", "experts") or r.name.startswith("static_opd_")]:
         pairs[run.name] = {seed: [r for r in read_metrics(out / f"seed_{seed}" / run.name / "metrics.jsonl")
                                   if r["kind"] == "pair"] for seed in seeds}
     ratio_points = []  # (rl_steps, opd_steps, run) for the ratio plot: RL only, the config, the sweep

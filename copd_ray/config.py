@@ -405,6 +405,10 @@ class MetricsConfig(Section):
     # Top tokens per position each scorer shares for the symmetric KL (a lower bound of the
     # full-vocabulary value, exact when they cover the support; >= topk).
     kl_topk: Int = Field(64, gt=0)
+    # Which pairs: the topology's teacher -> student edges, or every ordered pair whose
+    # student trains, teaching or not (independent experts drifting apart: the paper's
+    # "static pipeline" curve of Figure 4).
+    pairs: Literal["edges", "all"] = "edges"
 
 
 class WandbConfig(Section):

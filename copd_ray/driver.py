@@ -28,7 +28,7 @@ from copd_ray import branch_step
 from copd_ray.checkpoints import save_checkpoint
 from copd_ray.config import Config
 from copd_ray.metrics_log import MetricsLog
-from copd_ray.monitor import Stopwatch, evaluate_branches, log_eval, log_pairs, log_step, step_line
+from copd_ray.monitor import Stopwatch, evaluate_branches, log_eval, log_pairs, log_step, measured_pairs, step_line
 from copd_ray.recovery import Rollback, SelfHealing, restore
 from copd_ray.run_data import BranchData, Prompter, draw_prompts, prepare
 from copd_ray.runtime import Runtime, WarmPool, init_ray
@@ -63,7 +63,7 @@ class Loop:
 
     cfg: Config
     plan: list[tuple[int, str]]
-    topology: Topology
+    pairs: list[tuple[str, str]]  # (teacher, student) pairs whose metrics are logged
     runtime: Runtime
     data: dict[str, BranchData]
     prompter: Prompter
@@ -83,7 +83,7 @@ class Loop:
         # ... then every branch broadcasts its new weights to its generators and scorer.
         synced = self.healer.each(list(trainable), lambda n: trainable[n].sync()) \
             if step % cfg.schedule.sync_every == 0 else {}
-        self.report(step, records, synced, trainable, self.topology.edges, self.healer.call)
+        self.report(step, records, synced, trainable, self.pairs, self.healer.call)
         self.progress.update(0, completed=step)
 
     def report(self, step: int, records: dict, synced: dict, groups: dict, edges, call=lambda fn: fn()) -> None:
@@ -118,7 +118,7 @@ class Loop:
                     ahead += 1
                 record = branch_step.finish(group, flights.popleft())
                 self.report(step, {n: record}, {n: group.sync()}, {n: group},
-                            [e for e in self.topology.edges if e[1] == n])
+                            [e for e in self.pairs if e[1] == n])
                 self.progress.advance(0, 1 / len(trainable))
 
         with ThreadPoolExecutor(max_workers=len(trainable)) as pool:
@@ -167,14 +167,14 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
         healer = SelfHealing(groups, runtime.topology_actor, runtime.endpoints, cfg.ray.max_failures,
                              cfg.ray.restart_timeout_s, lambda e: log.log({"kind": "event", "step": healer.step, **e}),
                              console, out / "actors.json")
-        pair_every = {"every": cfg.metrics.pair_every}
+        pair_every, pairs = {"every": cfg.metrics.pair_every}, measured_pairs(cfg, topology.edges, groups)
         step, restore_to, redo_events = 0, None, []
         last_checkpoint = (0, None)  # (step, folder): where a lost trainer sends the run back
         if resume is not None:
             restore_to = last_checkpoint = (resume_step, resume)
             log.log({"kind": "event", "step": restore_to[0], "event": "resumed", "from": str(resume)})
         else:
-            log_pairs(log, 0, cfg, topology.edges, groups, data, prompter, pair_every, console)
+            log_pairs(log, 0, cfg, pairs, groups, data, prompter, pair_every, console)
             if cfg.eval.every:
                 log_eval(log, 0, evaluate_branches(trainable, prompter, cfg, cfg.eval.during_training_size))
 
@@ -182,7 +182,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console, transient=False) as progress:
             progress.add_task("CoPD", total=len(plan))
-            loop = Loop(cfg, plan, topology, runtime, data, prompter, log, healer, progress, pair_every)
+            loop = Loop(cfg, plan, pairs, runtime, data, prompter, log, healer, progress, pair_every)
             while True:
                 try:
                     if restore_to is not None:  # a resume, or a rollback after a trainer was lost

@@ -30,7 +30,8 @@ def evaluate(
     }
 
 
-def pass_rates(engine: RolloutEngine, tokenizer, held: dict[str, list[PromptRecord]], cfg, vision=None) -> dict[str, float]:
+def pass_rates(engine: RolloutEngine, tokenizer, held: dict[str, list[PromptRecord]], cfg,
+               vision=None) -> dict[str, float]:
     """Greedy held-out pass@1 on every capability of `cfg` (a Config): its records in `held`,
     its reward, template and eval.max_new_tokens."""
     from copd_ray.rewards import get_reward

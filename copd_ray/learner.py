@@ -66,8 +66,9 @@ class PolicyLogprobs(nn.Module):
         cache.batch_select_indices(rows)
         r = shared.response_ids.shape[1]
         positions = pmask.sum(1)[rows].unsqueeze(1) + torch.arange(r, device=pmask.device)
-        response = backbone(input_ids=shared.response_ids, attention_mask=torch.cat([pmask[rows], shared.response_mask], 1),
-                            position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        attention = torch.cat([pmask[rows], shared.response_mask], 1)
+        response = backbone(input_ids=shared.response_ids, attention_mask=attention, position_ids=positions,
+                            past_key_values=cache, use_cache=True).last_hidden_state
         # Response token t is predicted by the hidden state before it: the prompt's last for t = 0.
         hidden = torch.cat([prompt.last_hidden_state[rows, -1:], response[:, :-1]], 1)
         where = shared.response_mask > 0
@@ -78,7 +79,8 @@ class PolicyLogprobs(nn.Module):
 
         def grid(v):
             dense = torch.zeros(where.shape, dtype=v.dtype, device=v.device).masked_scatter(where, v)
-            return torch.zeros(len(rows), width + r, dtype=v.dtype, device=v.device).scatter(1, columns, dense)[:, :width]
+            wide = torch.zeros(len(rows), width + r, dtype=v.dtype, device=v.device)
+            return wide.scatter(1, columns, dense)[:, :width]
 
         return grid(lp), (grid(ent) if ent is not None else None)
 
@@ -305,7 +307,8 @@ class Learner:
                     if fused:
                         entropy_sum += (ent * mb[3]).sum().item()
                     stats[0] += loss.item()
-                    stats[1] += clip_fraction(logprobs.detach(), old, mb[3], c["clip_low"], c["clip_high"]).item() * tokens
+                    outside = clip_fraction(logprobs.detach(), old, mb[3], c["clip_low"], c["clip_high"])
+                    stats[1] += outside.item() * tokens
                     stats[2] += tokens
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c["grad_clip"])
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -320,8 +323,9 @@ class Learner:
             clips.append(clipped / max(tokens, 1.0))
         entropy_sum, token_count, weight_sum, truncated = self._agree([entropy_sum, mask.sum().item(), *is_sums])
         entropy = math.nan if reuse else entropy_sum / max(token_count, 1.0)
-        is_stats = ({"is/weight_mean": weight_sum / max(token_count, 1.0), "is/truncated": truncated / max(token_count, 1.0)}
-                    if weigh else {"is/weight_mean": 1.0, "is/truncated": 0.0})
+        n = max(token_count, 1.0)
+        is_stats = ({"is/weight_mean": weight_sum / n, "is/truncated": truncated / n} if weigh
+                    else {"is/weight_mean": 1.0, "is/truncated": 0.0})
         self.steps += 1
         mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
         return {

@@ -113,15 +113,18 @@ def standing(result: dict) -> list[str]:
 
 
 def plot_pairs(result: dict, out: Path) -> Path | None:
-    """Top-k overlap and symmetric KL along the student's rollouts, per directed edge: CoPD
-    (solid) against static OPD (dashed), against the student's total steps from the base."""
+    """Top-k overlap and symmetric KL along the student's rollouts, per ordered pair of
+    branches: CoPD (solid) against the same pair trained as independent experts (dashed, the
+    paper's static pipeline: RLVR alone, nobody teaching), over the same steps from the base.
+    (Static OPD's frozen-teacher curves stay in compare.json.)"""
     series: dict[tuple[str, str], dict[int, list]] = defaultdict(lambda: defaultdict(list))
     for run, per_seed in result["pairs"].items():
-        method = "CoPD" if run == "copd" else "static OPD"
-        offset = 0 if run == "copd" else result["expert_steps_before_opd"]
+        if run not in ("copd", "experts"):
+            continue
+        method = "CoPD" if run == "copd" else "independent experts"
         for records in per_seed.values():
             for r in records:
-                series[(method, f"{r['teacher']}→{r['student']}")][r["step"] + offset].append(
+                series[(method, f"{r['teacher']}→{r['student']}")][r["step"]].append(
                     (r["topk_overlap"], r["symmetric_kl"]))
     if not series:
         return None
@@ -135,8 +138,8 @@ def plot_pairs(result: dict, out: Path) -> Path | None:
         style = "-" if method == "CoPD" else "--"
         ax_o.plot(steps, overlap, style, color=color, marker="o", markersize=2.5, label=f"{method} {edge}")
         ax_k.plot(steps, kl, style, color=color, marker="o", markersize=2.5, label=f"{method} {edge}")
-    ax_o.set(title="top-k overlap, teacher vs student (a)", xlabel="student's steps since the base", ylabel="overlap")
-    ax_k.set(title="symmetric KL along the student's rollouts (b)", xlabel="student's steps since the base",
+    ax_o.set(title="top-k overlap, teacher vs student (a)", xlabel="steps since the base", ylabel="overlap")
+    ax_k.set(title="symmetric KL along the student's rollouts (b)", xlabel="steps since the base",
              ylabel="KL(S||T) + KL(T||S)")
     for ax in (ax_o, ax_k):
         ax.grid(alpha=0.3)

@@ -119,7 +119,11 @@ def test_compare_runs_every_row_with_budgets_and_resumes(ray_session, tiny_folde
     teacher_dir = seed_dir / "experts" / "checkpoints" / "step_000002" / "branches" / "add"
     assert (teacher_dir / "model.safetensors").exists()
     assert (seed_dir / "copd" / "merged_task_arithmetic" / "model.safetensors").exists()
-    assert set(result["pairs"]) == {"copd", "static_opd_add_mul", "static_opd_mul_add"}
+    assert set(result["pairs"]) == {"copd", "experts", "static_opd_add_mul", "static_opd_mul_add"}
+    # The independent experts log the same ordered pairs as CoPD at the same steps (Figure 4's baseline).
+    copd_pairs = {(r["step"], r["teacher"], r["student"]) for r in result["pairs"]["copd"][0]}
+    expert_pairs = {(r["step"], r["teacher"], r["student"]) for r in result["pairs"]["experts"][0]}
+    assert expert_pairs == copd_pairs and {(t, s) for _, t, s in copd_pairs} == {("add", "mul"), ("mul", "add")}
     md = (out / "compare.md").read_text()
     assert all(name in md for name in rows)
     for f in ("compare.json", "compare_overlap_kl.png", "compare_ratio.png", "compare_overall.png"):
