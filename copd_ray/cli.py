@@ -257,11 +257,25 @@ def pilot(
     experts: Optional[Path] = typer.Option(None, help="A finished experts run (e.g. OUT/seed_0/experts of compare); "
                                                       "trained here when omitted."),
     out: Path = typer.Option(Path("outputs/pilot"), help="Folder for the runs, pilot.json and pilot.png."),
+    divergence: bool = typer.Option(False, help="Experiment 2 instead: the experts' overlap and KL against the "
+                                                "base and each other along independent RLVR (divergence.json/png)."),
 ) -> None:
     """The pilot study: OPD gain against teacher-student top-k overlap, with the fitted line and r."""
     cfg = _load(args)
     _setup_torch(cfg)
-    from copd_ray.pilot import run_pilot
+    from copd_ray.pilot import run_divergence, run_pilot
+
+    if divergence:
+        result = run_divergence(cfg, out, str(_bootstrap(cfg)[0]), console)
+        table = Table(title=f"independent RLVR, {result['steps']} steps: teacher→student pair metrics")
+        for col in ("pair", "overlap first", "overlap last", "sym. KL first", "sym. KL last"):
+            table.add_column(col, justify="right")
+        for pair, pts in sorted(result["curves"].items()):
+            table.add_row(pair, f"{pts[0]['overlap']:.3f}", f"{pts[-1]['overlap']:.3f}",
+                          f"{pts[0]['symmetric_kl']:.3f}", f"{pts[-1]['symmetric_kl']:.3f}")
+        console.print(table)
+        console.print(f"wrote {out / 'divergence.json'}, {result['plot']}")
+        return
 
     try:
         taus = [float(t) for t in temperatures.split(",") if t.strip()]

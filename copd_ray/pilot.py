@@ -136,3 +136,64 @@ def plot_pilot(result: dict, path: Path) -> Path:
     ax_b.legend(fontsize=8)
     ax_b.grid(alpha=0.3)
     return save_figure(fig, path)
+
+
+# -- Experiment 2: how far independent experts drift (the paper's Figure 2 c-d) -------------
+
+def divergence_config(cfg: Config, base: str, folder: Path, check_paths: bool = True) -> Config:
+    """The experts run of `compare` (each branch alone, RL only), with the base policy beside
+    them as a frozen branch and every ordered pair's metrics logged: each expert against the
+    base and against the other experts, along its RLVR."""
+    branches = [{"name": b.name, "data": cfg.branch_data(b)} for b in cfg.branch_list()]
+    name = next(n for n in ("base", "base_policy", "base_0") if n not in {b["name"] for b in branches})
+    p = plan(cfg, [])
+    changes = {**p.runs[0].changes, "metrics": {"pairs": "all"}, "merge": {"weights": None},
+               "branches": branches + [{"name": name, "data": [c.name for c in cfg.capabilities], "init": base,
+                                        "frozen": True}]}
+    changes["schedule"] = {**changes["schedule"], "save_every": 0}
+    return derived_config(cfg, changes, folder, cfg.seed, f"{cfg.run_name}-divergence", check_paths)
+
+
+def run_divergence(cfg: Config, out: Path, base: str, console) -> dict:
+    """Train the experts beside the frozen base; write divergence.json and divergence.png."""
+    from copd_ray.driver import train
+    from copd_ray.runtime import init_ray
+
+    run_cfg = divergence_config(cfg, base, out / "experts")
+    started_ray = init_ray(cfg)
+    import ray
+
+    try:
+        if not (out / "experts" / "eval.json").exists():
+            train(run_cfg, console=console)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    base_name = run_cfg.branch_list()[-1].name
+    curves: dict[str, list] = {}
+    for r in sorted((r for r in read_metrics(out / "experts" / "metrics.jsonl") if r["kind"] == "pair"),
+                    key=lambda r: r["step"]):
+        curves.setdefault(f"{r['teacher']}→{r['student']}", []).append(
+            {"step": r["step"], "overlap": r["topk_overlap"], "symmetric_kl": r["symmetric_kl"]})
+    result = {"base": base_name, "topk": cfg.metrics.topk, "steps": run_cfg.schedule.rl_steps, "curves": curves}
+    (out / "divergence.json").write_text(json.dumps(result, indent=2))
+    result["plot"] = str(plot_divergence(result, out / "divergence.png"))
+    return result
+
+
+def plot_divergence(result: dict, path: Path) -> Path:
+    from copd_ray.plots import plt, save_figure
+
+    fig, (ax_o, ax_k) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (pair, points) in enumerate(sorted(result["curves"].items())):
+        style = "-" if pair.startswith(result["base"] + "→") else "--"  # solid: against the base
+        steps = [p["step"] for p in points]
+        ax_o.plot(steps, [p["overlap"] for p in points], style, color=f"C{i}", marker="o", markersize=2.5, label=pair)
+        ax_k.plot(steps, [p["symmetric_kl"] for p in points], style, color=f"C{i}", marker="o", markersize=2.5,
+                  label=pair)
+    ax_o.set(title=f"(c) top-{result['topk']} overlap along independent RLVR", xlabel="RL steps", ylabel="overlap")
+    ax_k.set(title="(d) symmetric KL along independent RLVR", xlabel="RL steps", ylabel="KL(S||T) + KL(T||S)")
+    for ax in (ax_o, ax_k):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="teacher→student (rollouts: student's)", title_fontsize=7)
+    return save_figure(fig, path)

@@ -46,3 +46,30 @@ def test_pilot_measures_overlap_and_gain_per_temperature(ray_session, tiny_folde
     assert set(result["fit"]) == set(result["fit_symmetric_kl"]) == {"slope", "intercept", "r"}
     assert (tmp_path / "p" / "pilot.png").stat().st_size > 0
     assert json.loads((tmp_path / "p" / "pilot.json").read_text())["points"] == result["points"]
+
+
+def test_divergence_logs_each_expert_against_the_base_and_the_other_along_rlvr(ray_session, tiny_folder, tmp_path):
+    """Experiment 2 (Figure 2 c-d): the experts train alone by RLVR beside the frozen base;
+    every ordered pair with a training student is measured at every pair_every steps."""
+    from rich.console import Console
+
+    from copd_ray.pilot import divergence_config, run_divergence
+
+    # A shaped reward gives the untrained policy a GRPO signal from the first step.
+    cfg = load_config(None, TINY + [f"model.path={tiny_folder}", "capabilities.0.reward=char_overlap",
+                                    "capabilities.1.reward=char_overlap", "grpo.lr=0.005"])
+    run = divergence_config(cfg, str(tiny_folder), tmp_path / "d" / "experts", check_paths=False)
+    assert [(b.name, b.frozen) for b in run.branch_list()] == [("add", False), ("mul", False), ("base", True)]
+    assert run.topology.kind == "none" and run.metrics.pairs == "all" and run.schedule.opd_steps == 0
+
+    result = run_divergence(cfg, tmp_path / "d", str(tiny_folder), Console(quiet=True))
+    assert set(result["curves"]) == {"base→add", "mul→add", "base→mul", "add→mul"}
+    steps = run.schedule.rl_steps
+    for pair, points in result["curves"].items():
+        assert [p["step"] for p in points] == list(range(steps + 1))  # pair_every=1: step 0 to the last
+        assert all(0.0 <= p["overlap"] <= 1.0 and p["symmetric_kl"] >= 0.0 for p in points)
+    # At step 0 every expert is the base: overlap 1, KL 0, against it and each other.
+    assert all(points[0]["overlap"] == 1.0 and points[0]["symmetric_kl"] < 1e-6 for points in result["curves"].values())
+    assert any(points[-1]["symmetric_kl"] > 1e-4 for points in result["curves"].values())  # then they move
+    assert (tmp_path / "d" / "divergence.png").stat().st_size > 0
+    assert json.loads((tmp_path / "d" / "divergence.json").read_text())["curves"] == result["curves"]
