@@ -74,21 +74,21 @@ class BranchGroup:
         self.reused = True
 
     def start_actors(self) -> list:
-        """Create the actors, or reload a reused group's (asynchronously); returns refs that
-        resolve when all are up."""
+        """Create the actors, or reload a reused group's, with this run's arguments
+        (asynchronously); returns refs that resolve when all are up."""
         c, r = self.cfg, self.cfg.resources
-        if self.reused:
-            engine = dict(engine_cfg=c.engine.model_dump(), seed=c.seed, dtype=c.model.dtype,
-                          trust_remote_code=c.model.trust_remote_code, threads=r.actor_threads)
-            refs = [self.scorer.reload.remote(self.name, self.model_path, c.engine.scorer_kind or c.engine.kind,
-                                              gpus=r.scorer_gpus, **engine)]
-            refs += [t.reload.remote(self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump(),
-                                     dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code,
-                                     threads=r.actor_threads, gpus=r.trainer_gpus, seed=c.seed, train=c.train.model_dump())
-                     for i, t in enumerate(self.trainers)]
-            return refs + [g.reload.remote(self.name, self.model_path, c.engine.kind, gpus=r.generator_gpus, **engine)
-                           for g in self.generators]
         common = dict(dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code, threads=r.actor_threads)
+        engine = dict(engine_cfg=c.engine.model_dump(), seed=c.seed, **common)
+        scorer = ((self.name, self.model_path, c.engine.scorer_kind or c.engine.kind),
+                  dict(gpus=r.scorer_gpus, **engine))
+        trainers = [((self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump()),
+                     dict(gpus=r.trainer_gpus, seed=c.seed, train=c.train.model_dump(), **common))
+                    for i in range(0 if self.frozen else r.num_trainers)]
+        generators = [((self.name, self.model_path, c.engine.kind), dict(gpus=r.generator_gpus, **engine))
+                      for _ in range(0 if self.frozen else r.num_generators)]
+        if self.reused:
+            return [actor.reload.remote(*args, **kwargs) for actor, (args, kwargs) in
+                    zip([self.scorer] + self.trainers + self.generators, [scorer] + trainers + generators)]
 
         def at(i: int, cpus: float, gpus: float):
             # Ray restarts a dead actor in its own bundle (once more than the run allows, so
@@ -97,22 +97,13 @@ class BranchGroup:
             return dict(num_cpus=cpus, num_gpus=gpus, max_restarts=c.ray.max_failures + 1, max_task_retries=0,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
 
-        engine = dict(engine_cfg=c.engine.model_dump(), seed=c.seed, **common)
         self.scorer = ScorerActor.options(**at(len(self.bundles) - 1, r.scorer_cpus, r.scorer_gpus)).remote(
-            self.name, self.model_path, c.engine.scorer_kind or c.engine.kind, gpus=r.scorer_gpus, **engine)
-        if self.frozen:
-            return [self.scorer.ready.remote()]
-        self.trainers = [
-            TrainerActor.options(**at(i, r.trainer_cpus, r.trainer_gpus)).remote(
-                self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump(), gpus=r.trainer_gpus, seed=c.seed,
-                train=c.train.model_dump(), **common)
-            for i in range(r.num_trainers)
-        ]
+            *scorer[0], **scorer[1])
+        self.trainers = [TrainerActor.options(**at(i, r.trainer_cpus, r.trainer_gpus)).remote(*args, **kwargs)
+                         for i, (args, kwargs) in enumerate(trainers)]
         self.generators = [
-            GeneratorActor.options(**at(r.num_trainers + i, r.generator_cpus, r.generator_gpus)).remote(
-                self.name, self.model_path, c.engine.kind, gpus=r.generator_gpus, **engine)
-            for i in range(r.num_generators)
-        ]
+            GeneratorActor.options(**at(len(trainers) + i, r.generator_cpus, r.generator_gpus)).remote(*args, **kwargs)
+            for i, (args, kwargs) in enumerate(generators)]
         return [a.ready.remote() for a in self.trainers + self.generators + [self.scorer]]
 
     def members(self) -> dict[str, object]:
@@ -128,8 +119,6 @@ class BranchGroup:
         self.generation = generation
         if self.frozen:
             return
-        if self.reused:  # a Ray collective group cannot be made twice in a process: a standalone one
-            generation = self.generation = max(generation, 1)
         # Sharded trainer ranks form their group (and shard the policy) once; again only
         # when one of them restarted, since rejoining rebuilds every rank's state.
         if len(self.trainers) > 1 and not all(ray.get([t.dp_ready.remote() for t in self.trainers])):
@@ -141,13 +130,13 @@ class BranchGroup:
         backend = self.cfg.ray.sync_backend
         # vLLM and SGLang engines take torch's default process group in their actor, where a
         # Ray collective group would also need it: their branches use a standalone group.
-        # So does a rebuilt group: a Ray collective group builds on the default group,
-        # which the surviving members still hold for the old one.
+        # So does a rebuilt group or a reused one (WarmPool): a Ray collective group builds on
+        # the default group, which the members still hold for the old one.
         e = self.cfg.engine
         self.transport = self.cfg.ray.sync_transport
         if self.transport == "auto":
             self.transport = "ray" if {e.kind, e.scorer_kind or e.kind} == {"hf"} else "torch"
-        if generation or len(self.trainers) > 1:  # sharded ranks hold torch's default group themselves
+        if generation or self.reused or len(self.trainers) > 1:  # sharded ranks hold the default group themselves
             self.transport = "torch"
         address = ray.get(self.trainers[0].weight_store.remote(world)) if self.transport == "torch" else None
         ray.get([self.trainers[0].join_weight_group.remote(group, world, 0, backend, self.transport)]
