@@ -268,6 +268,14 @@ class ScheduleConfig(Section):
     # the end and (phase_barrier) where the phase changes.
     max_staleness: Int = Field(0, ge=0)
     phase_barrier: bool = True
+    # fixed: the cycles above. adaptive (beyond the paper; copd_ray/schedule.py): a branch
+    # enters Phase II when its pair metric with a teacher drifts past a threshold and leaves
+    # it when the metric is back, at least min_phase steps per phase, over the same
+    # cycles x (rl_steps + opd_steps) steps. The metric is measured every metrics.pair_every.
+    kind: Literal["fixed", "adaptive"] = "fixed"
+    overlap_low: Float | None = Field(None, gt=0, le=1)  # top-k overlap below this: drifted
+    kl_high: Float | None = Field(0.5, gt=0)  # symmetric KL above this: drifted
+    min_phase: Int = Field(5, ge=1)
 
     @model_validator(mode="after")
     def _some_steps(self):
@@ -537,6 +545,17 @@ class Config(Section):
         if self.schedule.max_staleness and self.schedule.sync_every > 1:
             raise ValueError("schedule.max_staleness > 0 with schedule.sync_every > 1: the lag of asynchronous "
                              "rollouts is counted in weight versions; keep sync_every=1")
+        s = self.schedule
+        if s.kind == "adaptive":
+            if s.overlap_low is None and s.kl_high is None:
+                raise ValueError("schedule.kind=adaptive needs schedule.overlap_low or schedule.kl_high")
+            if s.max_staleness:
+                raise ValueError("schedule.kind=adaptive decides each step's phase from the last pair metrics, "
+                                 "in lockstep: use schedule.max_staleness=0")
+            if self.metrics.pair_every == 0:
+                raise ValueError("schedule.kind=adaptive reads the pair metrics: set metrics.pair_every > 0")
+            if not taught:
+                raise ValueError(f"schedule.kind=adaptive with topology {t.kind!r}: no branch has a teacher")
         if not self.opd.native_rl and self.schedule.opd_steps:
             if set(trainable) - taught:
                 raise ValueError(f"opd.native_rl=false leaves branch(es) {sorted(set(trainable) - taught)} "

@@ -32,29 +32,8 @@ from copd_ray.monitor import Stopwatch, evaluate_branches, log_eval, log_pairs, 
 from copd_ray.recovery import Rollback, SelfHealing, restore
 from copd_ray.run_data import BranchData, Prompter, draw_prompts, prepare
 from copd_ray.runtime import Runtime, WarmPool, init_ray
+from copd_ray.schedule import Phases, checkpoint_due, schedule, segment
 from copd_ray.topology import Topology
-
-
-def schedule(cfg: Config) -> list[tuple[int, str]]:
-    """(cycle, phase) of every global step, in order."""
-    s = cfg.schedule
-    return [(c, phase) for c in range(s.cycles) for phase, n in (("rl", s.rl_steps), ("opd", s.opd_steps)) for _ in range(n)]
-
-
-def checkpoint_due(plan, step: int, cfg: Config) -> bool:
-    """At the end of every cycle, and every schedule.save_every steps."""
-    every = cfg.schedule.save_every
-    return step == len(plan) or plan[step][0] != plan[step - 1][0] or bool(every and step % every == 0)
-
-
-def segment(plan, first: int, cfg: Config) -> list[int]:
-    """The steps from `first` on that branches run on their own clocks: up to the next
-    checkpoint (where all must stand still), or phase switch with schedule.phase_barrier."""
-    steps = [first]
-    while not checkpoint_due(plan, steps[-1], cfg) and not (
-            cfg.schedule.phase_barrier and plan[steps[-1]][1] != plan[steps[-1] - 1][1]):
-        steps.append(steps[-1] + 1)
-    return steps
 
 
 @dataclass
@@ -63,6 +42,7 @@ class Loop:
 
     cfg: Config
     plan: list[tuple[int, str]]
+    phases: Phases  # each branch's phase at each step: the plan's, or adaptive
     pairs: list[tuple[str, str]]  # (teacher, student) pairs whose metrics are logged
     runtime: Runtime
     data: dict[str, BranchData]
@@ -75,8 +55,7 @@ class Loop:
     def lockstep(self, step: int) -> None:
         """Step `step` of Algorithm 1 in every branch, then every weight broadcast."""
         cfg, trainable = self.cfg, self.runtime.trainable
-        prompts = draw_prompts(list(trainable), step, self.plan[step - 1][1], cfg, self.data, self.prompter,
-                               self.runtime.topology_actor)
+        prompts = draw_prompts(self.phases.at(step), step, cfg, self.data, self.prompter, self.runtime.topology_actor)
         # Every branch takes its step in parallel (one that fails is retried after recovery) ...
         records = self.healer.each(list(trainable), lambda n: branch_step.run(
             trainable[n], prompts[n], cfg, self.data[n].beta))
@@ -89,17 +68,17 @@ class Loop:
     def report(self, step: int, records: dict, synced: dict, groups: dict, edges, call=lambda fn: fn()) -> None:
         """After step `step` of `groups` (all in lockstep; one on its own clock): records, pair
         metrics of `edges` and evals when due, the console line; `call` wraps actor calls."""
-        cfg, (cycle, phase) = self.cfg, self.plan[step - 1]
+        cfg, cycle = self.cfg, self.plan[step - 1][0]
         for n, r in records.items():
             r.update({"cycle": cycle, "version": groups[n].version,
                       "time/sync": synced[n]["seconds"] if synced else 0.0})
-        call(lambda: log_pairs(self.log, step, cfg, edges, self.runtime.groups, self.data, self.prompter,
-                               self.pair_every, self.progress.console))
+        self.phases.observe(call(lambda: log_pairs(self.log, step, cfg, edges, self.runtime.groups, self.data,
+                                                   self.prompter, self.pair_every, self.progress.console)))
         log_step(self.log, step, records)
         if cfg.eval.every and step % cfg.eval.every == 0:
             log_eval(self.log, step, call(lambda: evaluate_branches(groups, self.prompter, cfg,
                                                                     cfg.eval.during_training_size)))
-        self.progress.console.print(step_line(step, phase, records))
+        self.progress.console.print(step_line(step, records))
 
     def on_own_clocks(self, steps: list[int]) -> None:
         """Steps `steps` with each branch on its own clock: its generators sample step
@@ -107,8 +86,8 @@ class Loop:
         teachers score with whatever weights they hold. The prompts are drawn first, in
         the lockstep order, so that a resumed run draws the same ones."""
         cfg, trainable = self.cfg, self.runtime.trainable
-        prompts = {s: draw_prompts(list(trainable), s, self.plan[s - 1][1], cfg, self.data, self.prompter,
-                                   self.runtime.topology_actor) for s in steps}
+        prompts = {s: draw_prompts(self.phases.at(s), s, cfg, self.data, self.prompter, self.runtime.topology_actor)
+                   for s in steps}
 
         def branch(n: str) -> None:
             group, flights, ahead = trainable[n], deque(), 0
@@ -168,13 +147,14 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
                              cfg.ray.restart_timeout_s, lambda e: log.log({"kind": "event", "step": healer.step, **e}),
                              console, out / "actors.json")
         pair_every, pairs = {"every": cfg.metrics.pair_every}, measured_pairs(cfg, topology.edges, groups)
+        phases = Phases(cfg, names, topology.edges)
         step, restore_to, redo_events = 0, None, []
         last_checkpoint = (0, None)  # (step, folder): where a lost trainer sends the run back
         if resume is not None:
             restore_to = last_checkpoint = (resume_step, resume)
             log.log({"kind": "event", "step": restore_to[0], "event": "resumed", "from": str(resume)})
         else:
-            log_pairs(log, 0, cfg, pairs, groups, data, prompter, pair_every, console)
+            phases.observe(log_pairs(log, 0, cfg, pairs, groups, data, prompter, pair_every, console))
             if cfg.eval.every:
                 log_eval(log, 0, evaluate_branches(trainable, prompter, cfg, cfg.eval.during_training_size))
 
@@ -182,12 +162,13 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console, transient=False) as progress:
             progress.add_task("CoPD", total=len(plan))
-            loop = Loop(cfg, plan, pairs, runtime, data, prompter, log, healer, progress, pair_every)
+            loop = Loop(cfg, plan, phases, pairs, runtime, data, prompter, log, healer, progress, pair_every)
             while True:
                 try:
                     if restore_to is not None:  # a resume, or a rollback after a trainer was lost
                         step = restore(restore_to[1], trainable, data, healer)
                         log.rewind(step)
+                        phases.replay(read_metrics(out / "metrics.jsonl"))
                         for event in redo_events:
                             log.log({"kind": "event", **event, "rolled_back_to": step})
                         restore_to, redo_events = None, []
@@ -197,7 +178,8 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
                         cycle, phase = plan[step]
                         healer.step = step + 1
                         progress.update(0, description=f"cycle {cycle + 1}/{cfg.schedule.cycles} "
-                                                       f"{'Phase I  (RLVR)' if phase == 'rl' else 'Phase II (OPD) '}")
+                                                       f"{'Phase I  (RLVR)' if phase == 'rl' else 'Phase II (OPD) '}"
+                                                       f"{' (adaptive)' if phases.adaptive else ''}")
                         healer.check()  # an actor that died between steps is back before the step starts
                         if cfg.schedule.max_staleness:
                             steps = segment(plan, step + 1, cfg)

@@ -40,21 +40,27 @@ def measured_pairs(cfg: Config, edges, groups) -> list[tuple[str, str]]:
 
 
 def log_pairs(log: MetricsLog, step: int, cfg: Config, edges, groups, data, prompter: Prompter, pair_state: dict,
-              console) -> None:
-    """At the interval (and at step 0), the pair metrics of the given teacher -> student edges."""
+              console) -> list[dict]:
+    """At the interval (and at step 0), the pair metrics of the given teacher -> student edges:
+    logged, and returned (none when not due)."""
     if not pair_state["every"] or step % pair_state["every"]:
-        return
+        return []
     try:
         pairs = [{"kind": "pair", "step": step, "teacher": teacher, "student": student,
                   **pair_metrics(teacher, student, groups, data, prompter, cfg)} for teacher, student in edges]
         for record in pairs:
             log.log(record)
+        return pairs
     except ray.exceptions.RayTaskError as e:
         if not isinstance(e.cause, NotImplementedError):
             raise
+        if cfg.schedule.kind == "adaptive":
+            raise RuntimeError(f"schedule.kind=adaptive needs the pair metrics, which this scorer cannot give: "
+                               f"{e.cause}") from None
         pair_state["every"] = 0  # this scorer engine cannot give top-k log-probs
         log.log({"kind": "event", "step": step, "event": "pair_metrics_off", "why": str(e.cause)})
         console.print(f"[yellow]pair metrics off: {e.cause}[/yellow]")
+        return []
 
 
 def evaluate_branches(groups, prompter: Prompter, cfg: Config, size: int) -> dict[str, dict[str, float]]:
@@ -81,7 +87,9 @@ def log_step(log: MetricsLog, step: int, records: dict) -> None:
                      "updates": r["nan_skipped"]})
 
 
-def step_line(step: int, phase: str, records: dict[str, dict]) -> str:
+def step_line(step: int, records: dict[str, dict]) -> str:
+    phases = {r["phase"] for r in records.values()}
+    phase = phases.pop() if len(phases) == 1 else "mix"  # an adaptive schedule's branches may differ
     parts = []
     for n, r in records.items():
         t = r["time/generate"] + r["time/score"] + r["time/train"] + r["time/sync"]

@@ -77,13 +77,14 @@ def opd_temperature(cfg: Config) -> float:
     return cfg.grpo.temperature if cfg.opd.temperature is None else cfg.opd.temperature
 
 
-def draw_prompts(names, step: int, phase: str, cfg: Config, data: dict[str, BranchData], prompter: Prompter,
+def draw_prompts(phases: dict[str, str], step: int, cfg: Config, data: dict[str, BranchData], prompter: Prompter,
                  topology_actor) -> dict[str, StepPrompts]:
-    """Every prompt of this step, drawn in the driver's thread (streams are not thread-safe
-    and a fixed draw order makes resuming exact). Each branch asks the topology for its
-    teachers now, so a re-registered scorer is used from the next step on."""
+    """Every prompt of this step for each branch in its phase ({branch: "rl" or "opd"}),
+    drawn in the driver's thread (streams are not thread-safe and a fixed draw order makes
+    resuming exact). Each branch asks the topology for its teachers now, so a re-registered
+    scorer is used from the next step on."""
     plan = {}
-    for name in names:
+    for name, phase in phases.items():
         native = None
         if phase == "rl" or cfg.opd.native_rl:
             native = prompter(data[name].sample(cfg.grpo.prompts_per_step),
