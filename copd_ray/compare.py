@@ -14,6 +14,8 @@ K branches:
     copd             the config as given
     copd_without_a_b CoPD with the edge a -> b removed
     copd_ratio_x_y   CoPD with rl_steps:opd_steps = x:y in each cycle (same T)
+    copd_adaptive    CoPD whose branches switch phase by their pair metrics (schedule.kind=
+                     adaptive, thresholds from the config's schedule section; same T)
 
 Rows also come from models a run already has: each CoPD branch alone (no merge), the
 merge of the experts (no OPD), and the CoPD branches merged the other way. A finished
@@ -131,6 +133,9 @@ def plan(cfg: Config, ratios: list[str], runs: list[str] | None = None) -> Plan:
             swept.append((rl, per_cycle - rl))
     for rl, opd in swept:
         p.runs.append(Run(f"copd_ratio_{rl}_{opd}", {"schedule": {"rl_steps": rl, "opd_steps": opd}}))
+    if s.kind == "fixed":  # the same budget, phases switched by the pair metrics (schedule.kl_high, ...)
+        p.runs.append(Run("copd_adaptive", {"schedule": {"kind": "adaptive"},
+                                            "metrics": {"pair_every": cfg.metrics.pair_every or 5}}))
 
     other_merge = "task_arithmetic" if cfg.merge.method == "mean" else "mean"
     p.rows += [Row("base", "reference", "experts", "base", budget_branches=[], expected_steps=0)]
@@ -145,11 +150,21 @@ def plan(cfg: Config, ratios: list[str], runs: list[str] | None = None) -> Plan:
     p.rows += [Row(f"CoPD (merged, {cfg.merge.method})", "CoPD", "copd", "merged", expected_steps=k * t)]
     p.rows += [Row(f"CoPD branch {n} alone (no merge)", "ablation", "copd", f"branch:{n}", expected_steps=k * t)
                for n in names]
-    p.rows += [Row(f"CoPD merged by {other_merge}", "ablation", "copd", f"merged:{other_merge}", expected_steps=k * t)]
+    p.rows += [Row(f"CoPD merged by {other_merge}", "ablation", "copd", f"merged:{other_merge}", expected_steps=k * t),
+               Row("CoPD merged, weighted by training reward", "ablation", "copd", "merged:reward_weighted",
+                   expected_steps=k * t)]
+    if tp.kind == "hub_and_spoke":
+        p.rows += [Row(f"CoPD merged, hub {tp.hub} weighted 2x", "ablation", "copd", "merged:hub_weighted",
+                       expected_steps=k * t)]
     p.rows += [Row(f"CoPD without {a}→{b}", "ablation", f"copd_without_{a}_{b}", "merged", expected_steps=k * t)
                for a, b in copd_edges]
     p.rows += [Row(f"CoPD ratio {rl}:{opd}", "ablation", f"copd_ratio_{rl}_{opd}", "merged", expected_steps=k * t)
                for rl, opd in swept]
+    if s.kind == "fixed":
+        drift = " or ".join(([f"overlap < {s.overlap_low}"] if s.overlap_low is not None else [])
+                            + ([f"KL > {s.kl_high}"] if s.kl_high is not None else []))
+        p.rows += [Row(f"CoPD adaptive (OPD while {drift})", "ablation", "copd_adaptive", "merged",
+                       expected_steps=k * t)]
     for run in p.runs:  # a run that cannot start must fail now, not an hour in
         run_config(p, run, Path("/nonexistent"), cfg.seed, check_paths=False)
     if runs is not None:
@@ -196,25 +211,40 @@ def derived_config(cfg: Config, changes: dict, folder: Path, seed: int, run_name
 # -- running --------------------------------------------------------------------------------------
 
 
-def _extra_merge(p: Plan, folder: Path, method: str, cfg: Config) -> dict[str, float]:
-    """The CoPD branches merged by another method, evaluated once and cached."""
+def merge_recipe(p: Plan, folder: Path, variant: str) -> tuple[str, list[float] | None]:
+    """(method, weights) of a merge of a finished run's branches other than the config's own.
+    reward_weighted: each branch by its mean reward over its last Phase I (rl_steps records),
+    a measure of how well it does its own capability that the held-out sets never see."""
+    if variant == "task_arithmetic":  # each branch's whole change (weights 1); with 1/K it is the mean
+        return "task_arithmetic", [1.0] * len(p.names)
+    if variant == "hub_weighted":
+        return "mean", [2.0 if n == p.cfg.topology.hub else 1.0 for n in p.names]
+    if variant == "reward_weighted":
+        steps = [r for r in read_metrics(folder / "metrics.jsonl") if r["kind"] == "step" and r["phase"] == "rl"]
+        last = max(p.cfg.schedule.rl_steps, 1)
+        return "mean", [statistics.fmean(r["reward_mean"] for r in [r for r in steps if r["branch"] == n][-last:])
+                        for n in p.names]
+    return variant, None
+
+
+def _extra_merge(p: Plan, folder: Path, variant: str, cfg: Config) -> dict[str, float]:
+    """The CoPD branches merged another way, evaluated once and cached."""
     import ray
 
     from copd_ray.capabilities import build_capability
     from copd_ray.runtime import eval_task_options, evaluate_folder
     from copd_ray.models.merge_folders import merge_folders
 
-    cache = folder / f"eval_merged_{method}.json"
+    cache = folder / f"eval_merged_{variant}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     models = json.loads((folder / "eval.json").read_text())["models"]
-    # Task arithmetic adds each branch's whole change (weights 1): with weights 1/K it is the mean.
-    weights = [1.0] * len(p.names) if method == "task_arithmetic" else None
-    merged = merge_folders([models[f"branch:{n}"] for n in p.names], folder / f"merged_{method}", method, weights,
+    method, weights = merge_recipe(p, folder, variant)
+    merged = merge_folders([models[f"branch:{n}"] for n in p.names], folder / f"merged_{variant}", method, weights,
                            base_folder=models["base"] if method == "task_arithmetic" else None)
     held = {c.name: build_capability(c, cfg.seed).heldout for c in cfg.capabilities}
     result = ray.get(evaluate_folder.options(**eval_task_options(cfg)).remote(str(merged), cfg, held))
-    cache.write_text(json.dumps(result, indent=2))
+    cache.write_text(json.dumps({**result, "merge": {"method": method, "weights": weights}}, indent=2))
     return result
 
 

@@ -19,7 +19,7 @@ def test_the_plan_states_every_run_and_budget_before_anything_runs(tmp_path):
     assert p.steps_per_branch == t and p.half == t // 2
     assert [r.name for r in p.runs] == ["experts", "mixed", "static_opd_add_mul", "static_opd_mul_add", "mopd", "copd",
                                         "copd_without_mul_add", "copd_without_add_mul", "copd_ratio_38_37",
-                                        "copd_ratio_60_15"]
+                                        "copd_ratio_60_15", "copd_adaptive"]
     runs = {r.name: run_config(p, r, tmp_path / "seed_0" / r.name, 0, check_paths=False) for r in p.runs}
     assert runs["mixed"].schedule.rl_steps == 2 * t and runs["mixed"].branch_list()[0].data == ["add", "mul"]
     static = runs["static_opd_add_mul"]
@@ -29,6 +29,9 @@ def test_the_plan_states_every_run_and_budget_before_anything_runs(tmp_path):
     assert static.topology.edges == [("add", "mul")] and static.schedule.opd_steps == 2 * t - t
     assert runs["experts"].schedule.save_every == t // 2 and runs["experts"].topology.kind == "none"
     assert runs["copd_without_add_mul"].topology.edges == [("mul", "add")]
+    adaptive = runs["copd_adaptive"].schedule
+    assert (adaptive.kind, adaptive.kl_high, adaptive.cycles * (adaptive.rl_steps + adaptive.opd_steps)) == ("adaptive", 0.5, t)
+    assert p.rows[-1].name == "CoPD adaptive (OPD while KL > 0.5)"
     assert {r.expected_steps for r in p.rows if r.group != "reference" and not r.name.startswith("expert ")} == {2 * t}
     with pytest.raises(ConfigError, match="RL:OPD"):
         plan(load_config(), ["1-2"])
@@ -48,6 +51,24 @@ def test_a_table_2_plan_keeps_the_chosen_runs_copd_and_what_they_start_from():
         "MOPD (all experts → one student)", "CoPD (merged, mean)"]
     with pytest.raises(ConfigError, match=r"no run named \['moped'\]"):
         plan(cfg, [], ["moped"])
+
+
+def test_merge_variants_weigh_branches_by_their_last_phase_i_reward_or_the_hub(tmp_path):
+    from copd_ray.compare import merge_recipe
+
+    p = plan(load_config(None, ["schedule.rl_steps=2"]), [])
+    rewards = {"add": [0.1, 0.2, 0.9, 0.7], "mul": [0.3, 0.3, 0.2, 0.4]}  # steps 1-2 RL, 3 OPD, 4 RL
+    phases = ["rl", "rl", "opd", "rl"]
+    lines = [json.dumps({"kind": "step", "step": i + 1, "branch": n, "phase": phases[i], "reward_mean": r[i]})
+             for i in range(4) for n, r in rewards.items()]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    method, weights = merge_recipe(p, tmp_path, "reward_weighted")
+    # The last rl_steps = 2 Phase I records per branch: steps 2 and 4.
+    assert method == "mean" and weights == pytest.approx([(0.2 + 0.7) / 2, (0.3 + 0.4) / 2])
+    assert merge_recipe(p, tmp_path, "task_arithmetic") == ("task_arithmetic", [1.0, 1.0])
+    hub = plan(load_config("configs/demo_multimodal.yaml"), [])
+    assert merge_recipe(hub, tmp_path, "hub_weighted") == ("mean", [2.0, 1.0, 1.0])  # text is the hub
+    assert [r.name for r in hub.rows if r.model == "merged:hub_weighted"] == ["CoPD merged, hub text weighted 2x"]
 
 
 def test_the_report_marks_best_and_worst_and_says_where_copd_loses():
@@ -101,7 +122,7 @@ def test_compare_runs_every_row_with_budgets_and_resumes(ray_session, tiny_folde
         "base", "expert add", "expert mul", "experts merged (no OPD)", "mixed RLVR", "static OPD add→mul",
         "static OPD mul→add", "MOPD (all experts → one student)", "CoPD (merged, mean)",
         "CoPD branch add alone (no merge)", "CoPD branch mul alone (no merge)", "CoPD merged by task_arithmetic",
-        "CoPD without mul→add", "CoPD without add→mul", "CoPD ratio 3:1"]
+        "CoPD merged, weighted by training reward", "CoPD without mul→add", "CoPD without add→mul", "CoPD ratio 3:1", "CoPD adaptive (OPD while KL > 0.5)"]
     assert all(r["budget_ok"] for r in rows.values())
     assert rows["expert add"]["budget"] == {"rl_steps": 4, "opd_steps": 0, "rollouts": 64, "teacher_tokens": 0}
     assert rows["mixed RLVR"]["budget"]["rl_steps"] == 8 and rows["mixed RLVR"]["budget"]["teacher_tokens"] == 0
@@ -109,6 +130,8 @@ def test_compare_runs_every_row_with_budgets_and_resumes(ray_session, tiny_folde
     assert (static["rl_steps"], static["opd_steps"]) == (4, 4) and static["teacher_tokens"] > 0  # experts' 2+2, then 4
     assert rows["CoPD (merged, mean)"]["budget"]["opd_steps"] == 4
     assert rows["CoPD ratio 3:1"]["budget"]["opd_steps"] == 2
+    adaptive = rows["CoPD adaptive (OPD while KL > 0.5)"]["budget"]
+    assert adaptive["rl_steps"] + adaptive["opd_steps"] == 8  # the same K.T, however the phases fell
     for r in rows.values():
         assert set(r["mean"]) == {"add", "mul", "overall"} and all(0 <= v <= 1 for v in r["mean"].values())
 
