@@ -252,8 +252,13 @@ def pilot(
     args: Optional[list[str]] = ArgsArg,
     teacher: str = typer.Option("mul", help="The branch whose frozen expert teaches."),
     student: str = typer.Option("add", help="The branch whose expert learns."),
-    temperatures: str = typer.Option("0.5,0.8,1.1,1.4,1.7,2.0", help="Student sampling temperatures, comma-separated."),
+    temperatures: str = typer.Option("0.5,0.8,1.1,1.4,1.7,2.0", help="Student sampling temperatures, comma-separated: "
+                                                                      "of its RLVR (rlvr-temperature) or its OPD."),
     steps: int = typer.Option(40, min=1, help="OPD steps per temperature."),
+    design: str = typer.Option("rlvr-temperature", help="rlvr-temperature (the paper's Experiment 1: students trained by "
+                                                        "RLVR at each temperature, then the same OPD) or "
+                                                        "opd-temperature (a variant: one student, OPD at each)."),
+    rl_steps: int = typer.Option(50, min=1, help="RLVR steps of each student before OPD (rlvr-temperature)."),
     experts: Optional[Path] = typer.Option(None, help="A finished experts run (e.g. OUT/seed_0/experts of compare); "
                                                       "trained here when omitted."),
     out: Path = typer.Option(Path("outputs/pilot"), help="Folder for the runs, pilot.json and pilot.png."),
@@ -282,8 +287,9 @@ def pilot(
     except ValueError:
         raise ConfigError(f"--temperatures {temperatures!r} is not a comma-separated list of numbers") from None
     _bootstrap(cfg)
-    result = run_pilot(cfg, out, teacher, student, taus, steps, experts, console)
-    table = Table(title=f"pilot: {teacher} teaches {student} by OPD, {steps} steps")
+    result = run_pilot(cfg, out, teacher, student, taus, steps, experts, console, design, rl_steps)
+    table = Table(title=f"pilot ({design}): {teacher} teaches {student} by OPD, {steps} steps"
+                        + (f", after {rl_steps} RLVR steps at each temperature" if design == "rlvr-temperature" else ""))
     for col in ("temperature", "overlap before", "sym. KL before", "gain"):
         table.add_column(col, justify="right")
     for p in result["points"]:

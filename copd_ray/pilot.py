@@ -1,11 +1,19 @@
 """`copd-ray pilot`: does OPD gain follow teacher-student overlap? (the paper's Section 2.3)
 
-A fixed teacher (an RL expert, frozen) distils into a student (another expert) by pure
-on-policy distillation for a fixed number of steps. The student is put at several
-overlaps with the teacher by its sampling temperature: at temperature tau it visits
-positions where it agrees with the teacher more or less. For each tau we record the
-top-k overlap along its rollouts before distillation and the gain in held-out accuracy
-on the teacher's capability after it, then fit gain = a * overlap + b and report r.
+Experiment 1 as the paper runs it (design "rlvr-temperature", the default): students are
+first trained by RLVR on their own data, each at another sampling temperature tau, so they
+end at different overlaps with the teacher; then every one gets the same on-policy
+distillation from one frozen teacher (an RL expert), at one OPD temperature, for the same
+number of steps. For each student we record the top-k overlap with the teacher on its own
+rollouts just before OPD, and the gain in held-out accuracy on the teacher's capability
+that OPD bought; then fit gain = a * overlap + b and report r.
+
+A different experiment (design "opd-temperature"): one student (the other expert) is
+distilled at several OPD temperatures; tau changes where it samples during OPD itself,
+not where RLVR left it.
+
+Experiment 2 (`--divergence`, below): how far independent experts drift from the base
+and from each other along RLVR.
 """
 
 from __future__ import annotations
@@ -19,22 +27,36 @@ from copd_ray.compare import derived_config, plan, run_config
 from copd_ray.config import Config, ConfigError
 from copd_ray.metrics_log import read_metrics
 
+DESIGNS = ("rlvr-temperature", "opd-temperature")
 
-def pilot_config(cfg: Config, experts: Path, teacher: str, student: str, tau: float, steps: int, folder: Path,
-                 check_paths: bool = True) -> Config:
+
+def pilot_config(cfg: Config, student_init: Path, teacher_init: Path, teacher: str, student: str,
+                 tau: float | None, steps: int, folder: Path, check_paths: bool = True) -> Config:
+    """Pure OPD of `student` (from `student_init`) by the frozen `teacher`, at OPD
+    temperature tau (None: the config's)."""
     branches = {b.name: b for b in cfg.branch_list()}
     changes = {
-        "branches": [{"name": student, "data": cfg.branch_data(branches[student]),
-                      "init": str(experts / "branches" / student)},
-                     {"name": teacher, "data": cfg.branch_data(branches[teacher]),
-                      "init": str(experts / "branches" / teacher), "frozen": True}],
+        "branches": [{"name": student, "data": cfg.branch_data(branches[student]), "init": str(student_init)},
+                     {"name": teacher, "data": cfg.branch_data(branches[teacher]), "init": str(teacher_init),
+                      "frozen": True}],
         "topology": {"kind": "edges", "hub": None, "edges": [[teacher, student]]},
         "schedule": {"cycles": 1, "rl_steps": 0, "opd_steps": steps},
-        "opd": {"native_rl": False, "temperature": tau},
+        "opd": {"native_rl": False, "temperature": cfg.opd.temperature if tau is None else tau},
         "metrics": {"pair_every": steps},  # overlap before (step 0) and after
         "merge": {"weights": None},
     }
-    return derived_config(cfg, changes, folder, cfg.seed, f"{cfg.run_name}-pilot-t{tau:g}", check_paths)
+    name = f"{cfg.run_name}-pilot-opd" + (f"-t{tau:g}" if tau is not None else f"-{Path(student_init).parent.parent.name}")
+    return derived_config(cfg, changes, folder, cfg.seed, name, check_paths)
+
+
+def rlvr_config(cfg: Config, student: str, tau: float, steps: int, folder: Path, check_paths: bool = True) -> Config:
+    """The student alone, from the base, by RLVR on its own data at sampling temperature tau."""
+    branch = next(b for b in cfg.branch_list() if b.name == student)
+    changes = {"branches": [{"name": student, "data": cfg.branch_data(branch)}],
+               "topology": {"kind": "none", "hub": None, "edges": [], "transport": cfg.topology.transport},
+               "schedule": {"cycles": 1, "rl_steps": steps, "opd_steps": 0, "save_every": 0},
+               "grpo": {"temperature": tau}, "metrics": {"pair_every": 0}, "merge": {"weights": None}}
+    return derived_config(cfg, changes, folder, cfg.seed, f"{cfg.run_name}-pilot-rlvr-t{tau:g}", check_paths)
 
 
 def fit_line(xs: list[float], ys: list[float]) -> dict[str, float]:
@@ -49,7 +71,7 @@ def fit_line(xs: list[float], ys: list[float]) -> dict[str, float]:
 
 
 def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: list[float], steps: int,
-              experts: Path | None, console) -> dict:
+              experts: Path | None, console, design: str = "rlvr-temperature", rl_steps: int = 50) -> dict:
     from copd_ray.driver import train
     from copd_ray.runtime import WarmPool, init_ray
 
@@ -59,34 +81,49 @@ def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: 
             raise ConfigError(f"pilot {role} {name!r} is not a branch of the config: {names}")
     if teacher == student:
         raise ConfigError("pilot teacher and student must differ")
+    if design not in DESIGNS:
+        raise ConfigError(f"pilot design {design!r} is not one of {list(DESIGNS)}")
     if len(temperatures) < 3:
         raise ConfigError(f"pilot needs at least 3 temperatures to fit a line, got {temperatures}")
-    for tau in temperatures:
-        pilot_config(cfg, Path("/nonexistent"), teacher, student, tau, steps, out, check_paths=False)  # fail now
+    paper = design == "rlvr-temperature"
+    nowhere = Path("/nonexistent")
+    for tau in temperatures:  # every run's config is checked before any actor starts
+        if paper:
+            rlvr_config(cfg, student, tau, rl_steps, nowhere, check_paths=False)
+        pilot_config(cfg, nowhere, nowhere, teacher, student, None if paper else tau, steps, nowhere, check_paths=False)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     started_ray = init_ray(cfg)
     import ray
+
+    def trained(folder: Path, run_cfg: Config, title: str) -> dict:
+        if not (folder / "eval.json").exists():
+            console.rule(f"pilot: {title}")
+            train(run_cfg, console=console, pool=pool)
+        return json.loads((folder / "eval.json").read_text())["eval"]
 
     pool = WarmPool()  # each run reloads the last run's actors where it can
     try:
         if experts is None:  # the comparison's expert run, trained here
             p = plan(cfg, [])
             experts = out / "experts"
-            if not (experts / "eval.json").exists():
-                console.rule("pilot: training the experts")
-                train(run_config(p, p.runs[0], experts, cfg.seed), console=console, pool=pool)
+            trained(experts, run_config(p, p.runs[0], experts, cfg.seed), "training the experts")
         if not (experts / "eval.json").exists():
             raise ConfigError(f"{experts} is not a finished run (no eval.json)")
-        before = json.loads((experts / "eval.json").read_text())["eval"][f"branch:{student}"]
         caps = cfg.branch_data(next(b for b in cfg.branch_list() if b.name == teacher))
         points = []
         for tau in temperatures:
-            folder = out / f"tau_{tau:g}"
-            if not (folder / "eval.json").exists():
-                console.rule(f"pilot: tau {tau:g}, {steps} OPD steps {teacher} -> {student}")
-                train(pilot_config(cfg, experts, teacher, student, tau, steps, folder), console=console, pool=pool)
-            after = json.loads((folder / "eval.json").read_text())["eval"][f"branch:{student}"]
+            if paper:  # RLVR at tau from the base, then the same OPD for every student
+                rlvr = out / f"rlvr_tau_{tau:g}"
+                before = trained(rlvr, rlvr_config(cfg, student, tau, rl_steps, rlvr),
+                                 f"{student} by RLVR at tau {tau:g}, {rl_steps} steps")[f"branch:{student}"]
+                start, folder, opd_tau = rlvr / "branches" / student, out / f"opd_after_tau_{tau:g}", None
+            else:
+                before = json.loads((experts / "eval.json").read_text())["eval"][f"branch:{student}"]
+                start, folder, opd_tau = experts / "branches" / student, out / f"tau_{tau:g}", tau
+            after = trained(folder, pilot_config(cfg, start, experts / "branches" / teacher, teacher, student, opd_tau,
+                                                 steps, folder),
+                            f"{steps} OPD steps {teacher} -> {student} (tau {tau:g})")[f"branch:{student}"]
             pairs = sorted((r for r in read_metrics(folder / "metrics.jsonl") if r["kind"] == "pair"),
                            key=lambda r: r["step"])
             gain = statistics.fmean(after[c] - before[c] for c in caps)
@@ -98,8 +135,11 @@ def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: 
         if started_ray:
             ray.shutdown()
     gains = [p["gain"] for p in points]
-    result = {"teacher": teacher, "student": student, "steps": steps, "topk": cfg.metrics.topk,
-              "experts": str(experts), "points": points, "fit": fit_line([p["overlap"] for p in points], gains),
+    result = {"design": design, "teacher": teacher, "student": student, "steps": steps,
+              "rl_steps": rl_steps if paper else 0, "opd_temperature": None if not paper else
+              (cfg.opd.temperature if cfg.opd.temperature is not None else cfg.grpo.temperature),
+              "topk": cfg.metrics.topk, "experts": str(experts), "points": points,
+              "fit": fit_line([p["overlap"] for p in points], gains),
               "fit_symmetric_kl": fit_line([p["symmetric_kl"] for p in points], gains),
               "seconds_this_call": round(time.perf_counter() - started, 1)}
     (out / "pilot.json").write_text(json.dumps(result, indent=2))
@@ -116,7 +156,9 @@ def plot_pilot(result: dict, path: Path) -> Path:
     ax_a.plot(taus, [p["overlap"] for p in pts], marker="o", label=f"top-{result['topk']} overlap")
     ax_kl = ax_a.twinx()
     ax_kl.plot(taus, [p["symmetric_kl"] for p in pts], marker="s", color="C1", label="symmetric KL")
-    ax_a.set(title="(a) the student's overlap with the teacher", xlabel="student sampling temperature",
+    paper = result.get("design", "opd-temperature") == "rlvr-temperature"
+    ax_a.set(title="(a) the student's overlap with the teacher, before OPD",
+             xlabel="the student's RLVR sampling temperature" if paper else "the student's OPD sampling temperature",
              ylabel="overlap before OPD")
     ax_kl.set_ylabel("symmetric KL before OPD")
     ax_a.legend(loc="lower left", fontsize=8)
@@ -131,7 +173,8 @@ def plot_pilot(result: dict, path: Path) -> Path:
     lo, hi = min(xs), max(xs)
     ax_b.plot([lo, hi], [f["slope"] * lo + f["intercept"], f["slope"] * hi + f["intercept"]], "--", color="black",
               label=f"gain = {f['slope']:.3f}·overlap + {f['intercept']:.3f}, r = {f['r']:.2f}")
-    ax_b.set(title=f"(b) OPD gain vs overlap ({result['teacher']} teaches {result['student']}, {result['steps']} steps)",
+    what = "same OPD after RLVR at τ" if paper else "OPD at τ (a variant)"
+    ax_b.set(title=f"(b) gain vs overlap: {result['teacher']}→{result['student']}, {what}, {result['steps']} steps",
              xlabel="overlap before OPD", ylabel=f"Δ held-out pass@1 on {result['teacher']}")
     ax_b.legend(fontsize=8)
     ax_b.grid(alpha=0.3)

@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY_COMPARE as TINY
 
 from copd_ray.config import ConfigError, load_config
-from copd_ray.pilot import fit_line, pilot_config, run_pilot
+from copd_ray.pilot import fit_line, pilot_config, rlvr_config, run_pilot
 
 
 def test_fit_line_matches_numpy():
@@ -19,30 +19,61 @@ def test_fit_line_matches_numpy():
 
 
 def test_a_pilot_run_is_pure_distillation_from_a_frozen_teacher(tmp_path):
-    cfg = pilot_config(load_config(), tmp_path / "experts", "mul", "add", 1.5, 7, tmp_path / "t", check_paths=False)
+    cfg = pilot_config(load_config(), tmp_path / "s", tmp_path / "t", "mul", "add", 1.5, 7, tmp_path / "r",
+                       check_paths=False)
     student, teacher = cfg.branch_list()
     assert (student.name, student.frozen, teacher.name, teacher.frozen) == ("add", False, "mul", True)
-    assert student.init == str(tmp_path / "experts" / "branches" / "add")
+    assert (student.init, teacher.init) == (str(tmp_path / "s"), str(tmp_path / "t"))
     assert (cfg.schedule.rl_steps, cfg.schedule.opd_steps, cfg.opd.native_rl, cfg.opd.temperature) == (0, 7, False, 1.5)
     assert cfg.metrics.pair_every == 7 and cfg.topology.edges == [("mul", "add")]
+    same = pilot_config(load_config(), tmp_path / "s", tmp_path / "t", "mul", "add", None, 7, tmp_path / "r",
+                        check_paths=False)
+    assert same.opd.temperature is None  # the paper's design: one OPD temperature, the config's
 
 
-def test_pilot_measures_overlap_and_gain_per_temperature(ray_session, tiny_folder, tmp_path):
+def test_a_pilot_student_is_trained_by_rlvr_alone_at_its_temperature(tmp_path):
+    cfg = rlvr_config(load_config(), "add", 1.7, 30, tmp_path / "r", check_paths=False)
+    (student,) = cfg.branch_list()
+    assert (student.name, student.init, student.frozen) == ("add", None, False)  # from the base
+    assert (cfg.grpo.temperature, cfg.schedule.rl_steps, cfg.schedule.opd_steps) == (1.7, 30, 0)
+    assert cfg.topology.kind == "none"
+
+
+@pytest.mark.parametrize("design", ["rlvr-temperature", "opd-temperature"])
+def test_pilot_measures_overlap_and_gain_per_temperature(ray_session, tiny_folder, tmp_path, design):
     from rich.console import Console
 
-    cfg = load_config(None, TINY + [f"model.path={tiny_folder}"])
+    # A shaped reward gives the untrained policy a GRPO signal, so RLVR at each tau moves it.
+    cfg = load_config(None, TINY + [f"model.path={tiny_folder}", "capabilities.0.reward=char_overlap",
+                                    "capabilities.1.reward=char_overlap", "grpo.lr=0.005"])
+    quiet = Console(quiet=True)
     with pytest.raises(ConfigError, match="at least 3 temperatures"):
-        run_pilot(cfg, tmp_path / "p", "mul", "add", [0.5, 1.0], 2, None, Console(quiet=True))
+        run_pilot(cfg, tmp_path / "p", "mul", "add", [0.5, 1.0], 2, None, quiet, design)
     with pytest.raises(ConfigError, match="'video' is not a branch"):
-        run_pilot(cfg, tmp_path / "p", "video", "add", [0.5, 1.0, 2.0], 2, None, Console(quiet=True))
+        run_pilot(cfg, tmp_path / "p", "video", "add", [0.5, 1.0, 2.0], 2, None, quiet, design)
+    with pytest.raises(ConfigError, match="design 'both'"):
+        run_pilot(cfg, tmp_path / "p", "mul", "add", [0.5, 1.0, 2.0], 2, None, quiet, "both")
 
-    result = run_pilot(cfg, tmp_path / "p", "mul", "add", [0.3, 1.0, 3.0], 2, None, Console(quiet=True))
+    result = run_pilot(cfg, tmp_path / "p", "mul", "add", [0.3, 1.0, 3.0], 2, None, quiet, design, rl_steps=2)
     experts = json.loads((tmp_path / "p" / "experts" / "eval.json").read_text())["eval"]["branch:add"]
     for point in result["points"]:
-        run = json.loads((tmp_path / "p" / f"tau_{point['temperature']:g}" / "eval.json").read_text())["eval"]
-        assert point["gain"] == pytest.approx(run["branch:add"]["mul"] - experts["mul"])
+        tau = point["temperature"]
+        if design == "rlvr-temperature":
+            before = json.loads((tmp_path / "p" / f"rlvr_tau_{tau:g}" / "eval.json").read_text())["eval"]["branch:add"]
+            opd = tmp_path / "p" / f"opd_after_tau_{tau:g}"
+            rl = [json.loads(line) for line in (tmp_path / "p" / f"rlvr_tau_{tau:g}" / "metrics.jsonl").open()]
+            assert [r["phase"] for r in rl if r["kind"] == "step"] == ["rl", "rl"]
+        else:
+            before, opd = experts, tmp_path / "p" / f"tau_{tau:g}"
+        run = json.loads((opd / "eval.json").read_text())["eval"]
+        assert point["gain"] == pytest.approx(run["branch:add"]["mul"] - before["mul"])
         assert 0 <= point["overlap"] <= 1 and point["symmetric_kl"] >= 0
+        steps = [json.loads(line) for line in (opd / "metrics.jsonl").open()]
+        assert [r["phase"] for r in steps if r["kind"] == "step"] == ["opd", "opd"]
+    if design == "rlvr-temperature":  # the students really differ before OPD: RLVR at each tau moved them apart
+        assert len({round(p["symmetric_kl"], 6) for p in result["points"]}) == 3
     assert [p["temperature"] for p in result["points"]] == [0.3, 1.0, 3.0]
+    assert result["design"] == design
     assert set(result["fit"]) == set(result["fit_symmetric_kl"]) == {"slope", "intercept", "r"}
     assert (tmp_path / "p" / "pilot.png").stat().st_size > 0
     assert json.loads((tmp_path / "p" / "pilot.json").read_text())["points"] == result["points"]
