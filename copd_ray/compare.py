@@ -14,6 +14,8 @@ K branches:
     copd             the config as given
     copd_without_a_b CoPD with the edge a -> b removed
     copd_ratio_x_y   CoPD with rl_steps:opd_steps = x:y in each cycle (same T)
+    copd_merge_each_cycle  CoPD whose branches are merged at each cycle's end and continue from
+                     the merge (merge.every_cycle; same T)
     copd_adaptive    CoPD whose branches switch phase by their pair metrics (schedule.kind=
                      adaptive, thresholds from the config's schedule section; same T)
 
@@ -133,6 +135,8 @@ def plan(cfg: Config, ratios: list[str], runs: list[str] | None = None) -> Plan:
             swept.append((rl, per_cycle - rl))
     for rl, opd in swept:
         p.runs.append(Run(f"copd_ratio_{rl}_{opd}", {"schedule": {"rl_steps": rl, "opd_steps": opd}}))
+    if not cfg.merge.every_cycle and s.cycles > 1:
+        p.runs.append(Run("copd_merge_each_cycle", {"merge": {"every_cycle": True}}))
     if s.kind == "fixed":  # the same budget, phases switched by the pair metrics (schedule.kl_high, ...)
         p.runs.append(Run("copd_adaptive", {"schedule": {"kind": "adaptive"},
                                             "metrics": {"pair_every": cfg.metrics.pair_every or 5}}))
@@ -160,6 +164,9 @@ def plan(cfg: Config, ratios: list[str], runs: list[str] | None = None) -> Plan:
                for a, b in copd_edges]
     p.rows += [Row(f"CoPD ratio {rl}:{opd}", "ablation", f"copd_ratio_{rl}_{opd}", "merged", expected_steps=k * t)
                for rl, opd in swept]
+    if not cfg.merge.every_cycle and s.cycles > 1:
+        p.rows += [Row("CoPD merged each cycle, continued from the merge", "ablation", "copd_merge_each_cycle",
+                       "merged", expected_steps=k * t)]
     if s.kind == "fixed":
         drift = " or ".join(([f"overlap < {s.overlap_low}"] if s.overlap_low is not None else [])
                             + ([f"KL > {s.kl_high}"] if s.kl_high is not None else []))
@@ -222,8 +229,9 @@ def merge_recipe(p: Plan, folder: Path, variant: str) -> tuple[str, list[float] 
     if variant == "reward_weighted":
         steps = [r for r in read_metrics(folder / "metrics.jsonl") if r["kind"] == "step" and r["phase"] == "rl"]
         last = max(p.cfg.schedule.rl_steps, 1)
-        return "mean", [statistics.fmean(r["reward_mean"] for r in [r for r in steps if r["branch"] == n][-last:])
-                        for n in p.names]
+        rewards = [max(statistics.fmean(r["reward_mean"] for r in [r for r in steps if r["branch"] == n][-last:]), 0.0)
+                   for n in p.names]
+        return "mean", rewards if sum(rewards) > 0 else None  # no branch earned anything: uniform
     return variant, None
 
 

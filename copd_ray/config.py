@@ -374,6 +374,9 @@ class ServeConfig(Section):
 class MergeConfig(Section):
     method: Literal["mean", "task_arithmetic"] = "mean"
     weights: dict[str, Float] | None = None  # per branch; None = uniform
+    # A variant: at the end of every cycle but the last, merge the branches and continue each
+    # from the merge (its optimizer state kept); the final merge is as always.
+    every_cycle: bool = False
 
 
 class ResourcesConfig(Section):

@@ -107,6 +107,22 @@ class Loop:
             self.healer.recover(errors[0], rollback=True)
 
 
+def merge(branch_dirs: dict[str, str], folder: Path, cfg: Config, base_path: str) -> Path:
+    """The branches merged in parameter space by merge.method and merge.weights."""
+    from copd_ray.models.merge_folders import merge_folders
+
+    weights = [cfg.merge.weights[n] for n in branch_dirs] if cfg.merge.weights else None
+    return merge_folders(list(branch_dirs.values()), folder, cfg.merge.method, weights,
+                         base_folder=base_path if cfg.merge.method == "task_arithmetic" else None)
+
+
+def merge_and_continue(folder: Path, trainable: dict, cfg: Config, base_path: str, healer: SelfHealing) -> None:
+    """merge.every_cycle (a variant): at a cycle's end every branch continues from the merge."""
+    dirs = healer.each(list(trainable), lambda n: trainable[n].save(str(folder / n), with_optimizer=False))
+    merged = merge(dirs, folder / "merged", cfg, base_path)
+    healer.each(list(trainable), lambda n: trainable[n].adopt(str(merged)))
+
+
 def train(cfg: Config, topology: Topology | None = None, console=None, pool: WarmPool | None = None) -> dict:
     """Algorithm 1 end to end; returns {"eval", "models", "budget", "steps", "seconds", "timing",
     "plots"}. With a `pool` the run takes warm actors from it and leaves its own there."""
@@ -114,7 +130,6 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from copd_ray.metrics_log import budget, read_metrics
-    from copd_ray.models.merge_folders import merge_folders
     from copd_ray.plots import plot_run
 
     console = console or Console()
@@ -189,6 +204,9 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
                             step += 1
                             loop.lockstep(step)
                         if checkpoint_due(plan, step, cfg):
+                            if cfg.merge.every_cycle and step < len(plan) and plan[step][0] != plan[step - 1][0]:
+                                merge_and_continue(out / "cycle_merges" / f"cycle_{plan[step - 1][0] + 1}",
+                                                   trainable, cfg, base_path, healer)
                             last_checkpoint = (step, healer.call(lambda: save_checkpoint(
                                 out, step, trainable, data, base_path, cfg.schedule.keep_checkpoints, topology.edges)))
                         progress.update(0, completed=step)
@@ -205,10 +223,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
         # Merge the branches in parameter space into the unified model (when there are several).
         models = {"base": base_path, **{f"branch:{n}": branch_dirs[n] for n in names}}
         if len(names) > 1:
-            weights = [cfg.merge.weights[n] for n in names] if cfg.merge.weights else None
-            models["merged"] = str(merge_folders(
-                [branch_dirs[n] for n in names], out / "merged", cfg.merge.method, weights,
-                base_folder=base_path if cfg.merge.method == "task_arithmetic" else None))
+            models["merged"] = str(merge(branch_dirs, out / "merged", cfg, base_path))
         # Evaluate base, every branch and the merged model on every capability (on the
         # generators, whose engines are warm), then free the cluster.
         results = runtime.evaluate(models, cfg, {n: c.heldout for n, c in caps.items()})

@@ -19,7 +19,7 @@ def test_the_plan_states_every_run_and_budget_before_anything_runs(tmp_path):
     assert p.steps_per_branch == t and p.half == t // 2
     assert [r.name for r in p.runs] == ["experts", "mixed", "static_opd_add_mul", "static_opd_mul_add", "mopd", "copd",
                                         "copd_without_mul_add", "copd_without_add_mul", "copd_ratio_38_37",
-                                        "copd_ratio_60_15", "copd_adaptive"]
+                                        "copd_ratio_60_15", "copd_merge_each_cycle", "copd_adaptive"]
     runs = {r.name: run_config(p, r, tmp_path / "seed_0" / r.name, 0, check_paths=False) for r in p.runs}
     assert runs["mixed"].schedule.rl_steps == 2 * t and runs["mixed"].branch_list()[0].data == ["add", "mul"]
     static = runs["static_opd_add_mul"]
@@ -32,6 +32,7 @@ def test_the_plan_states_every_run_and_budget_before_anything_runs(tmp_path):
     adaptive = runs["copd_adaptive"].schedule
     assert (adaptive.kind, adaptive.kl_high, adaptive.cycles * (adaptive.rl_steps + adaptive.opd_steps)) == ("adaptive", 0.5, t)
     assert p.rows[-1].name == "CoPD adaptive (OPD while KL > 0.5)"
+    assert runs["copd_merge_each_cycle"].merge.every_cycle
     assert {r.expected_steps for r in p.rows if r.group != "reference" and not r.name.startswith("expert ")} == {2 * t}
     with pytest.raises(ConfigError, match="RL:OPD"):
         plan(load_config(), ["1-2"])
@@ -65,6 +66,9 @@ def test_merge_variants_weigh_branches_by_their_last_phase_i_reward_or_the_hub(t
     method, weights = merge_recipe(p, tmp_path, "reward_weighted")
     # The last rl_steps = 2 Phase I records per branch: steps 2 and 4.
     assert method == "mean" and weights == pytest.approx([(0.2 + 0.7) / 2, (0.3 + 0.4) / 2])
+    zero = [json.dumps({**json.loads(line), "reward_mean": 0.0}) for line in lines]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(zero) + "\n")
+    assert merge_recipe(p, tmp_path, "reward_weighted") == ("mean", None)  # nothing earned: uniform
     assert merge_recipe(p, tmp_path, "task_arithmetic") == ("task_arithmetic", [1.0, 1.0])
     hub = plan(load_config("configs/demo_multimodal.yaml"), [])
     assert merge_recipe(hub, tmp_path, "hub_weighted") == ("mean", [2.0, 1.0, 1.0])  # text is the hub

@@ -62,6 +62,28 @@ def test_one_cycle_completes_and_merges_to_the_mean(ray_session, tiny_folder, tm
     assert {p.rsplit("/", 1)[-1] for p in summary["plots"]} == {"accuracy.png", "pair_metrics.png"}
 
 
+def test_merge_every_cycle_continues_every_branch_from_the_merge(ray_session, tiny_folder, tmp_path):
+    out = tmp_path / "every"
+    # A shaped reward gives the untrained policy a gradient, so the branches differ by cycle 1's end.
+    cfg = load_config(None, FAST + [f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=2",
+                                    "schedule.rl_steps=1", "schedule.opd_steps=1", "eval.every=0",
+                                    "metrics.pair_every=0", "merge.every_cycle=true", "grpo.lr=0.005",
+                                    "capabilities.0.reward=char_overlap", "capabilities.1.reward=char_overlap"])
+    train(cfg)
+    cycle = out / "cycle_merges" / "cycle_1"
+    add, mul = (load_file(str(cycle / n / "model.safetensors")) for n in ("add", "mul"))
+    merged = load_file(str(cycle / "merged" / "model.safetensors"))
+    assert any(not torch.equal(add[k], mul[k]) for k in add)  # cycle 1 left them apart ...
+    assert all(torch.allclose(merged[k], (add[k] + mul[k]) / 2, atol=1e-7) for k in merged)
+    # ... and both continued from the merge: step 2's checkpoint holds it in each branch.
+    for n in ("add", "mul"):
+        saved = load_file(str(out / "checkpoints" / "step_000002" / "branches" / n / "model.safetensors"))
+        assert all(torch.equal(saved[k], merged[k]) for k in merged)
+    assert not (out / "cycle_merges" / "cycle_2").exists()  # the last cycle ends in the usual merge
+    versions = [r["version"] for r in _records(out, "step") if r["branch"] == "add"]
+    assert versions == [1, 2, 4, 5]  # the merge was broadcast as a version of its own
+
+
 def test_three_branches_hub_and_spoke_from_python(ray_session, tiny_folder, tmp_path):
     out = tmp_path / "hub"
     cfg = load_config(None, FAST + [

@@ -214,6 +214,13 @@ class BranchGroup:
         self.version, self.steps, self.trained_since_sync = version, steps or 0, False
         self.push()
 
+    def adopt(self, folder: str) -> dict:
+        """Trainers take these weights (their optimizer state and step count stay), and the
+        generators and scorer get them as a new version."""
+        ray.get([t.load.remote(folder) for t in self.trainers])
+        self.trained_since_sync = True
+        return self.sync()
+
     def shutdown(self) -> None:
         """Kill the actors and free the placement group (safe to call more than once)."""
         for a in self.trainers + self.generators + [self.scorer]:
