@@ -354,9 +354,15 @@ def collect(p: Plan, out: Path, seeds: list[int]) -> dict:
                         "copd_ahead": sum(d < 0 for d in diffs), "copd_behind": sum(d > 0 for d in diffs),
                         "seeds": len(diffs)}
     pairs = {}
-    for run in [r for r in p.runs if r.name in ("copd", "experts") or r.name.startswith("static_opd_")]:
+    for run in [r for r in p.runs if r.name in ("copd", "experts", "copd_adaptive") or r.name.startswith("static_opd_")]:
         pairs[run.name] = {seed: [r for r in read_metrics(out / f"seed_{seed}" / run.name / "metrics.jsonl")
                                   if r["kind"] == "pair"] for seed in seeds}
+    adaptive = {}  # seed -> branch -> the phase of each step, where the comparison has copd_adaptive
+    if any(r.name == "copd_adaptive" for r in p.runs):
+        for seed in seeds:
+            steps = [r for r in read_metrics(out / f"seed_{seed}" / "copd_adaptive" / "metrics.jsonl") if r["kind"] == "step"]
+            adaptive[seed] = {n: [r["phase"] for r in sorted(steps, key=lambda r: r["step"]) if r["branch"] == n]
+                              for n in p.names}
     ratio_points = []  # (rl_steps, opd_steps, run) for the ratio plot: RL only, the config, the sweep
     s = p.cfg.schedule
     ratio_points.append({"rl_steps": p.steps_per_branch, "opd_steps": 0, "row": "experts merged (no OPD)"})
@@ -367,4 +373,4 @@ def collect(p: Plan, out: Path, seeds: list[int]) -> dict:
             ratio_points.append({"rl_steps": rl, "opd_steps": opd, "row": f"CoPD ratio {rl}:{opd}"})
     return {"capabilities": caps, "branches": p.names, "seeds": seeds, "steps_per_branch": p.steps_per_branch,
             "expert_steps_before_opd": p.half, "schedule": s.model_dump(), "rows": rows, "pairs": pairs,
-            "ratio_points": ratio_points, "config": redacted(p.cfg.model_dump(mode="json"))}
+            "ratio_points": ratio_points, "adaptive": adaptive, "config": redacted(p.cfg.model_dump(mode="json"))}

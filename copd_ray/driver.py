@@ -11,7 +11,8 @@
 prompts, rollouts and scores move actor to actor by reference, and a record of numbers
 comes back. With schedule.max_staleness = 0 (the default) every branch finishes step t
 and broadcasts its weights before any starts step t + 1; with k > 0 each branch runs on
-its own clock between barriers, generating up to k steps ahead of its trainer.
+its own clock between barriers, generating up to k steps ahead of its trainer. Which phase
+a branch is in comes from `copd_ray/schedule.py`: the cycles, or its pair metrics (adaptive).
 """
 
 from __future__ import annotations

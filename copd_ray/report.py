@@ -1,6 +1,6 @@
 """The comparison report: compare.json, compare.md (shaped like the paper's Table 1) and
 plots (overlap and symmetric KL of CoPD against static OPD, Figure 4 a-b; the RL:OPD
-ratio sweep, Figure 4 c; overall accuracy of every row)."""
+ratio sweep, Figure 4 c; overall accuracy of every row; the adaptive schedule's phases)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def write_report(result: dict, out: Path) -> list[Path]:
     written = [out / "compare.json"]
     (out / "compare.md").write_text(markdown(result))
     written.append(out / "compare.md")
-    for plot in (plot_pairs, plot_ratio, plot_overall):
+    for plot in (plot_pairs, plot_ratio, plot_overall, plot_adaptive):
         path = plot(result, out)
         if path is not None:
             written.append(path)
@@ -179,3 +179,36 @@ def plot_overall(result: dict, out: Path) -> Path:
     ax.set(title="overall held-out pass@1 (mean of the capabilities)", xlabel="pass@1")
     ax.grid(alpha=0.3, axis="x")
     return save_figure(fig, out / "compare_overall.png")
+
+
+def plot_adaptive(result: dict, out: Path) -> Path | None:
+    """The adaptive schedule at work, first seed: per branch, its teachers' symmetric KL (and
+    top-k overlap) on its rollouts over the steps, its Phase II steps shaded, the thresholds dotted."""
+    if not result.get("adaptive"):
+        return None
+    seed = result["seeds"][0]
+    phases = result["adaptive"].get(seed) or result["adaptive"].get(str(seed))
+    records = result["pairs"]["copd_adaptive"].get(seed) or result["pairs"]["copd_adaptive"].get(str(seed))
+    s = result["config"]["schedule"]
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 3.8), squeeze=False)
+    for ax, (branch, seq) in zip(axes[0], phases.items()):
+        for i, phase in enumerate(seq, start=1):
+            if phase == "opd":
+                ax.axvspan(i - 1, i, color="C1", alpha=0.15, linewidth=0)
+        for j, teacher in enumerate(sorted({r["teacher"] for r in records if r["student"] == branch})):
+            pts = sorted((r["step"], r["symmetric_kl"], r["topk_overlap"]) for r in records
+                         if r["student"] == branch and r["teacher"] == teacher)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=2.5, color=f"C{j}",
+                    label=f"KL, teacher {teacher}")
+            if s.get("overlap_low") is not None:
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], "--", color=f"C{j}", label=f"overlap, teacher {teacher}")
+        for value in (s.get("kl_high"), s.get("overlap_low")):
+            if value is not None:
+                ax.axhline(value, linestyle=":", color="black")
+        n_opd = seq.count("opd")
+        ax.set(title=f"{branch}: {len(seq) - n_opd} RL + {n_opd} OPD steps (OPD shaded)", xlabel="step",
+               ylabel="pair metric on its rollouts")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"adaptive schedule, seed {seed}", fontsize=10)
+    return save_figure(fig, out / "compare_adaptive.png")

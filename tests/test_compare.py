@@ -136,6 +136,9 @@ def test_compare_runs_every_row_with_budgets_and_resumes(ray_session, tiny_folde
     assert rows["CoPD ratio 3:1"]["budget"]["opd_steps"] == 2
     adaptive = rows["CoPD adaptive (OPD while KL > 0.5)"]["budget"]
     assert adaptive["rl_steps"] + adaptive["opd_steps"] == 8  # the same K.T, however the phases fell
+    phases = result["adaptive"][0]
+    assert {n: len(seq) for n, seq in phases.items()} == {"add": 4, "mul": 4}
+    assert sum(seq.count("opd") for seq in phases.values()) == adaptive["opd_steps"]
     for r in rows.values():
         assert set(r["mean"]) == {"add", "mul", "overall"} and all(0 <= v <= 1 for v in r["mean"].values())
 
@@ -153,7 +156,8 @@ def test_compare_runs_every_row_with_budgets_and_resumes(ray_session, tiny_folde
     assert expert_pairs == copd_pairs and {(t, s) for _, t, s in copd_pairs} == {("add", "mul"), ("mul", "add")}
     md = (out / "compare.md").read_text()
     assert all(name in md for name in rows)
-    for f in ("compare.json", "compare_overlap_kl.png", "compare_ratio.png", "compare_overall.png"):
+    for f in ("compare.json", "compare_overlap_kl.png", "compare_ratio.png", "compare_overall.png",
+              "compare_adaptive.png"):
         assert (out / f).stat().st_size > 0
 
     # A second call finds every run finished: nothing is trained again, the numbers are the same.
