@@ -39,7 +39,7 @@ def test_a_pilot_student_is_trained_by_rlvr_alone_at_its_temperature(tmp_path):
     assert cfg.topology.kind == "none"
 
 
-@pytest.mark.parametrize("design", ["rlvr-temperature", "opd-temperature"])
+@pytest.mark.parametrize("design", ["rlvr-temperature", pytest.param("opd-temperature", marks=pytest.mark.slow)])
 def test_pilot_measures_overlap_and_gain_per_temperature(ray_session, tiny_folder, tmp_path, design):
     from rich.console import Console
 
