@@ -297,7 +297,8 @@ def pilot(
     console.print(table)
     f = result["fit"]
     console.print(f"gain = {f['slope']:.3f} * overlap + {f['intercept']:.3f}; r = {f['r']:.3f} "
-                  f"(against symmetric KL: r = {result['fit_symmetric_kl']['r']:.3f}); "
+                  f"(against symmetric KL: r = {result['fit_symmetric_kl']['r']:.3f}; against the student's "
+                  f"accuracy before OPD: r = {result['fit_start_accuracy']['r']:.3f}); "
                   f"wrote {out / 'pilot.json'}, {result['plot']}")
 
 

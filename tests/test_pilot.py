@@ -74,7 +74,8 @@ def test_pilot_measures_overlap_and_gain_per_temperature(ray_session, tiny_folde
         assert len({round(p["symmetric_kl"], 6) for p in result["points"]}) == 3
     assert [p["temperature"] for p in result["points"]] == [0.3, 1.0, 3.0]
     assert result["design"] == design
-    assert set(result["fit"]) == set(result["fit_symmetric_kl"]) == {"slope", "intercept", "r"}
+    assert set(result["fit"]) == set(result["fit_symmetric_kl"]) == set(result["fit_start_accuracy"]) == {
+        "slope", "intercept", "r"}
     assert (tmp_path / "p" / "pilot.png").stat().st_size > 0
     assert json.loads((tmp_path / "p" / "pilot.json").read_text())["points"] == result["points"]
 
