@@ -307,7 +307,7 @@ def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, flo
 
     mean = statistics.fmean(diffs)
     half = t.ppf((1 + level) / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return mean - half, mean + half
+    return float(mean - half), float(mean + half)  # plain floats: compare.json cannot hold numpy's
 
 
 def _row_eval(row: Row, folder: Path) -> dict[str, float]:
@@ -350,7 +350,7 @@ def collect(p: Plan, out: Path, seeds: list[int]) -> dict:
         diffs = [r["per_seed"][s]["overall"] - copd["per_seed"][s]["overall"] for s in seeds]
         ci = paired_interval(diffs)
         r["vs_copd"] = {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                        "ci95": list(ci) if ci else None, "resolved": bool(ci) and (ci[0] > 0 or ci[1] < 0),
+                        "ci95": list(ci) if ci else None, "resolved": bool(ci and (ci[0] > 0 or ci[1] < 0)),
                         "copd_ahead": sum(d < 0 for d in diffs), "copd_behind": sum(d > 0 for d in diffs),
                         "seeds": len(diffs)}
     pairs = {}

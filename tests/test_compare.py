@@ -106,6 +106,7 @@ def test_the_paired_interval_is_the_student_t_interval_over_seeds():
     lo, hi = paired_interval([0.05, 0.04, 0.06])  # three seeds, all ahead by ~0.05
     half = 4.3026527 * 0.01 / math.sqrt(3)
     assert abs(lo - (0.05 - half)) < 1e-6 and lo > 0  # resolved
+    assert json.loads(json.dumps([lo, hi, lo > 0])) == [lo, hi, True]  # plain floats and bools, for compare.json
     assert paired_interval([0.1]) is None
 
 
