@@ -150,7 +150,7 @@ def test_compare_runs_every_row_with_budgets_and_resumes(ray_session, tiny_folde
     teacher_dir = seed_dir / "experts" / "checkpoints" / "step_000002" / "branches" / "add"
     assert (teacher_dir / "model.safetensors").exists()
     assert (seed_dir / "copd" / "merged_task_arithmetic" / "model.safetensors").exists()
-    assert set(result["pairs"]) == {"copd", "experts", "static_opd_add_mul", "static_opd_mul_add"}
+    assert set(result["pairs"]) == {"copd", "experts", "static_opd_add_mul", "static_opd_mul_add", "copd_adaptive"}
     # The independent experts log the same ordered pairs as CoPD at the same steps (Figure 4's baseline).
     copd_pairs = {(r["step"], r["teacher"], r["student"]) for r in result["pairs"]["copd"][0]}
     expert_pairs = {(r["step"], r["teacher"], r["student"]) for r in result["pairs"]["experts"][0]}
