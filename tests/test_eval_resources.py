@@ -2,7 +2,6 @@
 
 import time
 
-import pytest
 import ray
 
 from copd_ray.capabilities import build_capability
