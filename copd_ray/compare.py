@@ -249,7 +249,7 @@ def _extra_merge(p: Plan, folder: Path, variant: str, cfg: Config) -> dict[str, 
     models = json.loads((folder / "eval.json").read_text())["models"]
     method, weights = merge_recipe(p, folder, variant)
     merged = merge_folders([models[f"branch:{n}"] for n in p.names], folder / f"merged_{variant}", method, weights,
-                           base_folder=models["base"] if method == "task_arithmetic" else None)
+                           base_folder=models["base"])
     held = {c.name: build_capability(c, cfg.seed).heldout for c in cfg.capabilities}
     result = ray.get(evaluate_folder.options(**eval_task_options(cfg)).remote(str(merged), cfg, held))
     cache.write_text(json.dumps({**result, "merge": {"method": method, "weights": weights}}, indent=2))

@@ -113,8 +113,7 @@ def merge(branch_dirs: dict[str, str], folder: Path, cfg: Config, base_path: str
     from copd_ray.models.merge_folders import merge_folders
 
     weights = [cfg.merge.weights[n] for n in branch_dirs] if cfg.merge.weights else None
-    return merge_folders(list(branch_dirs.values()), folder, cfg.merge.method, weights,
-                         base_folder=base_path if cfg.merge.method == "task_arithmetic" else None)
+    return merge_folders(list(branch_dirs.values()), folder, cfg.merge.method, weights, base_folder=base_path)
 
 
 def merge_and_continue(folder: Path, trainable: dict, cfg: Config, base_path: str, healer: SelfHealing) -> None:

@@ -32,7 +32,8 @@ def merge_folders(branch_folders: list[str | Path], out: str | Path, method: str
 
     merged = merge_state_dicts(
         [read_weights(f) for f in branch_folders], weights,
-        base=read_weights(base_folder) if base_folder else None, method=method,
+        # Only task arithmetic uses the base: callers may always pass it, it is read when needed.
+        base=read_weights(base_folder) if base_folder and method == "task_arithmetic" else None, method=method,
     )
     first, out = Path(branch_folders[0]), Path(out)
     tmp = out.with_name(out.name + ".tmp")
