@@ -168,6 +168,9 @@ class BootstrapConfig(Section):
     # comes back in 3000 steps; the window bounds when to stop, never what is trained.
     high: Float = Field(0.65, ge=0, le=1)
     replay_fraction: Float = Field(0.1, ge=0, lt=1)
+    # Once nothing lags, stop after this many evaluations without getting closer to the
+    # window: rates past `high` only climb from there.
+    patience: Int = Field(4, gt=0)
     # A rate counts only this far above guessing (always giving the most common held-out
     # answer): a counting task whose majority answer is 35% is not learned at 35%.
     above_guess: Float = Field(0.1, ge=0, le=1)

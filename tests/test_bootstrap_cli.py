@@ -99,3 +99,31 @@ def test_the_warm_up_window_starts_above_guessing():
     tight = load_config("configs/demo_multimodal.yaml", ["bootstrap.high=0.4"])
     with pytest.raises(ValueError, match="capability 'image': always giving its most common answer scores 0.35"):
         guess_floors(caps, tight.bootstrap)
+
+
+def test_a_warm_up_that_cannot_land_stops_once_nothing_lags_and_nothing_improves(monkeypatch):
+    from copd_ray.config import load_config
+    from copd_ray.models import bootstrap
+
+    assert bootstrap.settled({"a": 0.9, "b": 0.3}, {"a": 0.45, "b": 0.3}, evals_since_best=2, patience=2)
+    assert not bootstrap.settled({"a": 0.9, "b": 0.29}, {"a": 0.45, "b": 0.3}, evals_since_best=9, patience=2)
+    assert not bootstrap.settled({"a": 0.9, "b": 0.3}, {"a": 0.45, "b": 0.3}, evals_since_best=1, patience=2)
+
+    # Scripted held-out rates per evaluation (the real loop trains between them): add overshoots
+    # `high` (0.65) and climbs; mul is past its floor (0.3) from the first evaluation.
+    def run(script):
+        it = iter(script)
+        monkeypatch.setattr(bootstrap, "evaluate", lambda *a, **k: {"pass_rate": next(it)})
+        cfg = load_config(None, ["bootstrap.max_steps=60", "bootstrap.eval_every=10", "bootstrap.patience=2",
+                                 "bootstrap.batch_size=4", "capabilities.0.heldout_size=20",
+                                 "capabilities.1.heldout_size=20"])
+        return bootstrap.run_bootstrap(cfg)
+
+    flat = [0.7, 0.4, 0.8, 0.4, 0.9, 0.5, 0.9, 0.5, 0.9, 0.5, 0.9, 0.5]  # add, mul per evaluation
+    stopped = run(flat)
+    assert (stopped["steps"], stopped["steps_run"], stopped["landed"]) == (10, 30, False)
+    assert stopped["rates"] == {"add": 0.7, "mul": 0.4}
+
+    lagging = [0.7, 0.1, 0.8, 0.1, 0.9, 0.1, 0.9, 0.1, 0.9, 0.1, 0.9, 0.1]  # mul never catches up
+    kept_going = run(lagging)
+    assert (kept_going["steps"], kept_going["steps_run"]) == (10, 60)
