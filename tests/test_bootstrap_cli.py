@@ -124,6 +124,11 @@ def test_a_warm_up_that_cannot_land_stops_once_nothing_lags_and_nothing_improves
     assert (stopped["steps"], stopped["steps_run"], stopped["landed"]) == (10, 30, False)
     assert stopped["rates"] == {"add": 0.7, "mul": 0.4}
 
+    # Closest is not enough: a checkpoint with mul near guessing loses to one where nothing lags.
+    closer_but_lagging = [0.25, 0.4, 0.75, 0.4, 0.9, 0.4, 0.9, 0.4]  # distances 0.05 (add lags), 0.10, ...
+    kept = run(closer_but_lagging)
+    assert (kept["steps"], kept["steps_run"], kept["rates"]) == (20, 40, {"add": 0.75, "mul": 0.4})
+
     lagging = [0.7, 0.1, 0.8, 0.1, 0.9, 0.1, 0.9, 0.1, 0.9, 0.1, 0.9, 0.1]  # mul never catches up
     kept_going = run(lagging)
     assert (kept_going["steps"], kept_going["steps_run"]) == (10, 60)

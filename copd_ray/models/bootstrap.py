@@ -5,7 +5,7 @@ RL needs a base that sometimes succeeds: at 0% no GRPO group has a correct sampl
 there is no gradient; near 100% there is nothing left to learn. Addition is learned far
 faster than multiplication, so a capability that reaches `aim` is only replayed while
 the others catch up, and the first evaluated checkpoint with every rate in its window is
-kept (or, failing that, the one closest to it). A capability's window is [aim, high], raised
+kept (or, failing that, the one closest to it, among those where nothing lags if any). A capability's window is [aim, high], raised
 at the bottom to `above_guess` over its guessing rate: a visual task can sit at 35% by
 always answering "4", and RL from a policy that does not look at its pictures goes nowhere.
 
@@ -73,9 +73,12 @@ def _sft_batch(records: list[PromptRecord], caps: dict[str, Capability], tokeniz
     return ids, mask, targets, extra
 
 
-def _distance(rates: dict[str, float], floors: dict[str, float], high: float) -> float:
-    """How far the rates are from all lying in [floor, high] (0 when they do)."""
-    return sum(max(floors[n] - r, 0.0) + max(r - high, 0.0) for n, r in rates.items())
+def _distance(rates: dict[str, float], floors: dict[str, float], high: float) -> tuple[bool, float]:
+    """How far the rates are from all lying in [floor, high] ((False, 0) when they do),
+    ranking any capability under its floor first: near guessing, GRPO gets no gradient,
+    while a rate past `high` still leaves RL a little room."""
+    lags = any(r < floors[n] for n, r in rates.items())
+    return lags, sum(max(floors[n] - r, 0.0) + max(r - high, 0.0) for n, r in rates.items())
 
 
 def settled(rates: dict[str, float], floors: dict[str, float], evals_since_best: int, patience: int) -> bool:
@@ -130,7 +133,7 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
     guess, floors = guess_floors(caps, b)
     start = time.perf_counter()
     rates = {name: 0.0 for name in caps}
-    best = (float("inf"), None, rates, 0)  # (distance, state, rates, step)
+    best = ((True, float("inf")), None, rates, 0)  # (distance, state, rates, step)
     evals_since_best = 0
     for step in range(1, b.max_steps + 1):
         lagging = [n for n, r in rates.items() if r < floors[n]] or list(caps)
@@ -162,7 +165,7 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
                 evals_since_best = 0
             if progress:
                 progress(step, {"loss": loss.item(), **rates})
-            if distance == 0.0 or settled(rates, floors, evals_since_best, b.patience):
+            if distance == (False, 0.0) or settled(rates, floors, evals_since_best, b.patience):
                 break
 
     steps_run = step
@@ -170,7 +173,7 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
     if state is not None:
         model.load_state_dict(state)
     model.eval()
-    return {"rates": rates, "guess": guess, "steps": step, "steps_run": steps_run, "landed": distance == 0.0,
+    return {"rates": rates, "guess": guess, "steps": step, "steps_run": steps_run, "landed": distance == (False, 0.0),
             "seconds": time.perf_counter() - start, "model": model, "tokenizer": tokenizer, "processor": processor}
 
 
