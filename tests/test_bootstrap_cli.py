@@ -105,9 +105,13 @@ def test_a_warm_up_that_cannot_land_stops_once_nothing_lags_and_nothing_improves
     from copd_ray.config import load_config
     from copd_ray.models import bootstrap
 
-    assert bootstrap.settled({"a": 0.9, "b": 0.3}, {"a": 0.45, "b": 0.3}, evals_since_best=2, patience=2)
-    assert not bootstrap.settled({"a": 0.9, "b": 0.29}, {"a": 0.45, "b": 0.3}, evals_since_best=9, patience=2)
-    assert not bootstrap.settled({"a": 0.9, "b": 0.3}, {"a": 0.45, "b": 0.3}, evals_since_best=1, patience=2)
+    floors = {"a": 0.45, "b": 0.3}
+    over = bootstrap._distance({"a": 0.9, "b": 0.3}, floors, high=0.6)
+    lagging = bootstrap._distance({"a": 0.9, "b": 0.29}, floors, high=0.6)
+    assert over == (False, pytest.approx(0.3)) and lagging == (True, pytest.approx(0.31))
+    assert bootstrap.settled(over, evals_since_best=2, patience=2)
+    assert not bootstrap.settled(lagging, evals_since_best=9, patience=2)
+    assert not bootstrap.settled(over, evals_since_best=1, patience=2)
 
     # Scripted held-out rates per evaluation (the real loop trains between them): add overshoots
     # `high` (0.65) and climbs; mul is past its floor (0.3) from the first evaluation.

@@ -5,9 +5,10 @@ RL needs a base that sometimes succeeds: at 0% no GRPO group has a correct sampl
 there is no gradient; near 100% there is nothing left to learn. Addition is learned far
 faster than multiplication, so a capability that reaches `aim` is only replayed while
 the others catch up, and the first evaluated checkpoint with every rate in its window is
-kept (or, failing that, the one closest to it, among those where nothing lags if any). A capability's window is [aim, high], raised
-at the bottom to `above_guess` over its guessing rate: a visual task can sit at 35% by
-always answering "4", and RL from a policy that does not look at its pictures goes nowhere.
+kept (or, failing that, the one closest to it, among those where nothing lags if any). A
+capability's window is [aim, high], raised at the bottom to `above_guess` over its guessing
+rate: a visual task can sit at 35% by always answering "4", and RL from a policy that does
+not look at its pictures goes nowhere.
 
 A warm-up that cannot land stops early: once no capability lags, supervised steps only
 raise rates, so a rate past `high` does not come back (the tiny VL policy's counting task
@@ -81,11 +82,12 @@ def _distance(rates: dict[str, float], floors: dict[str, float], high: float) ->
     return lags, sum(max(floors[n] - r, 0.0) + max(r - high, 0.0) for n, r in rates.items())
 
 
-def settled(rates: dict[str, float], floors: dict[str, float], evals_since_best: int, patience: int) -> bool:
-    """Whether a warm-up that has not landed should stop: no capability is under its floor
-    (so training lifts rates, never lowers them back into the window) and the distance to
-    the window has not improved for `patience` evaluations."""
-    return all(r >= floors[n] for n, r in rates.items()) and evals_since_best >= patience
+def settled(distance: tuple[bool, float], evals_since_best: int, patience: int) -> bool:
+    """Whether a warm-up that has not landed should stop, given its latest `_distance`: no
+    capability is under its floor (so training lifts rates, never lowers them back into the
+    window) and the distance has not improved for `patience` evaluations."""
+    lags, _ = distance
+    return not lags and evals_since_best >= patience
 
 
 def guess_floors(caps: dict[str, Capability], b) -> tuple[dict[str, float], dict[str, float]]:
@@ -165,7 +167,7 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
                 evals_since_best = 0
             if progress:
                 progress(step, {"loss": loss.item(), **rates})
-            if distance == (False, 0.0) or settled(rates, floors, evals_since_best, b.patience):
+            if distance == (False, 0.0) or settled(distance, evals_since_best, b.patience):
                 break
 
     steps_run = step
