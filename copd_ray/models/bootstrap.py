@@ -38,6 +38,7 @@ from copd_ray.models.vl_inputs import VisionInputBuilder, collate
 
 CACHE_FORMAT = 1  # bump when the bootstrap procedure changes what it produces
 PATIENCE = BootstrapConfig.model_fields["patience"].default
+LANDED = (False, 0.0)  # the `_distance` of rates that all lie in their windows
 
 
 def cache_key(cfg: Config) -> str:
@@ -75,7 +76,7 @@ def _sft_batch(records: list[PromptRecord], caps: dict[str, Capability], tokeniz
 
 
 def _distance(rates: dict[str, float], floors: dict[str, float], high: float) -> tuple[bool, float]:
-    """How far the rates are from all lying in [floor, high] ((False, 0) when they do),
+    """How far the rates are from all lying in [floor, high] (LANDED when they do),
     ranking any capability under its floor first: near guessing, GRPO gets no gradient,
     while a rate past `high` still leaves RL a little room."""
     lags = any(r < floors[n] for n, r in rates.items())
@@ -167,7 +168,7 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
                 evals_since_best = 0
             if progress:
                 progress(step, {"loss": loss.item(), **rates})
-            if distance == (False, 0.0) or settled(distance, evals_since_best, b.patience):
+            if distance == LANDED or settled(distance, evals_since_best, b.patience):
                 break
 
     steps_run = step
@@ -175,7 +176,7 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
     if state is not None:
         model.load_state_dict(state)
     model.eval()
-    return {"rates": rates, "guess": guess, "steps": step, "steps_run": steps_run, "landed": distance == (False, 0.0),
+    return {"rates": rates, "guess": guess, "steps": step, "steps_run": steps_run, "landed": distance == LANDED,
             "seconds": time.perf_counter() - start, "model": model, "tokenizer": tokenizer, "processor": processor}
 
 
