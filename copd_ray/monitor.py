@@ -19,13 +19,13 @@ from copd_ray.run_data import BranchData, Prompter, opd_temperature, sampling, s
 def pair_metrics(teacher: str, student: str, groups, data: dict[str, BranchData], prompter: Prompter,
                  cfg: Config) -> dict:
     """Top-k overlap and symmetric KL of teacher and student along the student's own
-    rollouts on a fixed probe set: the first metrics.pair_sequences held-out prompts of the
-    teacher's data, sampled as in OPD with a fixed seed, so that the curve over training
+    rollouts on a fixed probe set: the first metrics.pair_sequences validation (else held-out)
+    prompts of the teacher's data, sampled as in OPD with a fixed seed, so that the curve over training
     moves with the policies, not with the draw. The teacher's scorer sends its top
     metrics.kl_topk tokens per position to the student's scorer, which computes both."""
     m, teacher_caps = cfg.metrics.pair_sequences, data[teacher].capabilities
     per_cap = -(-m // len(teacher_caps))
-    probe = [r for c in teacher_caps for r in c.heldout[:per_cap]][:m]
+    probe = [r for c in teacher_caps for r in c.watched[:per_cap]][:m]
     batch = prompter(probe, sampling(cfg, 1, seed_of(cfg.seed, "probe", teacher, student), opd_temperature(cfg)))
     rollouts = groups[student].sample(batch)
     top = groups[teacher].scorer.top_k.remote(cfg.metrics.kl_topk, *rollouts)
@@ -64,9 +64,9 @@ def log_pairs(log: MetricsLog, step: int, cfg: Config, edges, groups, data, prom
 
 
 def evaluate_branches(groups, prompter: Prompter, cfg: Config, size: int) -> dict[str, dict[str, float]]:
-    """Greedy held-out pass@1 of every branch's live policy on every capability."""
+    """Greedy pass@1 of every branch's live policy on every capability's validation (else held-out) set."""
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
-    batches = {cap.name: prompter(cap.heldout[:size], greedy) for cap in prompter.caps.values()}
+    batches = {cap.name: prompter(cap.watched[:size], greedy) for cap in prompter.caps.values()}
     names = list(groups)
     with ThreadPoolExecutor(max_workers=len(names)) as pool:  # every branch at once
         return dict(zip(names, pool.map(lambda n: {c: groups[n].evaluate(b) for c, b in batches.items()}, names)))

@@ -384,7 +384,7 @@ def architecture(cfg: Config, model_config: str | Path | None = None) -> Archite
     """The architecture of the config's model: `model_config` (a folder with a config.json, or
     the file) if given; else model.path when it is on this machine; else a config.json-only
     description shipped in configs/models/ that matches model.path's name; else the embedded
-    tiny policy when model.path is null."""
+    tiny policy when model.path and model.gguf are null."""
     from transformers import AutoConfig
 
     trust = cfg.model.trust_remote_code
@@ -401,6 +401,10 @@ def architecture(cfg: Config, model_config: str | Path | None = None) -> Archite
 
     if model_config is not None:
         return read(Path(model_config).expanduser(), " (--model-config)")
+    if cfg.model.gguf is not None:
+        from copd_ray.models.gguf import import_gguf
+
+        return read(import_gguf(cfg.model.gguf, cfg.cache_dir), f" (imported from {cfg.model.gguf})")
     if cfg.model.path is None:
         return architecture_from_hf(_tiny_config(cfg), "the embedded tiny policy (model.tiny)")
     path = Path(cfg.model.path).expanduser()

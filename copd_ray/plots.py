@@ -1,5 +1,6 @@
-"""PNG plots beside metrics.jsonl: held-out accuracy per capability over steps, and top-k
-overlap and symmetric KL per directed pair (the shape of the paper's Figure 4 a-b)."""
+"""PNG plots beside metrics.jsonl: accuracy per capability over steps (on the validation set
+where there is one, else the held-out set), each branch's training reward and response
+length, and top-k overlap and symmetric KL per directed pair (the paper's Figure 4 a-b)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,15 @@ def plot_run(output_dir: str | Path) -> list[Path]:
                     xs, ys = zip(*sorted(points))
                     ax.plot(xs, ys, marker="o", markersize=3, label=f"branch {branch}")
             _shade(ax, opd_spans)
-            ax.set(title=f"held-out accuracy: {cap} (shaded: Phase II, OPD)", xlabel="step", ylabel="pass@1 (greedy)")
+            ax.set(title=f"{cap}: accuracy during training (shaded: Phase II, OPD)", xlabel="step",
+                   ylabel="pass@1 (greedy)")
             ax.grid(alpha=0.3)
             ax.legend()
         written.append(save_figure(fig, output_dir / "accuracy.png"))
+
+    steps = [r for r in records if r["kind"] == "step" and "reward_mean" in r]
+    if steps:
+        written.append(_plot_training(steps, opd_spans, output_dir / "training.png"))
 
     pairs = defaultdict(list)  # "teacher->student" -> [(step, overlap, kl)]
     for r in records:
@@ -56,6 +62,24 @@ def plot_run(output_dir: str | Path) -> list[Path]:
             ax.legend()
         written.append(save_figure(fig, output_dir / "pair_metrics.png"))
     return written
+
+
+def _plot_training(steps: list[dict], opd_spans, path: Path) -> Path:
+    """Each branch's mean reward on its own GRPO batch, and its response length, per step."""
+    fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(10, 4))
+    for branch in sorted({r["branch"] for r in steps}):
+        mine = sorted((r["step"], r["reward_mean"], r.get("response_length", 0.0)) for r in steps
+                      if r["branch"] == branch)
+        xs, rewards, lengths = zip(*mine)
+        ax_r.plot(xs, rewards, marker="o", markersize=3, label=f"branch {branch}")
+        ax_l.plot(xs, lengths, marker="o", markersize=3, label=f"branch {branch}")
+    ax_r.set(title="training reward (own GRPO batch)", xlabel="step", ylabel="mean reward")
+    ax_l.set(title="response length (own GRPO batch)", xlabel="step", ylabel="tokens")
+    for ax in (ax_r, ax_l):
+        _shade(ax, opd_spans)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return save_figure(fig, path)
 
 
 def _phase_spans(records: list[dict], phase: str) -> list[tuple[int, int]]:

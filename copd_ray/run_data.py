@@ -99,6 +99,23 @@ def draw_prompts(phases: dict[str, str], step: int, cfg: Config, data: dict[str,
     return plan
 
 
+def check_one_vocabulary(base_tokenizer, branch_cfgs, trust_remote_code: bool = False) -> None:
+    """A teacher scores a student's token ids, so every branch must read them as the same
+    tokens: a branch started from another folder (`init`) must share the base's vocabulary."""
+    from transformers import AutoTokenizer
+
+    vocab = base_tokenizer.get_vocab()
+    for b in branch_cfgs:
+        if b.init is None:
+            continue
+        theirs = AutoTokenizer.from_pretrained(b.init, trust_remote_code=trust_remote_code).get_vocab()
+        if theirs != vocab:
+            differ = len(set(theirs.items()) ^ set(vocab.items()))
+            raise BranchDataError(f"branch {b.name!r} starts from {b.init}, whose vocabulary is not the base's "
+                                  f"({len(theirs):,} vs {len(vocab):,} tokens, {differ:,} entries differ): its "
+                                  "scores would be of other tokens; use a model of the same tokenizer")
+
+
 def prepare(cfg: Config, topology: Topology | None, console):
     """Everything that can fail before any actor starts: topology, data, base policy."""
     from transformers import AutoTokenizer
@@ -132,6 +149,7 @@ def prepare(cfg: Config, topology: Topology | None, console):
                                        warn=lambda m: console.print(m, style="yellow", markup=False))
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
     check_chat_template(caps, tokenizer)
+    check_one_vocabulary(tokenizer, branch_cfgs, cfg.model.trust_remote_code)
     vision = VisionInputBuilder.for_folder(str(base_path), cfg.model.trust_remote_code)
     visual = [n for n, c in caps.items() if any(r.images or r.videos for r in c.heldout)]
     if visual and vision is None:

@@ -59,7 +59,7 @@ def test_one_cycle_completes_and_merges_to_the_mean(ray_session, tiny_folder, tm
     assert {(p["teacher"], p["student"]) for p in pairs} == {("add", "mul"), ("mul", "add")}
     assert all(0 <= p["topk_overlap"] <= 1 and p["symmetric_kl"] >= 0 for p in pairs)
     assert {(e["step"], e["branch"], e["capability"]) for e in _records(out, "eval")} >= {(3, "add", "mul"), (0, "mul", "add")}
-    assert {p.rsplit("/", 1)[-1] for p in summary["plots"]} == {"accuracy.png", "pair_metrics.png"}
+    assert {p.rsplit("/", 1)[-1] for p in summary["plots"]} == {"accuracy.png", "training.png", "pair_metrics.png"}
 
 
 def test_merge_every_cycle_continues_every_branch_from_the_merge(ray_session, tiny_folder, tmp_path):

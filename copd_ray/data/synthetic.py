@@ -1,8 +1,9 @@
-"""Synthetic capabilities with verifiable answers, for the tiny policy.
+"""Synthetic capabilities with verifiable answers.
 
-Two arithmetic families that a small model learns at different speeds (addition is
-quick, multiplication slow), which is what makes their RL branches diverge, and two
-visual ones for the vision-language policy (`copd_ray.data.visual_tasks`). Held-out
+Two arithmetic families that the tiny policy learns at different speeds (addition is
+quick, multiplication slow), which is what makes their RL branches diverge, two visual
+ones for the vision-language policy (`copd_ray.data.visual_tasks`), and two in English
+for a real instruct model (`copd_ray.data.word_tasks`). Held-out
 sets are fixed by a string seed (stable across processes, unlike `hash()`), and the
 training stream never yields a held-out problem.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from copd_ray.data.records import PromptRecord
 from copd_ray.data.visual_tasks import count_problem, motion_problem, pixels_key
+from copd_ray.data.word_tasks import addsub_problem, times_problem
 
 
 @dataclass
@@ -50,6 +52,8 @@ TASKS: dict[str, Callable[[random.Random], Problem]] = {
     "mul": _mul_problem,
     "count": lambda rng: Problem(**count_problem(rng)),
     "motion": lambda rng: Problem(**motion_problem(rng)),
+    "word_addsub": lambda rng: Problem(**addsub_problem(rng)),
+    "word_times": lambda rng: Problem(**times_problem(rng)),
 }
 VISUAL_TASKS = {"count", "motion"}
 
@@ -60,21 +64,26 @@ def _task(name: str) -> Callable[[random.Random], Problem]:
     return TASKS[name]
 
 
-def heldout_set(task: str, size: int, seed: int = 0, capability: str | None = None) -> list[PromptRecord]:
-    """`size` distinct problems, the same in every process for the same (task, size, seed)."""
+def heldout_set(task: str, size: int, seed: int = 0, capability: str | None = None,
+                split: str = "heldout", exclude: list[PromptRecord] = ()) -> list[PromptRecord]:
+    """`size` distinct problems, the same in every process for the same (task, size, seed,
+    split), none of them in `exclude` (a validation set excludes the held-out one)."""
     make = _task(task)
-    rng = random.Random(f"copd-ray/{task}/heldout/{seed}")
+    rng = random.Random(f"copd-ray/{task}/{split}/{seed}")
+    excluded = {_key(r) for r in exclude}
     seen: dict[str, Problem] = {}
     while len(seen) < size:
         problem = make(rng)
-        seen.setdefault(problem.key, problem)
-    return [p.record(f"{task}-heldout-{i}", capability or task) for i, p in enumerate(seen.values())]
+        if problem.key not in excluded:
+            seen.setdefault(problem.key, problem)
+    return [p.record(f"{task}-{split}-{i}", capability or task) for i, p in enumerate(seen.values())]
 
 
 def training_stream(
     task: str, heldout: list[PromptRecord], seed: int | str = 0, capability: str | None = None
 ) -> Iterator[PromptRecord]:
-    """An endless stream of training problems that excludes the held-out prompts."""
+    """An endless stream of training problems that excludes the `heldout` prompts (give
+    the validation ones too, where there are any)."""
     make = _task(task)
     excluded = {_key(r) for r in heldout}
     rng = random.Random(f"copd-ray/{task}/train/{seed}")

@@ -38,7 +38,8 @@ from copd_ray.models.vl_inputs import VisionInputBuilder, collate
 
 CACHE_FORMAT = 1  # bump when the bootstrap procedure changes what it produces
 PATIENCE = BootstrapConfig.model_fields["patience"].default
-LANDED = (False, 0.0)  # the `_distance` of rates that all lie in their windows
+LANDED = (False, 0.0)
+LATER_CAPABILITY_FIELDS = ("validation_size", "system")  # the `_distance` of rates that all lie in their windows
 
 
 def cache_key(cfg: Config) -> str:
@@ -49,7 +50,9 @@ def cache_key(cfg: Config) -> str:
         # `patience` joined later and only cuts warm-ups that cannot land; at its default it is
         # left out, so older caches stay valid (a landed warm-up is the same with or without it).
         "bootstrap": cfg.bootstrap.model_dump(exclude={"patience"} if cfg.bootstrap.patience == PATIENCE else None),
-        "capabilities": [c.model_dump() for c in cfg.capabilities],
+        # Fields that joined later are left out at their defaults, so older caches stay valid.
+        "capabilities": [c.model_dump(exclude={k for k in LATER_CAPABILITY_FIELDS if getattr(c, k) is None
+                                               or getattr(c, k) == 0}) for c in cfg.capabilities],
         "seed": cfg.seed,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -128,7 +131,7 @@ def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = No
 
     def measure() -> dict[str, float]:
         return {
-            name: evaluate(engine, tokenizer, cap.heldout, cap.reward, cap.template, cfg.eval.max_new_tokens,
+            name: evaluate(engine, tokenizer, cap.watched, cap.reward, cap.template, cfg.eval.max_new_tokens,
                            vision)["pass_rate"]
             for name, cap in caps.items()
         }
@@ -198,9 +201,14 @@ def rate_warnings(rates: dict[str, float], guess: dict[str, float], b) -> list[s
 
 def ensure_base_policy(cfg: Config, progress: Callable[[int, dict], None] | None = None, force: bool = False) -> tuple[Path, dict]:
     """The folder of the base policy and its bootstrap record, training it only if the
-    cache for these settings is empty. A configured `model.path` is used as is."""
+    cache for these settings is empty. A configured `model.path` is used as is, and a
+    `model.gguf` file is imported once into a folder."""
     if cfg.model.path:
         return Path(cfg.model.path).expanduser(), {}
+    if cfg.model.gguf:
+        from copd_ray.models.gguf import import_gguf
+
+        return import_gguf(cfg.model.gguf, cfg.cache_dir), {}
     folder = cache_path(cfg)
     record_file = folder / "bootstrap.json"
     if record_file.exists() and not force:

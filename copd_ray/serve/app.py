@@ -93,6 +93,9 @@ class ScoreBody(BaseModel):
     sequences: list[list[int]] | None = None
     prompt_lengths: list[int] | None = None
     prompt: str | None = None
+    # Instead of `prompt`: chat messages, which go through the branch tokenizer's chat
+    # template (with the assistant's turn opened), as a chat policy was prompted in training.
+    messages: list[dict[str, str]] | None = None
     response: str | None = None
     top_k: int = Field(0, ge=0)
 
@@ -128,9 +131,16 @@ class BranchScorer:
     async def score(self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int = 0):
         return await self.scorer.score.remote(sequences, prompt_lengths, top_k)
 
-    def encode(self, prompt: str, response: str) -> tuple[list[int], int]:
-        """Prompt (with the tokenizer's special tokens) followed by the response tokens."""
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
+    def encode(self, prompt: str | None, response: str, messages: list[dict] | None = None) -> tuple[list[int], int]:
+        """Prompt (with the tokenizer's special tokens), or chat messages through the chat
+        template, followed by the response tokens; a ValueError for messages without a template."""
+        if messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(f"branch {self.branch!r} has no chat template: send prompt instead of messages")
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = self.tokenizer(prompt)["input_ids"]
         response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
         return prompt_ids + response_ids, len(prompt_ids)
 
@@ -237,23 +247,29 @@ class ScoringAPI:
     async def _sequences(self, branch: str, body: ScoreBody) -> tuple[list[list[int]], list[int]]:
         """(sequences, prompt lengths) of either form, within the size limits."""
         if body.sequences is not None:
-            if body.prompt is not None or body.response is not None:
+            if body.prompt is not None or body.messages is not None or body.response is not None:
                 raise Rejected(422, "give either sequences and prompt_lengths, or prompt and response, not both")
             if body.prompt_lengths is None or len(body.prompt_lengths) != len(body.sequences):
                 raise Rejected(422, "prompt_lengths must give one length per sequence")
             self._check_sizes(body.sequences)
             return body.sequences, body.prompt_lengths
-        if body.prompt is None or body.response is None:
-            raise Rejected(422, "give sequences and prompt_lengths, or prompt and response")
+        if (body.prompt is None) == (body.messages is None) or body.response is None:
+            raise Rejected(422, "give sequences and prompt_lengths, or prompt (or messages) and response")
         if body.prompt_lengths is not None:
             raise Rejected(422, "prompt_lengths goes with sequences, not with prompt/response")
+        if body.messages is not None and not all({"role", "content"} <= set(m) for m in body.messages):
+            raise Rejected(422, "each message needs a role and a content")
+        texts = [body.prompt or "", body.response, *(v for m in body.messages or [] for v in m.values())]
         try:
-            size = len(body.prompt.encode()) + len(body.response.encode())
+            size = sum(len(t.encode()) for t in texts)
         except UnicodeEncodeError:  # a lone surrogate (\ud800) is valid JSON but no text
             raise Rejected(422, "prompt and response must be valid Unicode text") from None
         if size > self.limits.max_text_bytes:
             raise Rejected(413, f"prompt and response are {size} bytes of UTF-8; at most {self.limits.max_text_bytes}")
-        sequence, plen = await self.branches[branch].encode.remote(body.prompt, body.response)
+        try:
+            sequence, plen = await self.branches[branch].encode.remote(body.prompt, body.response, body.messages)
+        except ValueError as e:
+            raise Rejected(422, str(e)) from None
         self._check_sizes([sequence])
         return [sequence], [plen]
 
