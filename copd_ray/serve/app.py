@@ -218,7 +218,7 @@ class ScoringAPI:
         out = {"branch": branch, "version": scores.version, "logprobs": scores.logprobs}
         if body.top_k:
             out["top_k_ids"], out["top_k_logprobs"] = scores.top_k_ids, scores.top_k_logprobs
-        if body.prompt is not None:
+        if body.sequences is None:  # the text form: what it was read as
             out["tokens"] = sequences[0]
             out["prompt_length"] = prompt_lengths[0]
         return out
