@@ -577,10 +577,51 @@ def _teachers(cfg: Config) -> dict[str, list[str]]:
     return {n: topo.teachers_of(n) for n in names}
 
 
+def _model_folder(cfg: Config) -> Path | None:
+    """The model's folder when it is on this machine (a GGUF file's once imported)."""
+    if cfg.model.gguf is not None:
+        from copd_ray.models.gguf import DONE, imported_folder
+
+        folder = imported_folder(cfg.model.gguf, cfg.cache_dir)
+        return folder if (folder / DONE).exists() else None
+    if cfg.model.path is not None and (Path(cfg.model.path).expanduser() / "config.json").exists():
+        return Path(cfg.model.path).expanduser()
+    return None
+
+
+def measured_prompt_tokens(cfg: Config, samples: int = 64) -> int | None:
+    """The longest prompt, in the model's own tokens (chat template and system prompt
+    included), among `samples` held-out and `samples` training prompts of each capability;
+    None where the model's tokenizer or the data is not on this machine."""
+    from transformers import AutoTokenizer
+
+    from copd_ray.capabilities import build_capability
+    from copd_ray.data import encode_prompt
+
+    folder = _model_folder(cfg)
+    if folder is None:
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+        longest = 0
+        for c in cfg.capabilities:
+            cap = build_capability(c, cfg.seed)
+            for record in cap.heldout[:samples] + cap.sample(samples):
+                if record.images or record.videos:
+                    return None  # a picture's tokens depend on the processor: not measured here
+                longest = max(longest, len(encode_prompt(record, tokenizer, cap.template)))
+    except (OSError, ValueError):  # a dataset or tokenizer that cannot be read: the length is assumed instead
+        return None
+    return longest or None
+
+
 def _prompt_tokens(cfg: Config, arch: Architecture, given: int | None) -> tuple[int, str]:
     new = cfg.grpo.max_new_tokens
     if given is not None:
         return given, "--prompt-tokens"
+    measured = measured_prompt_tokens(cfg)
+    if measured is not None:
+        return measured, "the longest of the data's prompts, measured with the model's tokenizer"
     if cfg.engine.vllm.max_model_len:
         return max(1, cfg.engine.vllm.max_model_len - new), "engine.vllm.max_model_len - grpo.max_new_tokens"
     cap = arch.max_positions - new if arch.max_positions > new else DEFAULT_PROMPT_TOKENS
@@ -891,7 +932,8 @@ def plan_memory(cfg: Config, cluster: str | Path | None = None, gpu_memory_gb: f
                 rows.append(_engine_row(cfg, arch, w, b.name, f"generator {i}", "generator", cfg.engine.kind,
                                         r.generator_gpus, mem))
         kind = cfg.engine.scorer_kind or cfg.engine.kind
-        rows.append(_engine_row(cfg, arch, w, b.name, "scorer", "scorer", kind, r.scorer_gpus, mem))
+        rows.append(_engine_row(cfg, arch, w, b.name, "scorer", "scorer", kind, r.scorer_gpus, mem,
+                                receives=not b.frozen))
 
     if uses_gpus and clus is not None:
         checks.extend(_gpu_count_checks(cfg, clus))
@@ -982,20 +1024,26 @@ def _replace(k: TrainerKnobs, **kw) -> TrainerKnobs:
 
 
 def _engine_row(cfg: Config, arch: Architecture, w: Workload, branch: str, actor: str, role: str, kind: str,
-                gpus: float, mem: _Memory) -> ActorMemory:
+                gpus: float, mem: _Memory, receives: bool = True) -> ActorMemory:
     on_gpu = gpus > 0
     scorer = role == "scorer"
     have, where = _bundle_memory(gpus, mem) if on_gpu else (None, "host memory")
+    # On CPU a receiver keeps one buffer per bucket across syncs (actors/weight_sync.py): a
+    # second copy of the weights in the wire dtype. A frozen teacher's scorer receives nothing.
+    kept = arch.params * DTYPE_BYTES[cfg.model.dtype] if receives and not on_gpu else 0
     if kind in ("vllm", "sglang"):
         if on_gpu:
             return _vllm_row(cfg, arch, w, branch, actor, role, kind, gpus, mem, have, where)
         c = DTYPE_BYTES[cfg.model.dtype]
         kv = cfg.engine.vllm.kv_cache_memory_mb * 2**20 if kind == "vllm" else 0
         parts = dict(weights=arch.params * c, grads=0, optimizer=0, activations=0, logprobs=0, kv_cache=kv,
-                     other=int(CPU_RUNTIME_BYTES + VLLM_NON_TORCH_BYTES))
+                     other=int(CPU_RUNTIME_BYTES + VLLM_NON_TORCH_BYTES + kept))
         return ActorMemory(branch, actor, role, kind, gpus, parts, None, where,
-                           f"{kind} on CPU, KV cache engine.vllm.kv_cache_memory_mb")
+                           f"{kind} on CPU, KV cache engine.vllm.kv_cache_memory_mb"
+                           + (", kept weight-receive buffers" if kept else ""))
     parts, detail = hf_engine_parts(cfg, arch, w, scorer, on_gpu)
+    parts["other"] += int(kept)
+    detail += ", kept weight-receive buffers" if kept else ""
     row = ActorMemory(branch, actor, role, kind, gpus, parts, have, where, detail)
     if row.fits is False:
         b = min(cfg.engine.max_batch_size, w.score_rows if scorer else w.gen_rows)

@@ -60,13 +60,27 @@ def test_the_import_is_a_plain_folder_holding_the_gguf_weights(smol_folder):
     assert import_gguf(SMOLLM2, CACHE) == smol_folder and (smol_folder / DONE).stat().st_mtime_ns == stamp
 
 
-def test_the_config_names_the_gguf_and_the_plan_reads_its_architecture(smol_folder):
-    from copd_ray.plan import architecture
+def test_the_plan_reads_the_imported_architecture_and_measures_the_prompts(smol_folder):
+    """The architecture from the imported folder; the prompt length measured through the chat
+    template (system prompt included) instead of assumed; each receiver's kept sync buffers."""
+    from transformers import AutoTokenizer
+
+    from copd_ray.capabilities import build_capability
+    from copd_ray.data import encode_prompt
+    from copd_ray.plan import plan_memory
 
     cfg = load_config(REPO / "configs" / "smollm2.yaml")
     assert cfg.model.gguf == SMOLLM2 and [c.reward for c in cfg.capabilities] == ["math", "math"]
-    arch = architecture(cfg)
-    assert "imported from" in arch.source
+    plan = plan_memory(cfg)
+    assert "imported from" in plan.arch.source and plan.arch.vocab == 49152 and plan.arch.layers == 30
+    tokenizer = AutoTokenizer.from_pretrained(smol_folder)
+    longest = max(len(encode_prompt(r, tokenizer, "{prompt}")) for c in cfg.capabilities
+                  for r in build_capability(c).heldout[:64])
+    note = next(n for n in plan.notes if n.startswith("sequences:"))
+    measured = int(note.split()[1])
+    assert longest <= measured < 2 * longest and "measured with the model's tokenizer" in note
+    gen = next(r for r in plan.rows if r.actor == "generator 0")
+    assert gen.parts["other"] >= plan.arch.params * 4 and "kept weight-receive buffers" in gen.detail
 
 
 def test_a_branch_from_another_vocabulary_is_refused(smol_folder, tiny_folder, tiny_tokenizer):
