@@ -49,33 +49,32 @@ def plot_run(output_dir: str | Path) -> list[Path]:
         if r["kind"] == "pair":
             pairs[f"{r['teacher']}->{r['student']}"].append((r["step"], r["topk_overlap"], r["symmetric_kl"]))
     if pairs:
-        fig, (ax_o, ax_k) = plt.subplots(1, 2, figsize=(10, 4))
-        for name, points in sorted(pairs.items()):
-            steps, overlap, kl = zip(*sorted(points))
-            ax_o.plot(steps, overlap, marker="o", markersize=3, label=name)
-            ax_k.plot(steps, kl, marker="o", markersize=3, label=name)
-        ax_o.set(title="top-k token overlap (teacher vs student)", xlabel="step", ylabel="overlap")
-        ax_k.set(title="symmetric KL along student rollouts", xlabel="step", ylabel="KL(S||T) + KL(T||S)")
-        for ax in (ax_o, ax_k):
-            _shade(ax, opd_spans)
-            ax.grid(alpha=0.3)
-            ax.legend()
-        written.append(save_figure(fig, output_dir / "pair_metrics.png"))
+        lines = {name: tuple(zip(*sorted(points))) for name, points in sorted(pairs.items())}
+        written.append(_side_by_side(lines, ("top-k token overlap (teacher vs student)", "overlap"),
+                                     ("symmetric KL along student rollouts", "KL(S||T) + KL(T||S)"), opd_spans,
+                                     output_dir / "pair_metrics.png"))
     return written
 
 
 def _plot_training(steps: list[dict], opd_spans, path: Path) -> Path:
     """Each branch's mean reward on its own GRPO batch, and its response length, per step."""
-    fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(10, 4))
-    for branch in sorted({r["branch"] for r in steps}):
-        mine = sorted((r["step"], r["reward_mean"], r.get("response_length", 0.0)) for r in steps
-                      if r["branch"] == branch)
-        xs, rewards, lengths = zip(*mine)
-        ax_r.plot(xs, rewards, marker="o", markersize=3, label=f"branch {branch}")
-        ax_l.plot(xs, lengths, marker="o", markersize=3, label=f"branch {branch}")
-    ax_r.set(title="training reward (own GRPO batch)", xlabel="step", ylabel="mean reward")
-    ax_l.set(title="response length (own GRPO batch)", xlabel="step", ylabel="tokens")
-    for ax in (ax_r, ax_l):
+    lines = {f"branch {b}": tuple(zip(*sorted((r["step"], r["reward_mean"], r.get("response_length", 0.0))
+                                             for r in steps if r["branch"] == b)))
+             for b in sorted({r["branch"] for r in steps})}
+    return _side_by_side(lines, ("training reward (own GRPO batch)", "mean reward"),
+                         ("response length (own GRPO batch)", "tokens"), opd_spans, path)
+
+
+def _side_by_side(lines: dict[str, tuple], left: tuple[str, str], right: tuple[str, str], opd_spans,
+                  path: Path) -> Path:
+    """Two panels over steps: each line is label -> (steps, left values, right values);
+    `left` and `right` are (title, y label)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for label, (xs, left_ys, right_ys) in lines.items():
+        axes[0].plot(xs, left_ys, marker="o", markersize=3, label=label)
+        axes[1].plot(xs, right_ys, marker="o", markersize=3, label=label)
+    for ax, (title, ylabel) in zip(axes, (left, right)):
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
         _shade(ax, opd_spans)
         ax.grid(alpha=0.3)
         ax.legend()
