@@ -236,6 +236,7 @@ def test_a_visual_request_needs_the_pictures_as_read(visual_prompt):
         vllm_prompt(replace(prompt, images=None))
 
 
+@needs_vllm  # the engine builds vLLM's SamplingParams for the request
 def test_vllm_scores_of_a_visual_sequence_are_read_from_the_end_of_its_expanded_prompt(visual_prompt):
     """vLLM returns log-prob rows over its own expanded prompt, whose length need not be the
     trainer's (a Qwen3-VL video gains timestamps): the response rows are the last ones."""
