@@ -1,7 +1,7 @@
 """Weight sync of a ~150 MB policy from trainer rank 0 to two receivers: the project's path
 beside a raw broadcast of the same bytes among the same processes.
 
-    python benchmarks/weight_sync.py [--small] [--repeats 7] [--bucket-mb 64]
+    python benchmarks/weight_sync.py [--small] [--repeats 7] [--bucket-mb 64] [--model FOLDER]
 
 Starts a local Ray with one TrainerActor (one rank, the sender), a GeneratorActor and a
 ScorerActor (pure-torch engines) over a Qwen3 built here from a config (no download; hidden
@@ -22,7 +22,8 @@ receiver must then hold them exactly (in the wire dtype), and the raw buffers mu
 byte for byte: any difference stops the benchmark (exit status 1). Prints the median seconds
 of each, GB/s (the plan's bytes, which every receiver gets, over the median) and
 project/raw. `--small` (a 1.5M-parameter model, 1 MB buckets) runs the same in under a
-minute.
+minute; `--model FOLDER` syncs a real checkpoint instead (e.g. SmolLM2-135M-Instruct, the folder
+`copd-ray import-gguf` prints: 134.5M parameters, 538 MB in float32).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="a 1.5M-parameter model, 1 MB buckets, 3 repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed syncs of each path (default 7; --small 3)")
     parser.add_argument("--bucket-mb", type=float, default=None, help="default: ray.bucket_mb (--small: 1)")
+    parser.add_argument("--model", default=None, help="a Hugging Face model folder instead of the built Qwen3")
     args = parser.parse_args()
 
     import ray
@@ -143,8 +145,16 @@ def main() -> None:
     model = SMALL if args.small else FULL
     repeats = args.repeats or (3 if args.small else 7)
     bucket_mb = args.bucket_mb or (1.0 if args.small else cfg.ray.bucket_mb)
-    folder = tempfile.mkdtemp() + "/policy"
-    params = build_folder(model, folder)
+    if args.model:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        folder = args.model
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+                         .parameters())
+    else:
+        folder = tempfile.mkdtemp() + "/policy"
+        params = build_folder(model, folder)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     trainer = TrainerActor.options(num_cpus=0.5).remote("bench", 0, 1, folder, cfg.grpo.model_dump(), threads=1)
@@ -205,8 +215,10 @@ def main() -> None:
             nbytes = sum(s.numel for b in plan for s in b) * getattr(torch, wire).itemsize
             rows.append((transport, wire, nbytes, len(plan), *(statistics.median(times[n]) for n in paths)))
 
-    print(f"weight sync: Qwen3 of {params / 1e6:.1f}M parameters (hidden {model.hidden}, {model.layers} layers, "
-          f"vocabulary {model.vocab:,}, tied), float32 master weights, trainer rank 0 -> generator + scorer "
+    what = (f"{folder}, {params / 1e6:.1f}M parameters" if args.model else
+            f"Qwen3 of {params / 1e6:.1f}M parameters (hidden {model.hidden}, {model.layers} layers, "
+            f"vocabulary {model.vocab:,}, tied)")
+    print(f"weight sync: {what}, float32 master weights, trainer rank 0 -> generator + scorer "
           f"(pure-torch engines holding the wire dtype), gloo on CPU, buckets of {bucket_mb:g} MB; median of "
           f"{repeats} interleaved syncs after warm-up; every receiver held the sent weights exactly, the raw "
           "buffers arrived byte for byte")
