@@ -4,7 +4,7 @@ after the same number of steps (so that speed is not bought with learning).
 
     python benchmarks/grpo_vs_trl.py [--steps 50] [--prompts 16] [--group 8] [--threads 2]
         [--actor-threads 1] [--heldout 500] [--trl-python /tmp/trl-bench/venv/bin/python]
-        [--out table.json] [--small]
+        [--out table.json] [--small | --smollm2]
 
 TRL is not a dependency of copd-ray: install it in a virtualenv of its own (torch pinned
 first, as everywhere here), then give its python as --trl-python (default: that path, if it
@@ -18,7 +18,11 @@ The TRL row runs in that python as `grpo_vs_trl.py --trl-worker SPEC.json`, with
 on its path for the project's verifier (copd_ray.rewards). The policy is the project's
 warmed-up base (`copd-ray bootstrap`, cached; built the first time, which takes minutes);
 `--small` takes the untrained tiny policy, 6 steps and 50 held-out problems, a quick check
-of the mechanics only (its pass@1 is ~0).
+of the mechanics only (its pass@1 is ~0). `--smollm2` takes the real SmolLM2-135M-Instruct
+(the smollm2 extra, imported once) on configs/smollm2.yaml's `times` capability: chat prompts
+with its system prompt (TRL gets them as conversations and applies the same chat template;
+the worker checks the token ids), the math reward on the stated final answer, T=0.7, 64 new
+tokens, lr 1e-5; by default 10 steps of 4 prompts x 6 samples, 100 held-out problems.
 
 Matched, row for row: the model folder; the prompts (the stream a copd-ray branch named add
 draws, in order; the worker checks that TRL reads the same token ids); P prompts x G samples
@@ -95,12 +99,20 @@ def trl_worker(spec_file: str) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(s["model"])
     rows = s["prompts"]
-    mismatched = [r["prompt"] for r in rows if tokenizer(r["prompt"])["input_ids"] != r["ids"]]
+
+    def trl_ids(prompt) -> list[int]:  # as GRPOTrainer tokenizes a text or a conversational prompt
+        if isinstance(prompt, str):
+            return tokenizer(prompt)["input_ids"]
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+
+    mismatched = [r["prompt"] for r in rows if trl_ids(r["prompt"]) != r["ids"]]
     assert not mismatched, f"TRL would read other token ids than copd-ray for {mismatched[:3]}"
     reward = get_reward(s["reward"])
 
     def verifier(prompts, completions, answer, **_):
-        return [reward(c, a) for c, a in zip(completions, answer)]
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # a conversation's reply
+        return [reward(t, a) for t, a in zip(texts, answer)]
 
     times = []
 
@@ -201,13 +213,16 @@ def main() -> None:
     p.add_argument("--trl-python", default=None, help=f"TRL's python (default {DEFAULT_TRL_PYTHON}; '' skips TRL)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     p.add_argument("--small", action="store_true", help="untrained tiny policy, few steps: mechanics only")
+    p.add_argument("--smollm2", action="store_true", help="the real SmolLM2-135M-Instruct on word problems")
     p.add_argument("--trl-worker", metavar="SPEC", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.trl_worker:
         return trl_worker(a.trl_worker)
-    steps = a.steps or (6 if a.small else 50)
-    skip = a.skip if a.skip is not None else (2 if a.small else 5)
-    heldout = a.heldout or (50 if a.small else 500)
+    steps = a.steps or (6 if a.small else 10 if a.smollm2 else 50)
+    skip = a.skip if a.skip is not None else (2 if a.small or a.smollm2 else 5)
+    heldout = a.heldout or (50 if a.small else 100 if a.smollm2 else 500)
+    if a.smollm2 and (a.prompts, a.group) == (16, 8):  # the defaults: the demo's shape instead
+        a.prompts, a.group = 4, 6
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import torch
 
@@ -221,25 +236,38 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="grpo-vs-trl-"))
     atexit.register(shutil.rmtree, work, True)  # the runs' folders and models
+    capability = f"{{name: add, source: 'synthetic:add', heldout_size: {heldout}}}"
+    real = []  # the real model's settings
     if a.small:
         tokenizer = build_char_tokenizer()
         folder = str(save_policy(build_tiny_policy(tokenizer, seed=0), tokenizer, work / "tiny"))
+    elif a.smollm2:
+        demo = load_config(REPO / "configs" / "smollm2.yaml")
+        folder = str(ensure_base_policy(demo)[0])
+        system = demo.capability("times").system.replace('"', '\\"')
+        capability = (f"{{name: add, source: 'synthetic:word_times', heldout_size: {heldout}, reward: math, "
+                      f"system: \"{system}\"}}")
+        real = [f"grpo.temperature={demo.grpo.temperature}", f"grpo.max_new_tokens={demo.grpo.max_new_tokens}",
+                f"grpo.lr={demo.grpo.lr}", f"eval.max_new_tokens={demo.eval.max_new_tokens}",
+                f"engine.max_batch_size={demo.engine.max_batch_size}",
+                f"train.logprob_chunk_tokens={demo.train.logprob_chunk_tokens}"]
     else:  # the default config's base (its cache key covers the default capabilities)
         folder = str(ensure_base_policy(load_config(None, ["wandb.mode=disabled"]))[0])
     common = [
         "wandb.mode=disabled", f"model.path={folder}", f"num_threads={a.threads}",
-        f"capabilities=[{{name: add, source: 'synthetic:add', heldout_size: {heldout}}}]", "branches=[{name: add}]",
+        f"capabilities=[{capability}]", "branches=[{name: add}]",
         "topology.kind=none", "schedule.cycles=1", f"schedule.rl_steps={steps}", "schedule.opd_steps=0",
         "schedule.save_every=0", f"grpo.prompts_per_step={a.prompts}", f"grpo.group_size={a.group}",
         "grpo.minibatches=1", "grpo.loss_agg=token_mean", "eval.every=0",
-        "metrics.pair_every=0", f"resources.actor_threads={a.actor_threads}"]
+        "metrics.pair_every=0", f"resources.actor_threads={a.actor_threads}", *real]
     cfg = load_config(None, common)
     g, cap = cfg.grpo, build_capability(cfg.capability("add"), cfg.seed)
     rollouts = a.prompts * a.group
-    print(f"policy {folder} ({'untrained, --small' if a.small else 'warmed-up base'}); {steps} steps of "
+    kind = "untrained, --small" if a.small else "SmolLM2-135M-Instruct, --smollm2" if a.smollm2 else "warmed-up base"
+    print(f"policy {folder} ({kind}); {steps} steps of "
           f"{a.prompts} prompts x {a.group} samples, up to {g.max_new_tokens} new tokens; {a.threads} threads "
           f"(copd-ray actors {a.actor_threads} each); timing: median of steps {skip + 1}..{steps}; "
-          f"held-out pass@1 on {len(cap.heldout)} add problems")
+          f"held-out pass@1 on {len(cap.heldout)} {cfg.capabilities[0].source} problems")
     rows = {"base (no training)": {"pass@1": heldout_pass(folder, cap, cfg)}}
     notes = []
 
@@ -276,7 +304,7 @@ def main() -> None:
                 "group": a.group, "threads": a.threads, "reward": cap.reward_name, "seed": cfg.seed, "lr": g.lr,
                 "clip_low": g.clip_low, "clip_high": g.clip_high, "grad_clip": g.grad_clip,
                 "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
-                "prompts": [{"prompt": cap.template.format(prompt=r.prompt), "answer": r.answer,
+                "prompts": [{"prompt": r.messages or cap.template.format(prompt=r.prompt), "answer": r.answer,
                              "ids": encode_prompt(r, tokenizer, cap.template)}
                             for r in cap.fork("/add").sample(steps * a.prompts)]}
         (work / "trl.json").write_text(json.dumps(spec))
@@ -315,6 +343,15 @@ def main() -> None:
             print(f"{name}: median " + ", ".join(f"{k} {v:.3f} s" for k, v in r["phases"].items()))
     for note in notes:
         print(note)
+    trl_pass = rows.get("TRL GRPOTrainer", {}).get("pass@1")
+    for name, r in rows.items():  # speed must not be bought with learning, nor the reverse
+        if trl_pass is not None and "s_per_step" in r and name != "TRL GRPOTrainer":
+            n, p = len(cap.heldout), r["pass@1"]
+            se = ((p * (1 - p) + trl_pass * (1 - trl_pass)) / n) ** 0.5
+            r["pass_differs_from_trl"] = abs(p - trl_pass) > 2 * se
+            if r["pass_differs_from_trl"]:
+                print(f"FLAG {name}: pass@1 {p:.3f} vs TRL's {trl_pass:.3f}, more than two standard errors "
+                      f"({2 * se:.3f}) apart")
     if trl_rate and "rollouts_per_s" in rows.get("copd-ray async", {}):
         x = rows["copd-ray async"]["x_trl"]
         print(f"goal copd-ray async >= 1.5x TRL rollouts/s: {x:.2f}x, {'met' if x >= 1.5 else 'NOT met'}")
