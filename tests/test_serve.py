@@ -68,6 +68,9 @@ def test_text_form_and_branch_listing(served):
     assert body["prompt_length"] == 7 and len(body["tokens"]) == 9 and len(body["logprobs"][0]) == 2
     actor = ray.get(served["scorer"].score.remote([body["tokens"]], [body["prompt_length"]]))
     assert body["logprobs"][0] == pytest.approx(actor.logprobs[0], abs=1e-6)
+    # The tiny policy has no chat template: chat messages are refused, and the server stays up.
+    chat = _post(served, {"messages": [{"role": "user", "content": "12+34="}], "response": "46"})
+    assert chat.status_code == 422 and "has no chat template" in chat.json()["error"]
     listing = requests.get(f"{served['url']}/branches", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     assert listing.json() == {"branches": [{"branch": "add", "version": 0}]}
 

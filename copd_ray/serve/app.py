@@ -46,6 +46,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
+from copd_ray.data.templates import chat_ids
 from copd_ray.errors import CopdError
 
 APP_NAME = "copd-ray"
@@ -137,8 +138,7 @@ class BranchScorer:
         if messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError(f"branch {self.branch!r} has no chat template: send prompt instead of messages")
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompt_ids = chat_ids(self.tokenizer, messages)
         else:
             prompt_ids = self.tokenizer(prompt)["input_ids"]
         response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
