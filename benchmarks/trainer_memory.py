@@ -285,7 +285,7 @@ def logprob_pass(mode: str, chunk: int, s: Sizes, out: str, queue) -> None:
             lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             del logits
         else:
-            lp, _ = chosen_logprobs(head, hidden, targets, chunk)
+            lp, _, _ = chosen_logprobs(head, hidden, targets, chunk)
         lp.sum().backward()
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

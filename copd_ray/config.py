@@ -316,6 +316,8 @@ class ScheduleConfig(Section):
 class GRPOConfig(Section):
     prompts_per_step: Int = Field(32, gt=0)
     group_size: Int = Field(8, gt=0)
+    # Sampling temperature of the rollouts. The update trains on the same distribution
+    # (log-probs of logits / temperature), as verl, OpenRLHF and TRL do.
     temperature: Float = Field(1.0, ge=0)
     top_p: Float = Field(1.0, gt=0, le=1)
     max_new_tokens: Int = Field(8, gt=0)

@@ -41,21 +41,25 @@ class PolicyLogprobs(nn.Module):
         self.policy, self.banned, self.chunk = policy, banned, chunk
 
     def forward(self, ids, attention, targets, mask, extra: dict, shared: SharedPrompts | None = None,
-                entropy: bool = False):
+                entropy: bool = False, temperature: torch.Tensor | None = None, own: bool = False):
+        """(log-probs, entropy or None, own log-probs or None) on the grid; `temperature`
+        [B] per row (see `chosen_logprobs`)."""
         backbone = getattr(self.policy, self.policy.base_model_prefix)
         if shared is not None:
-            return self._on_shared_prompts(backbone, shared, mask.shape[1], entropy)
+            return self._on_shared_prompts(backbone, shared, mask.shape[1], entropy, temperature, own)
         hidden = backbone(input_ids=ids, attention_mask=attention, use_cache=False, **extra).last_hidden_state[:, :-1]
         where = mask > 0
-        lp, ent = chosen_logprobs(self.policy.get_output_embeddings(), hidden[where], targets[where], self.chunk,
-                                  self.banned, entropy)
+        tau = temperature.unsqueeze(1).expand(where.shape)[where] if temperature is not None else None
+        out = chosen_logprobs(self.policy.get_output_embeddings(), hidden[where], targets[where], self.chunk,
+                              self.banned, entropy, tau, own)
 
         def grid(v):
             return torch.zeros(where.shape, dtype=v.dtype, device=v.device).masked_scatter(where, v)
 
-        return grid(lp), (grid(ent) if ent is not None else None)
+        return tuple(grid(v) if v is not None else None for v in out)
 
-    def _on_shared_prompts(self, backbone, shared: SharedPrompts, width: int, entropy: bool):
+    def _on_shared_prompts(self, backbone, shared: SharedPrompts, width: int, entropy: bool,
+                           temperature: torch.Tensor | None, own: bool):
         """Each distinct prompt through the model once, then every row's response on a copy
         of its prompt's KV cache (gradients flow back through the copies into the prompt's
         one pass), as the engine samples them: the same log-probs for less compute."""
@@ -72,8 +76,9 @@ class PolicyLogprobs(nn.Module):
         # Response token t is predicted by the hidden state before it: the prompt's last for t = 0.
         hidden = torch.cat([prompt.last_hidden_state[rows, -1:], response[:, :-1]], 1)
         where = shared.response_mask > 0
-        lp, ent = chosen_logprobs(self.policy.get_output_embeddings(), hidden[where], shared.response_ids[where],
-                                  self.chunk, self.banned, entropy)
+        tau = temperature.unsqueeze(1).expand(where.shape)[where] if temperature is not None else None
+        out = chosen_logprobs(self.policy.get_output_embeddings(), hidden[where], shared.response_ids[where],
+                              self.chunk, self.banned, entropy, tau, own)
         # Onto the shifted [b, width] grid: response token t of row i sits at column offsets[i] + t.
         columns = shared.offsets.unsqueeze(1) + torch.arange(r, device=pmask.device)
 
@@ -82,7 +87,7 @@ class PolicyLogprobs(nn.Module):
             wide = torch.zeros(len(rows), width + r, dtype=v.dtype, device=v.device)
             return wide.scatter(1, columns, dense)[:, :width]
 
-        return grid(lp), (grid(ent) if ent is not None else None)
+        return tuple(grid(v) if v is not None else None for v in out)
 
 
 @torch.no_grad()
@@ -217,8 +222,20 @@ class Learner:
         # minibatches a no-gradient pass takes them first, unless the rollouts' own log-probs are
         # the trainer's (train.reuse_rollout_logprobs). The reference policy always needs a pass.
         fused = c["minibatches"] == 1
-        reuse = not fused and self.train_cfg["reuse_rollout_logprobs"] and not batch.off_policy
+        # GRPO rows train on the distribution they were sampled from, logits / grpo.temperature
+        # (as verl, OpenRLHF and TRL do: at T != 1 the raw log-probs' gradient points elsewhere
+        # and learns far slower); OPD rows on the student's own distribution, the one the
+        # teacher's log-probs are compared with. The engines' log-probs are the models' own, so
+        # the importance weight compares own log-probs, and they cannot stand in for old ones.
+        n_grpo = len(batch.grpo_sequences)
+        tau = c.get("temperature", 1.0) or 1.0  # greedy rollouts: the plain distribution
+        tempered = tau != 1.0 and n_grpo > 0
+        temps = torch.ones(mask.shape[0], device=self.device)
+        temps[:n_grpo] = tau
+        reuse = (not fused and self.train_cfg["reuse_rollout_logprobs"] and not batch.off_policy
+                 and not tempered)
         weigh = batch.off_policy and c["is_cap"] > 0
+        own_old = torch.zeros_like(mask) if weigh and tempered else None  # old own log-probs, for the weight
         behaviour = torch.zeros_like(mask)  # the generators' log-probs, where they are used
         if real and (reuse or weigh):
             behaviour[:real] = place_per_token(batch.behaviour_logprobs, plens[:real], ids.shape[1]).to(self.device)
@@ -233,19 +250,21 @@ class Learner:
             for k in range(n_passes):  # a rank with fewer passes repeats its first (ranks stay in lockstep)
                 rows = passes[k] if k < len(passes) else passes[0]
                 idx, w, mb = self._rows(rows, tensors, sequences, plens, trim)
+                t = temps[idx] if tempered else None
                 if measure_old:
-                    lp, ent = self.forward(*mb, entropy=True)
+                    lp, ent, own = self.forward(*mb, entropy=True, temperature=t, own=own_old is not None)
                 if k < len(passes):
                     if measure_old:
                         old_logprobs[idx, : w - 1] = lp
                         entropy_sum += (ent * mb[3]).sum().item()
+                        if own_old is not None:
+                            own_old[idx, : w - 1] = own
                     if self.reference is not None:
-                        ref_logprobs[idx, : w - 1] = self.reference(*mb)[0]
+                        ref_logprobs[idx, : w - 1] = self.reference(*mb, temperature=t)[0]
             self.model.train()
 
         # The per-token signals, computed per micro-batch from its old log-probs: GRPO's
         # group-normalised reward (a number per sequence), OPD's teacher - old log-prob gap.
-        n_grpo = len(batch.grpo_sequences)
         grpo_adv = torch.zeros_like(mask)
         if n_grpo:
             seq_adv = grpo_advantages(torch.tensor(batch.grpo_rewards), batch.group_size).to(self.device)
@@ -259,14 +278,15 @@ class Learner:
             beta[n_grpo:real, 0] = torch.tensor(batch.opd_beta, device=self.device)
         is_sums = [0.0, 0.0]  # importance weights, truncated tokens
 
-        def signals(idx, w, old, m):
+        def signals(idx, w, old, own, m):
             adv = torch.where(opd_row[idx], opd_advantages(teacher[idx, : w - 1], old, 1.0) * beta[idx] * m,
                               grpo_adv[idx, : w - 1])
             if not weigh:
                 return adv, None
-            weight = truncated_is_weight(old, behaviour[idx, : w - 1], c["is_cap"]) * m
+            own = old if own is None else own
+            weight = truncated_is_weight(own, behaviour[idx, : w - 1], c["is_cap"]) * m
             is_sums[0] += weight.sum().item()
-            is_sums[1] += ((old - behaviour[idx, : w - 1] > math.log(c["is_cap"])) & (m > 0)).sum().item()
+            is_sums[1] += ((own - behaviour[idx, : w - 1] > math.log(c["is_cap"])) & (m > 0)).sum().item()
             return adv, weight
 
         order = list(range(real))
@@ -292,9 +312,12 @@ class Learner:
                 filler = k >= len(parts)  # lockstep: a weightless pass on a row this rank has
                 idx, w, mb = self._rows(parts[k] if not filler else [0], tensors, sequences, plens, trim)
                 with self.autocast():
-                    logprobs, ent = self.forward(*mb, entropy=fused)
+                    logprobs, ent, own = self.forward(*mb, entropy=fused, temperature=temps[idx] if tempered else None,
+                                                      own=fused and own_old is not None)
                 old = logprobs.detach() if fused else old_logprobs[idx, : w - 1]
-                advantages, is_weight = signals(idx, w, old, mb[3] * (0.0 if filler else 1.0))
+                if own_old is not None and not fused:
+                    own = own_old[idx, : w - 1]
+                advantages, is_weight = signals(idx, w, old, own, mb[3] * (0.0 if filler else 1.0))
                 loss = policy_loss(
                     logprobs, old, advantages, mb[3], c["clip_low"], c["clip_high"], c["loss_agg"],
                     kl_coef=c["kl_coef"], ref_logprobs=ref_logprobs[idx, : w - 1] if ref_logprobs is not None else None,

@@ -216,13 +216,13 @@ def test_chunked_chosen_logprobs_equal_the_full_log_softmax_with_gradients():
     hidden.grad, head.weight.grad = None, None
 
     for chunk in (1, 5, 23, 100):
-        got, _ = chosen_logprobs(head, hidden, targets, chunk, banned)
+        got, _, _ = chosen_logprobs(head, hidden, targets, chunk, banned)
         assert torch.allclose(got, expected, atol=1e-5)
         got.sum().backward()  # each chunk recomputed in backward: same gradients
         assert torch.allclose(hidden.grad, grads[0], atol=1e-5) and torch.allclose(head.weight.grad, grads[1], atol=1e-5)
         hidden.grad, head.weight.grad = None, None
         with torch.no_grad():
-            lp, entropy = chosen_logprobs(head, hidden, targets, chunk, banned, entropy=True)
+            lp, entropy, _ = chosen_logprobs(head, hidden, targets, chunk, banned, entropy=True)
         assert torch.allclose(lp, expected, atol=1e-5) and torch.allclose(entropy, expected_entropy, atol=1e-5)
 
 

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -112,13 +113,16 @@ def test_off_policy_rollouts_are_weighted_and_the_weights_logged(tiny_folder):
     assert stats["is/truncated"] == 0.0 and abs(stats["is/weight_mean"] - math.exp(-0.5)) < 2e-3
 
 
-def test_one_minibatch_takes_its_old_logprobs_from_the_update_forward(tiny_folder):
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_one_minibatch_takes_its_old_logprobs_from_the_update_forward(tiny_folder, tau):
     """grpo.minibatches=1: no separate old-log-prob pass, and the step is the plain one written
-    out here: full-vocabulary log-probs, ratio 1, the truncated importance weight against the
-    behaviour log-probs, a token-mean loss, grad-norm clip, one AdamW step."""
+    out here: full-vocabulary log-probs of the sampling distribution (logits / temperature),
+    ratio 1, the truncated importance weight of the model's own log-probs against the
+    behaviour log-probs (the engine's, at temperature 1), a token-mean loss, grad-norm clip,
+    one AdamW step."""
     from copd_ray.models import load_policy
 
-    grpo = {**GRPO, "lr": 1e-3, "is_cap": 1.5}
+    grpo = {**GRPO, "lr": 1e-3, "is_cap": 1.5, "temperature": tau}
     learner = Learner("b", 0, 1, str(tiny_folder), grpo)
     batch = _sampled_batch(learner, off_policy=True)
     batch.behaviour_logprobs = [[lp + (0.7 if i % 2 else -0.6) for i, lp in enumerate(row)]
@@ -132,9 +136,11 @@ def test_one_minibatch_takes_its_old_logprobs_from_the_update_forward(tiny_folde
     adv = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
     total, tokens, weights, entropy = 0.0, 0, [], []
     for seq, p, a, behaviour in zip(batch.grpo_sequences, batch.grpo_prompt_lengths, adv, batch.behaviour_logprobs):
-        logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0, p - 1 : len(seq) - 1], -1)
+        logits = model(input_ids=torch.tensor([seq])).logits[0, p - 1 : len(seq) - 1]
+        logp = torch.log_softmax(logits / tau, -1)
         lp = logp.gather(-1, torch.tensor(seq[p:]).unsqueeze(-1)).squeeze(-1)
-        w = torch.exp(lp.detach() - torch.tensor(behaviour)).clamp(max=1.5)
+        own = torch.log_softmax(logits.detach(), -1).gather(-1, torch.tensor(seq[p:]).unsqueeze(-1)).squeeze(-1)
+        w = torch.exp(own - torch.tensor(behaviour)).clamp(max=1.5)
         total = total - (torch.exp(lp - lp.detach()) * a * w).sum()
         tokens += len(lp)
         weights += w.tolist()
@@ -152,8 +158,9 @@ def test_one_minibatch_takes_its_old_logprobs_from_the_update_forward(tiny_folde
     update = max((theirs[k] - start[k]).abs().max().item() for k in theirs)
     assert update > 1e-4
     # AdamW's first step divides each gradient by its own size, which magnifies the float
-    # rounding of small gradients: 1% of the update.
-    assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) < 1e-2 * update
+    # rounding of the smallest gradients: a few elements move by up to 2% of the update.
+    gaps = torch.cat([(mine[k] - theirs[k]).abs().flatten() for k in mine])
+    assert gaps.max() < 2e-2 * update and (gaps > 1e-3 * update).float().mean() < 1e-3
 
 
 def test_each_prompt_read_once_gives_the_log_probs_and_gradients_of_whole_rows(tiny_folder):
@@ -173,7 +180,7 @@ def test_each_prompt_read_once_gives_the_log_probs_and_gradients_of_whole_rows(t
     assert mb[-1] is not None and mb[-1].prompt_ids.shape[0] == 2  # two prompt passes for six rows
 
     learner.model.zero_grad()
-    lp, ent = learner.forward(*mb, entropy=True)
+    lp, ent, _ = learner.forward(*mb, entropy=True)
     lp.sum().backward()
     shared_grads = {k: p.grad.clone() for k, p in learner.model.named_parameters()}
 
@@ -205,3 +212,30 @@ def test_a_step_on_shared_prompts_is_the_step_on_whole_rows(tiny_folder):
     update = max((after_b[k] - start[k]).abs().max().item() for k in after_b)
     # Two AdamW updates: each divides a gradient by its own size, magnifying float rounding.
     assert max((after_a[k] - after_b[k]).abs().max().item() for k in after_a) < 0.02 * update
+
+
+def test_tempered_rows_are_read_once_or_whole_alike_and_opd_rows_stay_at_temperature_one(tiny_folder):
+    """Per-row temperatures through the shared-prompt path equal logits / T of each row read
+    whole; a row at temperature 1 gives the model's own log-probs; `own` is always those."""
+    from copd_ray.batch import pad_sequences
+
+    learner = Learner("b", 0, 1, str(tiny_folder), GRPO)
+    tok = learner.tokenizer
+    prompt = tok("12+345=")["input_ids"]
+    sequences = [prompt + tok(t, add_special_tokens=False)["input_ids"] for t in ("357", "35", "3")]
+    plens = [len(prompt)] * 3
+    temps = torch.tensor([0.5, 1.0, 2.0])
+    idx, w, mb = learner._rows([0, 1, 2], pad_sequences(sequences, plens, tok.pad_token_id), sequences, plens,
+                               trim=False)
+    with torch.no_grad():
+        lp, ent, own = learner.forward(*mb, entropy=True, temperature=temps, own=True)
+        for seq, row, row_ent, row_own, t in zip(sequences, lp, ent, own, temps):
+            p = len(prompt)
+            logits = learner.model(input_ids=torch.tensor([seq])).logits[0, p - 1 : len(seq) - 1]
+            target = torch.tensor(seq[p:]).unsqueeze(-1)
+            logp = torch.log_softmax(logits / t, -1)
+            assert torch.allclose(row[p - 1 : len(seq) - 1], logp.gather(-1, target).squeeze(-1), atol=1e-5)
+            assert torch.allclose(row_ent[p - 1 : len(seq) - 1], -(logp.exp() * logp).sum(-1), atol=1e-5)
+            plain = torch.log_softmax(logits, -1).gather(-1, target).squeeze(-1)
+            assert torch.allclose(row_own[p - 1 : len(seq) - 1], plain, atol=1e-5)
+    assert not torch.allclose(lp[0], own[0]) and torch.allclose(lp[1], own[1])

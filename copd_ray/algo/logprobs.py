@@ -15,39 +15,54 @@ from torch.utils.checkpoint import checkpoint
 BANNED = -1e9  # the logit of a token a response may not hold (a vision placeholder)
 
 
-def _chunk_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor, banned: tuple[int, ...]):
+def _chunk_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor, banned: tuple[int, ...],
+                    temperature: torch.Tensor | None = None, own: bool = False):
     logits = head(hidden).float()
     if banned:
         logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), BANNED)
+    own_lp = None
+    if temperature is not None:
+        if own:
+            with torch.no_grad():
+                own_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logits = logits / temperature.unsqueeze(-1)
     logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logp
+    lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return lp, logp, (own_lp if own_lp is not None or not own else lp.detach())
 
 
 def chosen_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
-                    banned: tuple[int, ...] = (), entropy: bool = False):
-    """(log p(target) [N], entropy [N] or None) for hidden states [N, H] and targets [N].
+                    banned: tuple[int, ...] = (), entropy: bool = False, temperature: torch.Tensor | None = None,
+                    own: bool = False):
+    """(log p(target) [N], entropy [N] or None, own [N] or None) for hidden states [N, H]
+    and targets [N].
 
-    `head` maps hidden states to logits (a causal LM's output layer). Entropy is a metric:
-    it never carries a gradient.
+    `head` maps hidden states to logits (a causal LM's output layer). `temperature` [N]
+    divides each position's logits first: the log-probs (and entropy) of the distribution
+    the token was sampled from, as verl, OpenRLHF and TRL train on. `own`: also the model's
+    own log-probs (temperature 1), detached, which is what the engines return. Entropy is a
+    metric: it never carries a gradient.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     grad = torch.is_grad_enabled() and hidden.requires_grad
 
-    def piece(h, t):
-        lp, logp = _chunk_logprobs(head, h, t, banned)
+    def piece(h, t, tau):
+        lp, logp, own_lp = _chunk_logprobs(head, h, t, banned, tau, own)
         if not entropy:
-            return lp, None
+            return lp, None, own_lp
         with torch.no_grad():
-            return lp, -(logp.exp() * logp).sum(-1)
+            return lp, -(logp.exp() * logp).sum(-1), own_lp
 
-    out, ent = [], []
+    out, ent, owns = [], [], []
     for lo in range(0, hidden.shape[0], chunk):
         h, t = hidden[lo : lo + chunk], targets[lo : lo + chunk]
-        lp, e = checkpoint(piece, h, t, use_reentrant=False) if grad else piece(h, t)
+        tau = temperature[lo : lo + chunk] if temperature is not None else None
+        lp, e, o = checkpoint(piece, h, t, tau, use_reentrant=False) if grad else piece(h, t, tau)
         out.append(lp)
         ent.append(e)
+        owns.append(o)
     if not out:  # no positions: keep the graph connected to hidden for backward
         empty = hidden.sum(-1).float() * 0.0
-        return empty, (empty.detach() if entropy else None)
-    return torch.cat(out), (torch.cat(ent) if entropy else None)
+        return empty, (empty.detach() if entropy else None), (empty.detach() if own else None)
+    return torch.cat(out), (torch.cat(ent) if entropy else None), (torch.cat(owns) if own else None)

@@ -6,8 +6,9 @@ sequences teacher-forced, and takes new weights in place with a version number.
 
 Log-probs are always the model's own: log_softmax of the raw logits, before temperature
 or top-p reshape the sampling distribution. So a sample's log-probs equal what a
-teacher-forced forward pass of the same sequence gives, and the trainer's old log-probs
-and a teacher's scores are on the same scale.
+teacher-forced forward pass of the same sequence gives, and the trainer's own log-probs
+and a teacher's scores are on the same scale. (GRPO's update itself trains on logits /
+temperature, the distribution sampled from; its importance weights compare own log-probs.)
 """
 
 from __future__ import annotations
