@@ -196,6 +196,13 @@ def run_config(p: Plan, run: Run, folder: Path, seed: int, check_paths: bool = T
     for b in changes.get("branches") or []:
         if b.get("init"):
             b["init"] = b["init"].replace("{experts}", experts)
+    offset = seed - p.cfg.seed
+    if offset and not p.cfg.model.path and not p.cfg.model.gguf:
+        # Seeds are independent replicates: each also draws the tiny policy's initial weights
+        # and its warm-up's batches anew (the first seed keeps the config's own).
+        model = changes.setdefault("model", {})
+        model["tiny"] = {**p.cfg.model.tiny.model_dump(), **model.get("tiny", {}), "seed": p.cfg.model.tiny.seed + offset}
+        changes["bootstrap"] = {**changes.get("bootstrap", {}), "seed": p.cfg.bootstrap.seed + offset}
     return derived_config(p.cfg, changes, folder, seed, f"{p.cfg.run_name}-{run.name}-s{seed}", check_paths)
 
 

@@ -206,8 +206,10 @@ class CapabilityConfig(Section):
 
 def _default_capabilities() -> list[CapabilityConfig]:
     return [
-        CapabilityConfig(name="add", source="synthetic:add"),
-        CapabilityConfig(name="mul", source="synthetic:mul"),
+        # A validation set of their own, so that the warm-up picks its checkpoint (and the run's
+        # evaluations watch) on problems the final held-out table does not use.
+        CapabilityConfig(name="add", source="synthetic:add", validation_size=200),
+        CapabilityConfig(name="mul", source="synthetic:mul", validation_size=200),
     ]
 
 

@@ -32,6 +32,10 @@ def test_short_bootstrap_caches_by_settings(tmp_path):
     assert second.exit_code == 0 and "cached" in second.output and "bootstrap step" not in second.output
     other = runner.invoke(app, args[:-1] + ["capabilities.1.heldout_size=60"])
     assert other.exit_code == 0 and len(list(tmp_path.glob("tiny-policy-*"))) == 2
+    assert record["measured_on"] == "validation" and "validation pass@1 add" in first.output
+    blind = runner.invoke(app, args + ["capabilities.1.validation_size=0"])  # picks on held-out: said so
+    assert blind.exit_code == 0 and "held-out pass@1 add" in blind.output
+    assert "warning: capabilities ['mul'] have no validation set" in blind.output.replace("\n", " ")
 
 
 def test_the_warm_up_warns_per_capability_outside_its_window_or_aim():
@@ -67,14 +71,26 @@ def test_full_bootstrap_then_eval(tmp_path):
     record = json.loads(next((tmp_path / "cache").glob("tiny-policy-*/bootstrap.json")).read_text())
     assert record["landed"] and record["in_range"] and all(0.3 <= r <= 0.65 for r in record["rates"].values()), record
     assert f"trained {record['steps_run']} steps" in boot.stdout and record["steps"] == record["steps_run"]
-    assert "held-out pass@1 add" in boot.stdout and "warning" not in boot.stdout
+    assert "validation pass@1 add" in boot.stdout and "warning" not in boot.stdout
 
     evaluated = subprocess.run(cli + ["eval", f"cache_dir={tmp_path}/cache"], capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
     assert "(cached)" in evaluated.stdout
-    # The saved and reloaded policy scores exactly what the bootstrap measured in memory.
-    row = next(line for line in evaluated.stdout.splitlines() if "tiny-policy-" in line and "│" in line)
-    assert [float(x) for x in row.split("│")[2:4]] == [record["rates"]["add"], record["rates"]["mul"]]
+    # The saved and reloaded policy scores exactly what the bootstrap measured in memory, on
+    # the validation problems it chose the checkpoint by.
+    from copd_ray.capabilities import build_capability
+    from copd_ray.config import load_config
+    from copd_ray.engines import HFEngine
+    from copd_ray.evaluation import evaluate
+    from copd_ray.models.loading import load_policy
+
+    cfg = load_config(None, [f"cache_dir={tmp_path}/cache"])
+    model, tok = load_policy(str(next((tmp_path / "cache").glob("tiny-policy-*"))))
+    engine = HFEngine(model, tok.eos_token_id, tok.pad_token_id)
+    for c in cfg.capabilities:
+        cap = build_capability(c, cfg.seed)
+        rate = evaluate(engine, tok, cap.validation, cap.reward, cap.template, cfg.eval.max_new_tokens)["pass_rate"]
+        assert rate == record["rates"][c.name], c.name
 
 
 def test_the_warm_up_window_starts_above_guessing():

@@ -34,6 +34,12 @@ def test_the_plan_states_every_run_and_budget_before_anything_runs(tmp_path):
     assert p.rows[-1].name == "CoPD adaptive (OPD while KL > 0.5)"
     assert runs["copd_merge_each_cycle"].merge.every_cycle
     assert {r.expected_steps for r in p.rows if r.group != "reference" and not r.name.startswith("expert ")} == {2 * t}
+    # Seeds are independent replicates: seed 2 also draws the tiny policy's weights and its warm-up anew.
+    two = run_config(p, p.runs[0], tmp_path / "seed_2" / "experts", 2, check_paths=False)
+    zero = runs["experts"]
+    assert (two.seed, two.model.tiny.seed, two.bootstrap.seed) == (2, 2, 2)
+    assert (zero.seed, zero.model.tiny.seed, zero.bootstrap.seed) == (0, 0, 0)
+    assert two.model.tiny.model_dump(exclude={"seed"}) == zero.model.tiny.model_dump(exclude={"seed"})
     with pytest.raises(ConfigError, match="RL:OPD"):
         plan(load_config(), ["1-2"])
     with pytest.raises(ConfigError, match="at least two branches"):

@@ -226,6 +226,8 @@ def ensure_base_policy(cfg: Config, progress: Callable[[int, dict], None] | None
         # In range: in [low, high] and clear of guessing.
         "in_range": all(max(b.low, guess[n] + b.above_guess) <= r <= b.high for n, r in result["rates"].items()),
         "key": cache_key(cfg),
+        # What the rates (and the checkpoint's choice) were measured on.
+        "measured_on": "validation" if all(c.validation_size for c in cfg.capabilities) else "held-out",
     }
     record_file.write_text(json.dumps(record, indent=2))
     return folder, {**record, "cached": False}
