@@ -114,7 +114,13 @@ def _bootstrap(cfg: Config, force: bool = False):
             how = f"trained {record['steps_run']} steps in {record['seconds']} s, kept the checkpoint of step " \
                   f"{record['steps']}{'' if record['landed'] else ', the closest to the window'}"
         rates = ", ".join(f"{k} {v:.3f}" for k, v in record["rates"].items())
-        console.print(f"  {folder} ({how}): held-out pass@1 {rates}", markup=False, soft_wrap=True)
+        on = record.get("measured_on", "held-out")
+        console.print(f"  {folder} ({how}): {on} pass@1 {rates}", markup=False, soft_wrap=True)
+        blind = [c.name for c in cfg.capabilities if not c.validation_size]
+        if blind and not record["cached"]:
+            console.print(Text(f"  warning: capabilities {blind} have no validation set, so the warm-up chose its "
+                               "checkpoint on the held-out problems the final table reports; set "
+                               "capabilities[].validation_size", style="yellow"), soft_wrap=True)
         if "guess" in record:
             console.print("  always giving the most common answer scores "
                           + ", ".join(f"{k} {v:.3f}" for k, v in record["guess"].items()))
@@ -210,6 +216,11 @@ def eval_cmd(
     args: Optional[list[str]] = ArgsArg,
 ) -> None:
     """Held-out pass@1 (greedy) of a model folder on every capability of the config."""
+    if model is not None and not (model / "config.json").is_file():
+        inside = [*sorted((model / "branches").glob("*/config.json")), *(model / "merged").glob("config.json")]
+        hint = (f"; it looks like a run's output folder: give one of its models, e.g. -m {inside[0].parent}"
+                if inside else "")
+        raise ConfigError(f"--model {model} is not a model folder (no config.json){hint}")
     cfg = _load(args)
     _setup_torch(cfg)
     folder = model or _bootstrap(cfg)[0]
@@ -236,7 +247,11 @@ def train(ctx: typer.Context, args: Optional[list[str]] = ArgsArg) -> None:
     console.print(_eval_table("held-out pass@1 (greedy)", summary["eval"]))
     out = Path(cfg.output_dir)
     console.print(_time_table(out / "metrics.jsonl"))
-    console.print(f"{summary['steps']} steps in {summary['seconds']:.0f} s; wrote {out / 'eval.json'}, "
+    steps, start = summary["steps"], summary["resumed_at"]
+    ran = f"steps {start + 1}-{steps} of {steps} (resumed at step {start})" if start else f"{steps} steps"
+    if start >= steps:
+        ran = f"no step to run (resumed at the last, step {start}); merged and evaluated"
+    console.print(f"{ran} in {summary['seconds']:.0f} s; wrote {out / 'eval.json'}, "
                   f"{out / 'metrics.jsonl'}, {out / 'merged'}, {', '.join(summary['plots'])}")
 
 
@@ -328,28 +343,33 @@ def pilot(
 @app.command("serve")
 def serve_cmd(
     paths: list[str] = typer.Argument(..., help="A run's output folder (its branches/ and merged/) or model folders."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind; 127.0.0.1 unless you mean to expose it."),
-    port: int = typer.Option(8000),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True, dir_okay=False,
+                                          help="A YAML config whose serve.* and engine.* apply (request limits too)."),
+    overrides: list[str] = typer.Option([], "--set", "-s", help=escape(
+        "A dotted override such as serve.max_tokens=8192; repeatable.")),
+    host: Optional[str] = typer.Option(None, help="Address to bind (default serve.host: 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (default serve.port: 8000)."),
     token: Optional[str] = typer.Option(None, envvar="COPD_RAY_SERVE_TOKEN",
                                         help="Bearer token required on every request (or COPD_RAY_SERVE_TOKEN)."),
-    engine: str = typer.Option("hf", help="Engine of the scorers: hf, vllm or sglang."),
+    engine: Optional[str] = typer.Option(None, help="Engine of the scorers: hf, vllm or sglang (default engine.kind)."),
 ) -> None:
     """Serve saved branches as live teacher-scoring endpoints (POST /score/<branch>, GET /branches)."""
     if token is not None and not token.strip():
         raise ConfigError("--token (or COPD_RAY_SERVE_TOKEN) is empty: give a token, or leave it unset for no auth")
-    from copd_ray.config import EngineConfig
     from copd_ray.serve.saved import find_branches, serve_saved
 
+    cfg = load_config(config, [*overrides, *([f"engine.kind={engine}"] if engine else [])], check_paths=False)
+    s = cfg.serve
+    host, port, token = host or s.host, port or s.port, token if token is not None else s.token
     try:
         names = list(find_branches(paths))
-        engine_cfg = EngineConfig(kind=engine).model_dump()
-    except ValidationError as e:
-        raise ConfigError.from_validation(e, "--engine") from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
     console.print(f"serving {', '.join(names)} at http://{host}:{port}/score/<branch>"
                   f"{' (bearer token required)' if token else ''}; Ctrl-C stops")
-    serve_saved(paths, host, port, token, engine_cfg, engine)
+    limits = dict(max_sequences=s.max_sequences, max_tokens=s.max_tokens, max_top_k=s.max_top_k,
+                  max_request_tokens=s.max_request_tokens, max_body_bytes=s.max_body_bytes)
+    serve_saved(paths, host, port, token, cfg.engine.model_dump(), cfg.engine.kind, limits=limits)
 
 
 @app.command("plan")

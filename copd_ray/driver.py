@@ -71,7 +71,7 @@ class Loop:
         metrics of `edges` and evals when due, the console line; `call` wraps actor calls."""
         cfg, cycle = self.cfg, self.plan[step - 1][0]
         for n, r in records.items():
-            r.update({"cycle": cycle, "version": groups[n].version,
+            r.update({"cycle": cycle + 1, "version": groups[n].version,  # from 1, as the progress bar counts
                       "time/sync": synced[n]["seconds"] if synced else 0.0})
         self.phases.observe(call(lambda: log_pairs(self.log, step, cfg, edges, self.runtime.groups, self.data,
                                                    self.prompter, self.pair_every, self.progress.console)))
@@ -124,8 +124,9 @@ def merge_and_continue(folder: Path, trainable: dict, cfg: Config, base_path: st
 
 
 def train(cfg: Config, topology: Topology | None = None, console=None, pool: WarmPool | None = None) -> dict:
-    """Algorithm 1 end to end; returns {"eval", "models", "budget", "steps", "seconds", "timing",
-    "plots"}. With a `pool` the run takes warm actors from it and leaves its own there."""
+    """Algorithm 1 end to end; returns {"eval", "models", "budget", "steps", "resumed_at" (the
+    checkpoint's step a resume started from, else 0), "seconds", "timing", "plots"}. With a
+    `pool` the run takes warm actors from it and leaves its own there."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -240,7 +241,8 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
             ray.shutdown()
 
     summary = {"eval": results, "models": models, "budget": budget(read_metrics(out / "metrics.jsonl")),
-               "steps": len(plan), "seconds": clock.mark("done"), "timing": clock.marks}
+               "steps": len(plan), "resumed_at": resume_step or 0, "seconds": clock.mark("done"),
+               "timing": clock.marks}
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     summary["plots"] = [str(p) for p in plot_run(out)]
     return summary

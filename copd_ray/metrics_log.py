@@ -55,7 +55,9 @@ class MetricsLog:
             safe = redacted(config)
             # With a secret set, wandb records neither the command line (x_disable_meta: the
             # token may be a `serve.token=` override in it) nor the console.
-            settings = wandb.Settings(x_disable_meta=True, console="off") if safe != config else wandb.Settings()
+            # quiet: the run's summary would print ~30 lines before the results table.
+            settings = (wandb.Settings(x_disable_meta=True, console="off", quiet=True) if safe != config
+                        else wandb.Settings(quiet=True))
             self.wandb = wandb.init(project=wandb_cfg.project, name=run_name, dir=str(output_dir),
                                     mode=wandb_cfg.mode, config=safe, resume="allow", settings=settings)
 

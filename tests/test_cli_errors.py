@@ -131,3 +131,12 @@ def test_help_shows_the_override_syntax():
     assert "[CONFIG.yaml] [dotted.key=value ...]" in train.output
     compare = CliRunner().invoke(app, ["compare", "--help"], env={"COLUMNS": "200"})
     assert "seed, seed+1, ..., the first set by the seed=N override" in compare.output
+
+
+def test_eval_of_a_run_folder_names_a_model_inside_it(copd_ray, tmp_path, tiny_folder):
+    import shutil
+
+    shutil.copytree(tiny_folder, tmp_path / "run" / "branches" / "add")
+    line = one_line(copd_ray("eval", "-m", str(tmp_path / "run"), code=2))
+    assert line == (f"error: --model {tmp_path / 'run'} is not a model folder (no config.json); it looks like a "
+                    f"run's output folder: give one of its models, e.g. -m {tmp_path / 'run' / 'branches' / 'add'}")

@@ -185,7 +185,11 @@ def test_an_interrupted_run_resumes(tmp_path, tiny_folder):
     # The steps after the checkpoint that the interrupted run had logged are gone: each once.
     assert [r["step"] for r in records if r["kind"] == "step" and r["branch"] == "add"] == list(range(1, 31))
     summary = json.loads((out / "eval.json").read_text())
-    assert summary["steps"] == 30 and summary["budget"]["rl_steps"] == 60
+    assert summary["steps"] == 30 and summary["budget"]["rl_steps"] == 60 and summary["resumed_at"] == saved
+    assert f"steps {saved + 1}-30 of 30 (resumed at step {saved}) in " in second.stdout
+    third = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)  # nothing left to run
+    assert third.returncode == 0 and "no step to run (resumed at the last, step 30)" in third.stdout, third.stdout
+    assert "Token authentication is enabled" not in third.stdout + third.stderr  # a local Ray's notice, filtered
 
 
 def test_the_serve_token_reaches_no_file_under_output_dir(ray_session, tiny_folder, tmp_path):

@@ -307,3 +307,44 @@ def test_copd_ray_serve_serves_a_runs_saved_branches(tmp_path, tiny_folder):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_copd_ray_serve_takes_a_config_and_overrides(tiny_folder, tmp_path):
+    """`copd-ray serve PATH -c CONFIG -s serve.max_sequences=1`: the request limits come from
+    the config and its overrides; a valid request still gets its log-probs."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    (tmp_path / "serve.yaml").write_text(f"serve:\n  port: {port}\n  max_tokens: 64\n")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "copd_ray.cli", "serve", str(tiny_folder), "-c", str(tmp_path / "serve.yaml"),
+         "-s", "serve.max_sequences=1", "--token", TOKEN], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, preexec_fn=sigint_reaches_child)
+    url, headers = f"http://127.0.0.1:{port}/score/policy", {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                one = requests.post(url, json={"sequences": SEQS[:1], "prompt_lengths": PLENS[:1]}, headers=headers,
+                                    timeout=30)
+                break
+            except requests.ConnectionError:
+                assert server.poll() is None and time.time() < deadline, server.stdout.read()
+                time.sleep(1)
+        assert one.status_code == 200 and len(one.json()["logprobs"][0]) == len(SEQS[0]) - PLENS[0], one.text
+        two = requests.post(url, json={"sequences": SEQS, "prompt_lengths": PLENS}, headers=headers, timeout=30)
+        assert two.status_code == 413 and "at most 1 a request" in two.json()["error"]
+        long = requests.post(url, json={"sequences": [SEQS[0] * 6], "prompt_lengths": [9]}, headers=headers, timeout=30)
+        assert long.status_code == 413 and "at most 64" in long.json()["error"]
+    finally:
+        server.send_signal(2)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()

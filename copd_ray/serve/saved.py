@@ -29,8 +29,9 @@ def find_branches(paths: list[str]) -> dict[str, Path]:
 
 
 def serve_saved(paths: list[str], host: str, port: int, token: str | None, engine_cfg: dict, engine_kind: str = "hf",
-                scorer_cpus: float = 0.25, block: bool = True) -> dict:
-    """Start a scorer per saved branch and the HTTP app; block until interrupted."""
+                scorer_cpus: float = 0.25, block: bool = True, limits: dict | None = None) -> dict:
+    """Start a scorer per saved branch and the HTTP app; block until interrupted. `limits`:
+    the request limits of `start_serving` (serve.max_* of a config)."""
     import os
     import time
 
@@ -47,7 +48,7 @@ def serve_saved(paths: list[str], host: str, port: int, token: str | None, engin
     scorers = {name: ScorerActor.options(num_cpus=scorer_cpus).remote(name, str(folder), engine_kind, engine_cfg)
                for name, folder in branches.items()}
     ray.get([s.ready.remote() for s in scorers.values()])
-    start_serving(scorers, {n: str(f) for n, f in branches.items()}, host, port, token)
+    start_serving(scorers, {n: str(f) for n, f in branches.items()}, host, port, token, **(limits or {}))
     if block:
         try:
             while True:
