@@ -80,13 +80,15 @@ def markdown(result: dict) -> str:
         "",
         "## Budgets",
         "",
-        f"Steps are optimizer steps summed over the branches a row trained. With K = {k} branches and "
-        f"T = {t} steps per CoPD branch: each expert takes T = {t} steps; mixed RLVR, CoPD and every "
-        f"ablation take K·T = {k * t}; static OPD and MOPD start from the experts at "
-        f"T/2 = {result['expert_steps_before_opd']} steps and add K·T − K·T/2 student steps, so "
-        f"their total (the experts' steps counted) is also K·T. The budget column checks each row's "
-        "recorded steps against that target. Rollouts and teacher tokens are not equalised: an OPD "
-        "step generates its native GRPO batch plus one cross-branch batch per teacher.",
+        "Steps are training steps (one training step is `grpo.minibatches` optimizer steps), summed over "
+        f"the branches a row trained. With K = {k} branches and T = {t} steps per CoPD branch: each expert "
+        f"takes T = {t} steps; mixed RLVR, CoPD and every ablation take K·T = {k * t}; static OPD and MOPD "
+        f"add K·T − K·T/2 student steps to the experts' first T/2 = {result['expert_steps_before_opd']} "
+        "steps each, so their total (the experts' steps counted) is also K·T. Static OPD's student is "
+        "an expert at T/2, taught by another; MOPD's student starts from the base, taught by every "
+        "expert at T/2. The budget column checks each row's recorded steps against that target. "
+        "Rollouts and teacher tokens are not equalised: an OPD step generates its native GRPO batch "
+        "plus one cross-branch batch per teacher.",
         "",
         "## Where CoPD stands",
         "",
