@@ -4,7 +4,7 @@ after the same number of steps (so that speed is not bought with learning).
 
     python benchmarks/grpo_vs_trl.py [--steps 50] [--prompts 16] [--group 8] [--threads 2]
         [--actor-threads 1] [--heldout 500] [--trl-python /tmp/trl-bench/venv/bin/python]
-        [--out table.json] [--small | --smollm2]
+        [--out table.json] [--small | --smollm2] [--seed 0] [--rows sync,async,whole,trl]
 
 TRL is not a dependency of copd-ray: install it in a virtualenv of its own (torch pinned
 first, as everywhere here), then give its python as --trl-python (default: that path, if it
@@ -214,6 +214,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the table as JSON here")
     p.add_argument("--small", action="store_true", help="untrained tiny policy, few steps: mechanics only")
     p.add_argument("--smollm2", action="store_true", help="the real SmolLM2-135M-Instruct on word problems")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (data order, sampling, the update's shuffling)")
+    p.add_argument("--rows", default="sync,async,whole,trl",
+                   help="which rows to run, comma-separated: sync, async, whole (async with whole rows), trl")
     p.add_argument("--trl-worker", metavar="SPEC", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.trl_worker:
@@ -254,7 +257,7 @@ def main() -> None:
     else:  # the default config's base (its cache key covers the default capabilities)
         folder = str(ensure_base_policy(load_config(None, ["wandb.mode=disabled"]))[0])
     common = [
-        "wandb.mode=disabled", f"model.path={folder}", f"num_threads={a.threads}",
+        "wandb.mode=disabled", f"model.path={folder}", f"num_threads={a.threads}", f"seed={a.seed}",
         f"capabilities=[{capability}]", "branches=[{name: add}]",
         "topology.kind=none", "schedule.cycles=1", f"schedule.rl_steps={steps}", "schedule.opd_steps=0",
         "schedule.save_every=0", f"grpo.prompts_per_step={a.prompts}", f"grpo.group_size={a.group}",
@@ -276,9 +279,13 @@ def main() -> None:
                 "pass@1": heldout_pass(model, cap, cfg),
                 "wall_s": time.perf_counter() - start, "load_1min": os.getloadavg()[0], **extra}
 
-    for name, extra in (("copd-ray sync", ["schedule.max_staleness=0"]),
-                        ("copd-ray async", ["schedule.max_staleness=1"]),
-                        ("copd-ray async, whole rows", ["schedule.max_staleness=1", "train.share_prompts=false"])):
+    chosen = set(a.rows.split(","))
+    for key, name, extra in (("sync", "copd-ray sync", ["schedule.max_staleness=0"]),
+                             ("async", "copd-ray async", ["schedule.max_staleness=1"]),
+                             ("whole", "copd-ray async, whole rows",
+                              ["schedule.max_staleness=1", "train.share_prompts=false"])):
+        if key not in chosen:
+            continue
         start = time.perf_counter()
         try:
             times, records, model, own = run_copd([*common, *extra], work / name.replace(" ", "_").replace(",", ""))
@@ -294,7 +301,9 @@ def main() -> None:
 
     trl_python = a.trl_python if a.trl_python is not None else (
         DEFAULT_TRL_PYTHON if Path(DEFAULT_TRL_PYTHON).exists() else "")
-    if not trl_python:
+    if "trl" not in chosen:
+        notes.append("TRL: not among --rows")
+    elif not trl_python:
         notes.append("TRL: skipped (--trl-python '' given)" if a.trl_python is not None else
                      f"TRL: skipped (no --trl-python given and {DEFAULT_TRL_PYTHON} does not exist)")
     else:
@@ -359,6 +368,7 @@ def main() -> None:
         Path(a.out).write_text(json.dumps({"settings": {"steps": steps, "skip": skip, "prompts": a.prompts,
                                                         "group": a.group, "threads": a.threads,
                                                         "actor_threads": a.actor_threads, "heldout": len(cap.heldout),
+                                                        "seed": a.seed, "rows": a.rows,
                                                         "model": folder, "small": a.small},
                                            "rows": rows, "notes": notes}, indent=2))
     if any("error" in r for r in rows.values()):
