@@ -589,6 +589,12 @@ class RayConfig(Section):
     driver re-wires it; after this many recoveries in one run the run stops."""
     restart_timeout_s: Float = Field(300.0, gt=0)
     """Seconds for a restarted actor to load its model."""
+    collective_timeout_s: Float = Field(120.0, gt=0)
+    """Seconds a member of a weight-sync group waits in one collective (a bucket's broadcast,
+    the group's rendezvous) before giving up. A member lost in the middle of a broadcast
+    holds the others there this long before the group is rebuilt, so it bounds how fast a
+    recovery starts; it must exceed the longest a member can be late to a broadcast (a
+    generator finishing its rollout call when branches run on their own clocks)."""
 
 
 class MetricsConfig(Section):

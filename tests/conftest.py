@@ -7,6 +7,13 @@ REPO = Path(__file__).resolve().parents[1]
 EVAL_DATA = REPO / "data" / "eval"
 
 
+# Small actors and batches for the runs of the tests on the untrained tiny policy (one list,
+# so that the runs share a shape and the warm pool's actors).
+FAST = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
+        "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4",
+        "opd.prompts_per_teacher=4", "opd.samples_per_prompt=2", "capabilities.0.heldout_size=40",
+        "capabilities.1.heldout_size=40", "eval.during_training_size=20", "metrics.pair_sequences=8"]
+
 # A whole comparison on the untrained tiny policy in about two minutes: T = 4 steps per branch.
 TINY_COMPARE = [
     "wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1",
@@ -66,6 +73,19 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def warm_pool(ray_session):
+    """The session's WarmPool: runs of one shape reuse the last run's actor processes
+    (reloaded in place; tests/test_warm_pool.py checks a warm run computes what a cold one
+    does) instead of starting and importing torch in new ones. Tests that kill actors or
+    need the cluster's whole capacity run cold."""
+    from copd_ray.runtime import WarmPool
+
+    pool = WarmPool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, tiny_model, tiny_tokenizer):
     """The untrained tiny policy saved as a Hugging Face folder."""
     from copd_ray.models import save_policy
@@ -74,13 +94,14 @@ def tiny_folder(tmp_path_factory, tiny_model, tiny_tokenizer):
 
 
 @contextlib.contextmanager
-def started_branch(name, cfg, model_folder, run_id):
-    """A BranchGroup placed, started and wired, shut down on exit."""
+def started_branch(name, cfg, model_folder, run_id, frozen=False):
+    """A BranchGroup placed, started and wired, shut down on exit (`frozen`: a fixed
+    teacher, its scorer alone)."""
     import ray
 
     from copd_ray.actors import BranchGroup
 
-    group = BranchGroup(name, cfg, str(model_folder), run_id)
+    group = BranchGroup(name, cfg, str(model_folder), run_id, frozen=frozen)
     try:
         group.wait_placed()
         ray.get(group.start_actors())

@@ -92,7 +92,7 @@ def test_chat_rows_without_a_chat_template_are_one_line(copd_ray, tmp_path):
     row = {"messages": [{"role": "user", "content": "1+1="}], "answer": "2"}
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(row) for _ in range(3)) + "\n")
     result = copd_ray("bootstrap", f"cache_dir={tmp_path}/cache", f"capabilities.0.source={tmp_path}/chat.jsonl",
-                      "capabilities.0.heldout_size=1", code=1)
+                      "capabilities.0.heldout_size=1", "capabilities.0.validation_size=0", code=1)
     assert "capabilities 'add' (3) have chat rows" in one_line(result)
     assert not list((tmp_path / "cache").glob("*"))  # failed before any training
 

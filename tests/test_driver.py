@@ -12,28 +12,24 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import sigint_reaches_child
+from conftest import FAST, sigint_reaches_child
 from copd_ray.config import load_config
 from copd_ray.driver import train
 from copd_ray.run_data import BranchDataError
 from copd_ray.errors import CheckpointError
 from copd_ray.topology import Topology
 
-FAST = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
-        "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4",
-        "opd.prompts_per_teacher=4", "opd.samples_per_prompt=2", "capabilities.0.heldout_size=40",
-        "capabilities.1.heldout_size=40", "eval.during_training_size=20", "metrics.pair_sequences=8"]
 
 
 def _records(out, kind):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["kind"] == kind]
 
 
-def test_one_cycle_completes_and_merges_to_the_mean(ray_session, tiny_folder, tmp_path):
+def test_one_cycle_completes_and_merges_to_the_mean(warm_pool, tiny_folder, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(None, FAST + [f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1",
                                     "schedule.rl_steps=2", "schedule.opd_steps=1", "eval.every=3", "metrics.pair_every=1"])
-    summary = train(cfg)
+    summary = train(cfg, pool=warm_pool)
 
     evals = json.loads((out / "eval.json").read_text())["eval"]
     assert set(evals) == {"base", "branch:add", "branch:mul", "merged"}
@@ -62,14 +58,14 @@ def test_one_cycle_completes_and_merges_to_the_mean(ray_session, tiny_folder, tm
     assert {p.rsplit("/", 1)[-1] for p in summary["plots"]} == {"accuracy.png", "training.png", "pair_metrics.png"}
 
 
-def test_merge_every_cycle_continues_every_branch_from_the_merge(ray_session, tiny_folder, tmp_path):
+def test_merge_every_cycle_continues_every_branch_from_the_merge(warm_pool, tiny_folder, tmp_path):
     out = tmp_path / "every"
     # A shaped reward gives the untrained policy a gradient, so the branches differ by cycle 1's end.
     cfg = load_config(None, FAST + [f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=2",
                                     "schedule.rl_steps=1", "schedule.opd_steps=1", "eval.every=0",
                                     "metrics.pair_every=0", "merge.every_cycle=true", "grpo.lr=0.005",
                                     "capabilities.0.reward=char_overlap", "capabilities.1.reward=char_overlap"])
-    train(cfg)
+    train(cfg, pool=warm_pool)
     cycle = out / "cycle_merges" / "cycle_1"
     add, mul = (load_file(str(cycle / n / "model.safetensors")) for n in ("add", "mul"))
     merged = load_file(str(cycle / "merged" / "model.safetensors"))
@@ -84,20 +80,20 @@ def test_merge_every_cycle_continues_every_branch_from_the_merge(ray_session, ti
     assert versions == [1, 2, 4, 5]  # the merge was broadcast as a version of its own
 
 
-def test_three_branches_hub_and_spoke_from_python(ray_session, tiny_folder, tmp_path):
+def test_three_branches_hub_and_spoke_from_python(warm_pool, tiny_folder, tmp_path):
     out = tmp_path / "hub"
     cfg = load_config(None, FAST + [
         f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1", "schedule.rl_steps=0",
         "schedule.opd_steps=1", "eval.every=0", "metrics.pair_every=0",
         "branches=[{name: add}, {name: mul}, {name: mixed, data: [add, mul]}]"])
-    train(cfg, topology=Topology.hub_and_spoke("mixed", ["add", "mul"]))
+    train(cfg, topology=Topology.hub_and_spoke("mixed", ["add", "mul"]), pool=warm_pool)
     teachers = {r["branch"]: sorted(k.split("/")[1] for k in r if k.endswith("/teacher_version"))
                 for r in _records(out, "step")}
     assert teachers == {"mixed": ["add", "mul"], "add": ["mixed"], "mul": ["mixed"]}
     assert set(json.loads((out / "eval.json").read_text())["eval"]) == {"base", "branch:add", "branch:mul", "branch:mixed", "merged"}
 
 
-def test_a_frozen_teacher_distils_into_one_student_and_the_budget_adds_up(ray_session, tiny_folder, tmp_path):
+def test_a_frozen_teacher_distils_into_one_student_and_the_budget_adds_up(warm_pool, tiny_folder, tmp_path):
     """Static OPD as configuration: a frozen branch only scores; distillation-only Phase II."""
     out = tmp_path / "static"
     cfg = load_config(None, FAST + [
@@ -105,7 +101,7 @@ def test_a_frozen_teacher_distils_into_one_student_and_the_budget_adds_up(ray_se
         "schedule.opd_steps=2", "eval.every=0", "metrics.pair_every=2", "opd.native_rl=false", "opd.temperature=0.5",
         f"branches=[{{name: add}}, {{name: teacher, data: [mul], init: {tiny_folder}, frozen: true}}]",
         "topology.kind=edges", "topology.edges=[[teacher, add]]"])
-    summary = train(cfg)
+    summary = train(cfg, pool=warm_pool)
 
     steps = _records(out, "step")
     assert [(r["branch"], r["phase"], r["opd_batches"]) for r in steps] == [("add", "rl", 0), ("add", "opd", 1), ("add", "opd", 1)]
@@ -135,7 +131,7 @@ def test_a_frozen_branch_can_only_teach():
     load_config(None, [frozen, "topology.kind=edges", "topology.edges=[[mul, add]]"])
 
 
-def test_a_branch_without_usable_rows_stops_the_run_naming_it(tmp_path, tiny_folder):
+def test_a_branch_without_usable_rows_stops_the_run_naming_it(ray_session, tmp_path, tiny_folder):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1="}\n{oops\n')
     cfg = load_config(None, FAST + [f"model.path={tiny_folder}", f"output_dir={tmp_path / 'o'}",
@@ -144,7 +140,7 @@ def test_a_branch_without_usable_rows_stops_the_run_naming_it(tmp_path, tiny_fol
         train(cfg)
 
 
-def test_a_checkpoint_from_another_base_policy_is_not_resumed(tmp_path, tiny_folder):
+def test_a_checkpoint_from_another_base_policy_is_not_resumed(ray_session, tmp_path, tiny_folder):
     out = tmp_path / "o"
     state = out / "checkpoints" / "step_000004" / "driver_state.json"
     state.parent.mkdir(parents=True)
@@ -192,7 +188,7 @@ def test_an_interrupted_run_resumes(tmp_path, tiny_folder):
     assert "Token authentication is enabled" not in third.stdout + third.stderr  # a local Ray's notice, filtered
 
 
-def test_the_serve_token_reaches_no_file_under_output_dir(ray_session, tiny_folder, tmp_path):
+def test_the_serve_token_reaches_no_file_under_output_dir(warm_pool, tiny_folder, tmp_path):
     """A run with live HTTP scoring behind a token, logged to wandb (offline): the token
     is in no file the run writes (wandb's config and metadata, metrics, checkpoints)."""
     from conftest import free_port
@@ -203,18 +199,18 @@ def test_the_serve_token_reaches_no_file_under_output_dir(ray_session, tiny_fold
                                     "serve.enabled=true", f"serve.port={free_port()}", f"serve.token={token}",
                                     "schedule.cycles=1", "schedule.rl_steps=1", "schedule.opd_steps=1",
                                     "schedule.save_every=1", "eval.every=0", "metrics.pair_every=0"])
-    train(cfg)
+    train(cfg, pool=warm_pool)
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any("wandb" in p.parts for p in files) and any(p.name == "driver_state.json" for p in files)
     assert [p for p in files if token.encode() in p.read_bytes()] == []
 
 
-def test_sharded_trainers_train_checkpoint_resume_and_merge(ray_session, tiny_folder, tmp_path):
+def test_sharded_trainers_train_checkpoint_resume_and_merge(warm_pool, tiny_folder, tmp_path):
     def run(out, *extra):
         cfg = load_config(None, FAST + [f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1",
                                         "schedule.rl_steps=2", "schedule.opd_steps=1", "schedule.save_every=2",
                                         "eval.every=0", "metrics.pair_every=0", *extra])
-        train(cfg)
+        train(cfg, pool=warm_pool)
         return load_file(str(out / "merged" / "model.safetensors"))
 
     first = run(tmp_path / "two", "resources.num_trainers=2")

@@ -220,7 +220,7 @@ def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_th
     cfg = load_config(None, ["resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1",
                              "model.tiny.vision=true"])
     with started_branch("image", cfg, vl_folder, "test-vl") as student, \
-            started_branch("text", cfg, vl_folder, "test-vl") as teacher:
+            started_branch("text", cfg, vl_folder, "test-vl", frozen=True) as teacher:  # a scorer is all it needs
         out = sample(student, prompts, SamplingParams(n=2, max_new_tokens=5, seed=1), [r.answer for r in records],
                      ["exact_match"] * len(records))
         sequences, plens = out.sequences, out.prompt_lengths
@@ -263,7 +263,8 @@ def test_three_visual_branches_hub_and_spoke_one_cycle_then_the_merge_answers_an
     cfg = load_config("configs/demo_multimodal.yaml", TINY_COMPARE[:8] + [
         f"model.path={vl_folder}", f"output_dir={out}", "schedule.cycles=1", "schedule.rl_steps=1",
         "schedule.opd_steps=1", "eval.every=2", "eval.during_training_size=10", "metrics.pair_every=2",
-        "metrics.pair_sequences=4"] + [f"capabilities.{i}.heldout_size=12" for i in range(3)])
+        "metrics.pair_sequences=4"] + [f"capabilities.{i}.{k}=12" for i in range(3) for k in ("heldout_size",
+                                                                                            "validation_size")])
     summary = train(cfg)
     assert set(summary["eval"]) == {"base", "branch:text", "branch:image", "branch:video", "merged"}
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -293,7 +294,8 @@ def test_the_vision_warm_up_trains_on_pixels_and_caches_a_loadable_folder(tmp_pa
 
     cfg = load_config("configs/demo_multimodal.yaml", [
         f"cache_dir={tmp_path}", "bootstrap.max_steps=2", "bootstrap.batch_size=8", "bootstrap.eval_every=1",
-        "model.tiny.num_layers=1"] + [f"capabilities.{i}.heldout_size=10" for i in range(3)])
+        "model.tiny.num_layers=1"] + [f"capabilities.{i}.{k}=10" for i in range(3) for k in ("heldout_size",
+                                                                                           "validation_size")])
     folder, record = ensure_base_policy(cfg)
     assert set(record["rates"]) == {"text", "image", "video"} and record["steps"] in (1, 2)
     AutoModelForImageTextToText.from_pretrained(folder)

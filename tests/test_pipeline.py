@@ -8,13 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FAST
 from copd_ray.config import load_config
 from copd_ray.driver import train
 
-FAST = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
-        "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4",
-        "opd.prompts_per_teacher=4", "opd.samples_per_prompt=2", "capabilities.0.heldout_size=40",
-        "capabilities.1.heldout_size=40", "eval.during_training_size=20", "metrics.pair_sequences=8"]
 # A shaped reward gives the untrained policy a GRPO signal from the first step.
 SHAPED = ["capabilities.0.reward=char_overlap", "capabilities.1.reward=char_overlap", "grpo.lr=0.005"]
 GOLDEN = Path(__file__).parent / "data" / "golden_sync_steps.json"
@@ -26,7 +23,7 @@ def _records(out, kind):
     return [r for r in rows if r["kind"] == kind]
 
 
-def test_lockstep_reproduces_the_run_from_before_the_step_moved_into_the_branch(ray_session, tiny_folder, tmp_path):
+def test_lockstep_reproduces_the_run_from_before_the_step_moved_into_the_branch(warm_pool, tiny_folder, tmp_path):
     """tests/data/golden_sync_steps.json: the step records (time/* left out) of this very
     config, written by the driver of commit 3b597d3, which still passed every rollout and
     score through the driver. What sampling decided (rewards, lengths, counts) must be the
@@ -38,7 +35,7 @@ def test_lockstep_reproduces_the_run_from_before_the_step_moved_into_the_branch(
     cfg = load_config(None, FAST + SHAPED + [f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1",
                                              "schedule.rl_steps=2", "schedule.opd_steps=2", "eval.every=0",
                                              "metrics.pair_every=2"])
-    train(cfg)
+    train(cfg, pool=warm_pool)
     golden = json.loads(GOLDEN.read_text())
     steps = sorted(_records(out, "step"), key=lambda r: (r["step"], r["branch"]))
     assert len(steps) == len(golden) == 8
@@ -51,7 +48,7 @@ def test_lockstep_reproduces_the_run_from_before_the_step_moved_into_the_branch(
     assert any(r["loss"] != 0 for r in golden)  # the comparison has something to compare
 
 
-def test_what_the_driver_receives_does_not_grow_with_the_batch(ray_session, tiny_folder, tmp_path):
+def test_what_the_driver_receives_does_not_grow_with_the_batch(warm_pool, tiny_folder, tmp_path):
     """Four times the prompts (and rollouts, tokens, teacher log-probs): the same bytes."""
     received = {}
     for prompts in (2, 8):
@@ -60,7 +57,7 @@ def test_what_the_driver_receives_does_not_grow_with_the_batch(ray_session, tiny
             f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1", "schedule.rl_steps=1",
             "schedule.opd_steps=1", "eval.every=0", "metrics.pair_every=0", f"grpo.prompts_per_step={prompts}",
             f"opd.prompts_per_teacher={prompts}", "grpo.max_new_tokens=12"])
-        train(cfg)
+        train(cfg, pool=warm_pool)
         steps = _records(out, "step")
         received[prompts] = {(r["branch"], r["phase"]): (r["driver/bytes_received"], r["rollouts"], r["teacher_tokens"])
                              for r in steps}
@@ -71,12 +68,12 @@ def test_what_the_driver_receives_does_not_grow_with_the_batch(ray_session, tiny
         assert abs(big_bytes - small_bytes) <= 64 and big_bytes < 4096  # ... and the driver got the same record
 
 
-def test_branches_on_their_own_clocks_train_lag_at_most_k_checkpoint_and_resume(ray_session, tiny_folder, tmp_path):
+def test_branches_on_their_own_clocks_train_lag_at_most_k_checkpoint_and_resume(warm_pool, tiny_folder, tmp_path):
     out = tmp_path / "async"
     base = FAST + SHAPED + [f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1",
                             "schedule.rl_steps=4", "schedule.opd_steps=2", "schedule.max_staleness=1",
                             "schedule.save_every=0", "eval.every=3", "metrics.pair_every=2"]
-    train(load_config(None, base))
+    train(load_config(None, base), pool=warm_pool)
     steps = _records(out, "step")
     assert sorted((r["step"], r["branch"]) for r in steps) == [(s, b) for s in range(1, 7) for b in ("add", "mul")]
     for r in steps:
@@ -96,10 +93,10 @@ def test_branches_on_their_own_clocks_train_lag_at_most_k_checkpoint_and_resume(
     cfg = FAST + SHAPED + [f"model.path={tiny_folder}", f"output_dir={out2}", "schedule.cycles=1",
                            "schedule.rl_steps=4", "schedule.opd_steps=2", "schedule.max_staleness=1",
                            "schedule.save_every=4", "eval.every=0", "metrics.pair_every=0"]
-    train(load_config(None, cfg))
+    train(load_config(None, cfg), pool=warm_pool)
     whole = {(r["step"], r["branch"]): r for r in _records(out2, "step")}
     shutil.rmtree(out2 / "checkpoints" / "step_000006")
-    summary = train(load_config(None, cfg + ["resume=auto"]))
+    summary = train(load_config(None, cfg + ["resume=auto"]), pool=warm_pool)
     assert [e["from"].rsplit("/", 1)[-1] for e in _records(out2, "event") if e["event"] == "resumed"] == ["step_000004"]
     resumed = {(r["step"], r["branch"]): r for r in _records(out2, "step")}
     assert sorted(resumed) == sorted(whole)

@@ -18,7 +18,10 @@ RUN = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator
        "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4", "opd.prompts_per_teacher=4",
        "opd.samples_per_prompt=2", "capabilities.0.heldout_size=20", "capabilities.1.heldout_size=20",
        "eval.every=0", "metrics.pair_every=0", "schedule.cycles=1", "schedule.rl_steps=1",
-       f"schedule.save_every={SAVE_EVERY}"]
+       f"schedule.save_every={SAVE_EVERY}",
+       # A member killed mid-broadcast holds the others in it this long before the group is
+       # rebuilt (120 s by default); the tiny policy's buckets take milliseconds.
+       "ray.collective_timeout_s=15"]
 
 
 def _records(out, kind=None):

@@ -84,7 +84,7 @@ def test_a_bad_adaptive_config_names_what_is_wrong(overrides, words):
         _cfg(*overrides)
 
 
-def test_an_adaptive_run_switches_by_its_logged_metrics_and_spends_exactly_the_budget(ray_session, tiny_folder,
+def test_an_adaptive_run_switches_by_its_logged_metrics_and_spends_exactly_the_budget(warm_pool, tiny_folder,
                                                                                        tmp_path):
     from copd_ray.driver import train
     from test_driver import FAST
@@ -108,7 +108,7 @@ def test_an_adaptive_run_switches_by_its_logged_metrics_and_spends_exactly_the_b
                                     "schedule.kl_high=1e-6", "schedule.min_phase=2", "schedule.cycles=1",
                                     "schedule.rl_steps=3", "schedule.opd_steps=2", "metrics.pair_every=1",
                                     "eval.every=0"])
-    summary = train(cfg)
+    summary = train(cfg, pool=warm_pool)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
     pairs = [r for r in records if r["kind"] == "pair"]

@@ -246,7 +246,7 @@ def test_fuzzed_requests_never_get_a_5xx(served):
     assert _post(served, {"sequences": SEQS, "prompt_lengths": PLENS}).status_code == 200
 
 
-def test_training_routes_teacher_scoring_through_serve_with_the_same_results(ray_session, tiny_folder, tmp_path):
+def test_training_routes_teacher_scoring_through_serve_with_the_same_results(warm_pool, tiny_folder, tmp_path):
     """The same run twice, teachers reached by actor handles and by Serve deployment
     handles: every training number agrees, and the versions the teachers report too."""
     import json
@@ -264,7 +264,7 @@ def test_training_routes_teacher_scoring_through_serve_with_the_same_results(ray
         out = tmp_path / transport
         extra = [f"serve.enabled={transport == 'serve'}", f"topology.transport={transport}",
                  f"serve.port={free_port()}", f"output_dir={out}"]
-        train(load_config(None, common + extra))
+        train(load_config(None, common + extra), pool=warm_pool)
         runs[transport] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                            if json.loads(line)["kind"] == "step"]
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
@@ -273,6 +273,8 @@ def test_training_routes_teacher_scoring_through_serve_with_the_same_results(ray
 
 
 def test_copd_ray_serve_serves_a_runs_saved_branches(tmp_path, tiny_folder):
+    """`copd-ray serve RUN -c CONFIG -s KEY=VALUE`: every saved branch, with the request
+    limits of the config and its overrides."""
     import shutil
     import signal
     import subprocess
@@ -283,7 +285,9 @@ def test_copd_ray_serve_serves_a_runs_saved_branches(tmp_path, tiny_folder):
     for name in ("add", "mul"):
         shutil.copytree(tiny_folder, run / "branches" / name)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "copd_ray.cli", "serve", str(run), "--port", str(port)],
+    (tmp_path / "limits.yaml").write_text("serve:\n  max_tokens: 64\n")
+    proc = subprocess.Popen([sys.executable, "-m", "copd_ray.cli", "serve", str(run), "--port", str(port),
+                             "-c", str(tmp_path / "limits.yaml"), "-s", "serve.max_sequences=2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**__import__("os").environ, "COPD_RAY_SERVE_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"},
                             preexec_fn=sigint_reaches_child)
@@ -304,47 +308,13 @@ def test_copd_ray_serve_serves_a_runs_saved_branches(tmp_path, tiny_folder):
                                headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
         assert scored.status_code == 200 and len(scored.json()["logprobs"][0]) == len(SEQS[0]) - PLENS[0]
         assert requests.get(f"{url}/branches", timeout=5).status_code == 401
+        three = requests.post(f"{url}/score/mul", json={"sequences": SEQS + SEQS[:1], "prompt_lengths": PLENS + PLENS[:1]},
+                              headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+        assert three.status_code == 413 and "at most 2 a request" in three.json()["error"]  # -s serve.max_sequences=2
+        long = requests.post(f"{url}/score/mul", json={"sequences": [SEQS[0] * 6], "prompt_lengths": [9]},
+                             headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+        assert long.status_code == 413 and "at most 64" in long.json()["error"]  # the config's serve.max_tokens
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
 
-
-@pytest.mark.slow
-def test_copd_ray_serve_takes_a_config_and_overrides(tiny_folder, tmp_path):
-    """`copd-ray serve PATH -c CONFIG -s serve.max_sequences=1`: the request limits come from
-    the config and its overrides; a valid request still gets its log-probs."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    port = free_port()
-    (tmp_path / "serve.yaml").write_text(f"serve:\n  port: {port}\n  max_tokens: 64\n")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "copd_ray.cli", "serve", str(tiny_folder), "-c", str(tmp_path / "serve.yaml"),
-         "-s", "serve.max_sequences=1", "--token", TOKEN], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, preexec_fn=sigint_reaches_child)
-    url, headers = f"http://127.0.0.1:{port}/score/policy", {"Authorization": f"Bearer {TOKEN}"}
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                one = requests.post(url, json={"sequences": SEQS[:1], "prompt_lengths": PLENS[:1]}, headers=headers,
-                                    timeout=30)
-                break
-            except requests.ConnectionError:
-                assert server.poll() is None and time.time() < deadline, server.stdout.read()
-                time.sleep(1)
-        assert one.status_code == 200 and len(one.json()["logprobs"][0]) == len(SEQS[0]) - PLENS[0], one.text
-        two = requests.post(url, json={"sequences": SEQS, "prompt_lengths": PLENS}, headers=headers, timeout=30)
-        assert two.status_code == 413 and "at most 1 a request" in two.json()["error"]
-        long = requests.post(url, json={"sequences": [SEQS[0] * 6], "prompt_lengths": [9]}, headers=headers, timeout=30)
-        assert long.status_code == 413 and "at most 64" in long.json()["error"]
-    finally:
-        server.send_signal(2)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()

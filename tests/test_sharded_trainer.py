@@ -42,16 +42,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank, world, port, folder, grpo, train, make_batch, out):
+def _ranks(rank, world, port, cases, out):
+    """One rank of every case (folder, grpo, train settings, batch maker), in turn, in one
+    process group: the pair starts (and imports torch) once for all of them."""
     import datetime
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))  # a desynchronised rank fails, not hangs
-    learner = Learner("b", rank, world, folder, grpo, train=train)
-    stats = learner.train_step(make_batch(learner).shard(rank, world))
-    state = sharding.full_model_state(learner.model)
+    results = {}
+    for name, (folder, grpo, train, make_batch) in cases.items():
+        learner = Learner("b", rank, world, folder, grpo, train=train)
+        stats = learner.train_step(make_batch(learner).shard(rank, world))
+        results[name] = {"state": sharding.full_model_state(learner.model), "stats": stats}
     if rank == 0:
-        torch.save({"state": state, "stats": stats}, out)
+        torch.save(results, out)
     dist.destroy_process_group()
 
 
@@ -60,8 +64,33 @@ def _text_batch(learner):
 
 
 def _two_ranks(tmp_path, folder, grpo, train, make_batch=_text_batch) -> dict:
+    """One case on two ranks (a pair of its own)."""
     out = tmp_path / "two.pt"
-    mp.spawn(_rank, args=(2, _free_port(), str(folder), grpo, train, make_batch, str(out)), nprocs=2)
+    mp.spawn(_ranks, args=(2, _free_port(), {"one": (str(folder), grpo, train, make_batch)}, str(out)), nprocs=2)
+    return torch.load(out)["one"]
+
+
+LOSSES = ["token_mean", "seq_mean_token_mean"]
+TRAINS = [{}, {"gradient_checkpointing": True, "max_tokens_per_microbatch": 40, "logprob_chunk_tokens": 7}]
+
+
+@pytest.fixture(scope="module")
+def vl_folder(tmp_path_factory):
+    from copd_ray.models.tiny_vl import build_image_processor, build_tiny_vl_policy, build_vl_tokenizer, save_vl_policy
+
+    tokenizer = build_vl_tokenizer()
+    return save_vl_policy(build_tiny_vl_policy(tokenizer), tokenizer, build_image_processor(),
+                          tmp_path_factory.mktemp("vl") / "vl")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tiny_folder, vl_folder) -> dict:
+    """Every two-rank case of this module, from one spawned pair of processes."""
+    cases = {(agg, i): (str(tiny_folder), {**GRPO, "loss_agg": agg}, train, _text_batch)
+             for agg in LOSSES for i, train in enumerate(TRAINS)}
+    cases["vision"] = (str(vl_folder), GRPO, {}, _vision_batch)
+    out = tmp_path_factory.mktemp("ranks") / "two.pt"
+    mp.spawn(_ranks, args=(2, _free_port(), cases, str(out)), nprocs=2)
     return torch.load(out)
 
 
@@ -76,12 +105,11 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
-@pytest.mark.parametrize("train", [{}, {"gradient_checkpointing": True, "max_tokens_per_microbatch": 40,
-                                        "logprob_chunk_tokens": 7}])
-def test_two_sharded_ranks_take_the_same_step_as_one_plain_rank(tmp_path, tiny_folder, loss_agg, train):
+@pytest.mark.parametrize("loss_agg", LOSSES)
+@pytest.mark.parametrize("train", range(len(TRAINS)), ids=["plain", "checkpointing+micro-batches+chunks"])
+def test_two_sharded_ranks_take_the_same_step_as_one_plain_rank(two_ranks, tiny_folder, loss_agg, train):
     grpo = {**GRPO, "loss_agg": loss_agg}
-    one, two = _one_rank(tiny_folder, grpo, {}), _two_ranks(tmp_path, tiny_folder, grpo, train)
+    one, two = _one_rank(tiny_folder, grpo, {}), two_ranks[(loss_agg, train)]
     base = Learner("b", 0, 1, str(tiny_folder), grpo).model.state_dict()
     assert _max_diff(one["state"], base) > 5e-5  # the step moved the weights by ~lr
     assert _max_diff(one["state"], two["state"]) < 1e-5
@@ -120,13 +148,9 @@ def _vision_batch(learner):
     return TrainBatch(4, seqs, plens, [0.0, 1.0, 0.0, 1.0] * 4)
 
 
-def test_a_rank_without_pixels_neither_hangs_nor_desynchronises(tmp_path):
-    from copd_ray.models.tiny_vl import build_image_processor, build_tiny_vl_policy, build_vl_tokenizer, save_vl_policy
-
-    tokenizer = build_vl_tokenizer()
-    folder = save_vl_policy(build_tiny_vl_policy(tokenizer), tokenizer, build_image_processor(), tmp_path / "vl")
-    one = _one_rank(folder, GRPO, {}, _vision_batch)
-    two = _two_ranks(tmp_path, folder, GRPO, {}, _vision_batch)
+def test_a_rank_without_pixels_neither_hangs_nor_desynchronises(two_ranks, vl_folder):
+    one = _one_rank(vl_folder, GRPO, {}, _vision_batch)
+    two = two_ranks["vision"]
     visual = [k for k in one["state"] if "visual" in k]
     assert visual and _max_diff({k: one["state"][k] for k in visual}, {k: two["state"][k] for k in visual}) < 1e-5
     assert _max_diff(one["state"], two["state"]) < 1e-5

@@ -138,9 +138,10 @@ class BranchGroup:
             self.transport = "ray" if {e.kind, e.scorer_kind or e.kind} == {"hf"} else "torch"
         if generation or self.reused or len(self.trainers) > 1:  # sharded ranks hold the default group themselves
             self.transport = "torch"
-        address = ray.get(self.trainers[0].weight_store.remote(world)) if self.transport == "torch" else None
-        ray.get([self.trainers[0].join_weight_group.remote(group, world, 0, backend, self.transport)]
-                + [a.join_weight_group.remote(group, world, i + 1, backend, self.transport, address)
+        wait = self.cfg.ray.collective_timeout_s
+        address = ray.get(self.trainers[0].weight_store.remote(world, wait)) if self.transport == "torch" else None
+        ray.get([self.trainers[0].join_weight_group.remote(group, world, 0, backend, self.transport, None, wait)]
+                + [a.join_weight_group.remote(group, world, i + 1, backend, self.transport, address, wait)
                    for i, a in enumerate(receivers)])
         self.plan = ray.get(self.trainers[0].weight_plan.remote(self.cfg.ray.bucket_mb))
 

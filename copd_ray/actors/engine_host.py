@@ -42,8 +42,8 @@ class EngineHost(Reloadable):
         return {k: v.detach().cpu() for k, v in self.engine.model.state_dict().items()}
 
     def join_weight_group(self, name: str, world_size: int, rank: int, backend: str, transport: str = "ray",
-                          address: tuple[str, int] | None = None) -> int:
-        self.weight_group = WeightGroup(name, world_size, rank, backend, transport, address)
+                          address: tuple[str, int] | None = None, timeout_s: float = 120.0) -> int:
+        self.weight_group = WeightGroup(name, world_size, rank, backend, transport, address, timeout_s=timeout_s)
         return rank
 
     def receive_weights(self, plan: list[list[TensorSpec]], version: int, policy_step: int = 0) -> dict:

@@ -79,15 +79,16 @@ class TrainerActor(Learner, Reloadable):
         """Whether this rank holds a sharded Learner (a restarted rank does not)."""
         return hasattr(self, "model")
 
-    def weight_store(self, world_size: int) -> tuple[str, int]:
+    def weight_store(self, world_size: int, timeout_s: float = 120.0) -> tuple[str, int]:
         """Host the rendezvous of a standalone weight-sync group (transport "torch")."""
-        self._weight_store, host, port = host_store(world_size)
+        self._weight_store, host, port = host_store(world_size, timeout_s)
         return host, port
 
     def join_weight_group(self, name: str, world_size: int, rank: int, backend: str, transport: str = "ray",
-                          address: tuple[str, int] | None = None) -> int:
+                          address: tuple[str, int] | None = None, timeout_s: float = 120.0) -> int:
         store = getattr(self, "_weight_store", None) if transport == "torch" else None
-        self.weight_group = WeightGroup(name, world_size, rank, backend, transport, address, store=store)
+        self.weight_group = WeightGroup(name, world_size, rank, backend, transport, address, store=store,
+                                        timeout_s=timeout_s)
         return rank
 
     # -- the step -----------------------------------------------------------------------
