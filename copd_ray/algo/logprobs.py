@@ -22,13 +22,15 @@ def _chunk_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor,
         logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), BANNED)
     own_lp = None
     if temperature is not None:
-        if own:
+        if own:  # the untempered log-probs, before the logits are divided
             with torch.no_grad():
                 own_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         logits = logits / temperature.unsqueeze(-1)
     logp = torch.log_softmax(logits, dim=-1)
     lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return lp, logp, (own_lp if own_lp is not None or not own else lp.detach())
+    if own and own_lp is None:  # untempered: the log-probs themselves
+        own_lp = lp.detach()
+    return lp, logp, own_lp
 
 
 def chosen_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
