@@ -201,6 +201,34 @@ def step_stats(times: list[float], skip: int, rollouts: int) -> dict:
             "rollouts_per_s": rollouts / median}
 
 
+def one_branch_overrides(folder: str, capability: str, steps: int, prompts: int, group: int, threads: int,
+                         actor_threads: int, seed: int, extra: list[str] = ()) -> list[str]:
+    """The config of one copd-ray branch doing plain GRPO on `capability`, matched to TRL's run."""
+    return [
+        "wandb.mode=disabled", f"model.path={folder}", f"num_threads={threads}", f"seed={seed}",
+        f"capabilities=[{capability}]", "branches=[{name: add}]",
+        "topology.kind=none", "schedule.cycles=1", f"schedule.rl_steps={steps}", "schedule.opd_steps=0",
+        "schedule.save_every=0", f"grpo.prompts_per_step={prompts}", f"grpo.group_size={group}",
+        "grpo.minibatches=1", "grpo.loss_agg=token_mean", "eval.every=0",
+        "metrics.pair_every=0", f"resources.actor_threads={actor_threads}", *extra]
+
+
+def trl_spec(folder: str, cfg, cap, steps: int, prompts: int, group: int, threads: int, out: Path) -> dict:
+    """What the TRL worker runs: the same model, settings and prompts (the stream a copd-ray
+    branch named add draws, in order, as text and as the token ids it reads)."""
+    from copd_ray.data import encode_prompt
+    from copd_ray.models.loading import load_policy
+
+    tokenizer, g = load_policy(folder)[1], cfg.grpo
+    return {"model": folder, "out": str(out), "steps": steps, "prompts_per_step": prompts,
+            "group": group, "threads": threads, "reward": cap.reward_name, "seed": cfg.seed, "lr": g.lr,
+            "clip_low": g.clip_low, "clip_high": g.clip_high, "grad_clip": g.grad_clip,
+            "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+            "prompts": [{"prompt": r.messages or cap.template.format(prompt=r.prompt), "answer": r.answer,
+                         "ids": encode_prompt(r, tokenizer, cap.template)}
+                        for r in cap.fork("/add").sample(steps * prompts)]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="training steps per row (default 50; --small 6)")
@@ -231,10 +259,8 @@ def main() -> None:
 
     from copd_ray.capabilities import build_capability
     from copd_ray.config import load_config
-    from copd_ray.data import encode_prompt
     from copd_ray.models import build_char_tokenizer, build_tiny_policy, save_policy
     from copd_ray.models.bootstrap import ensure_base_policy
-    from copd_ray.models.loading import load_policy
 
     torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="grpo-vs-trl-"))
@@ -256,13 +282,8 @@ def main() -> None:
                 f"train.logprob_chunk_tokens={demo.train.logprob_chunk_tokens}"]
     else:  # the default config's base (its cache key covers the default capabilities)
         folder = str(ensure_base_policy(load_config(None, ["wandb.mode=disabled"]))[0])
-    common = [
-        "wandb.mode=disabled", f"model.path={folder}", f"num_threads={a.threads}", f"seed={a.seed}",
-        f"capabilities=[{capability}]", "branches=[{name: add}]",
-        "topology.kind=none", "schedule.cycles=1", f"schedule.rl_steps={steps}", "schedule.opd_steps=0",
-        "schedule.save_every=0", f"grpo.prompts_per_step={a.prompts}", f"grpo.group_size={a.group}",
-        "grpo.minibatches=1", "grpo.loss_agg=token_mean", "eval.every=0",
-        "metrics.pair_every=0", f"resources.actor_threads={a.actor_threads}", *real]
+    common = one_branch_overrides(folder, capability, steps, a.prompts, a.group, a.threads, a.actor_threads, a.seed,
+                                  real)
     cfg = load_config(None, common)
     g, cap = cfg.grpo, build_capability(cfg.capability("add"), cfg.seed)
     rollouts = a.prompts * a.group
@@ -308,15 +329,8 @@ def main() -> None:
                      f"TRL: skipped (no --trl-python given and {DEFAULT_TRL_PYTHON} does not exist)")
     else:
         # The prompts a copd-ray branch named add draws, in order, as text and as the ids it reads.
-        tokenizer = load_policy(folder)[1]
-        spec = {"model": folder, "out": str(work / "trl"), "steps": steps, "prompts_per_step": a.prompts,
-                "group": a.group, "threads": a.threads, "reward": cap.reward_name, "seed": cfg.seed, "lr": g.lr,
-                "clip_low": g.clip_low, "clip_high": g.clip_high, "grad_clip": g.grad_clip,
-                "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
-                "prompts": [{"prompt": r.messages or cap.template.format(prompt=r.prompt), "answer": r.answer,
-                             "ids": encode_prompt(r, tokenizer, cap.template)}
-                            for r in cap.fork("/add").sample(steps * a.prompts)]}
-        (work / "trl.json").write_text(json.dumps(spec))
+        (work / "trl.json").write_text(json.dumps(trl_spec(folder, cfg, cap, steps, a.prompts, a.group, a.threads,
+                                                           work / "trl")))
         start = time.perf_counter()
         done = subprocess.run([trl_python, __file__, "--trl-worker", str(work / "trl.json")], capture_output=True,
                               text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})

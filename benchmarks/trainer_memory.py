@@ -211,7 +211,6 @@ def trainer_rank(rank: int, world: int, port: int, folder: str, s: Sizes, ckpt: 
     try:
         import datetime
 
-        import torch
         import torch.distributed as dist
 
         from copd_ray.batch import pack_microbatches

@@ -29,12 +29,13 @@ from copd_ray import branch_step
 from copd_ray.checkpoints import save_checkpoint
 from copd_ray.config import Config
 from copd_ray.metrics_log import MetricsLog
-from copd_ray.monitor import Stopwatch, evaluate_branches, log_eval, log_pairs, log_step, measured_pairs, step_line
+from copd_ray.monitor import Stopwatch, evaluate_branches, log_eval, log_pairs, log_step, step_line
 from copd_ray.recovery import Rollback, SelfHealing, restore
 from copd_ray.run_data import BranchData, Prompter, draw_prompts, prepare
 from copd_ray.runtime import Runtime, WarmPool, init_ray
 from copd_ray.schedule import Phases, checkpoint_due, schedule, segment
 from copd_ray.topology import Topology
+from copd_ray.topology.graph import measured_pairs
 
 
 @dataclass
@@ -162,7 +163,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
         healer = SelfHealing(groups, runtime.topology_actor, runtime.endpoints, cfg.ray.max_failures,
                              cfg.ray.restart_timeout_s, lambda e: log.log({"kind": "event", "step": healer.step, **e}),
                              console, out / "actors.json")
-        pair_every, pairs = {"every": cfg.metrics.pair_every}, measured_pairs(cfg, topology.edges, groups)
+        pair_every, pairs = {"every": cfg.metrics.pair_every}, measured_pairs(cfg, topology.edges)
         phases = Phases(cfg, names, topology.edges)
         step, restore_to, redo_events = 0, None, []
         last_checkpoint = (0, None)  # (step, folder): where a lost trainer sends the run back

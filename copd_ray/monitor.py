@@ -32,13 +32,6 @@ def pair_metrics(teacher: str, student: str, groups, data: dict[str, BranchData]
     return fetch([groups[student].scorer.pair_metrics.remote(top, cfg.metrics.topk, *rollouts)])[0][0]
 
 
-def measured_pairs(cfg: Config, edges, groups) -> list[tuple[str, str]]:
-    """The (teacher, student) pairs whose metrics a run logs (metrics.pairs)."""
-    if cfg.metrics.pairs == "edges":
-        return list(edges)
-    return [(t, s) for s in groups if not groups[s].frozen for t in groups if t != s]
-
-
 def log_pairs(log: MetricsLog, step: int, cfg: Config, edges, groups, data, prompter: Prompter, pair_state: dict,
               console) -> list[dict]:
     """At the interval (and at step 0), the pair metrics of the given teacher -> student edges:

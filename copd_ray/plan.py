@@ -1,7 +1,7 @@
 """`copd-ray plan`: what fits, before anything starts.
 
-For every actor of every branch (trainer ranks, generators, scorer; a frozen branch is its
-scorer alone) an estimate of its peak memory, part by part, against what its
+For every actor of every branch (trainer ranks, generators, and a scorer where some branch
+asks it for log-probs; a frozen branch is its scorer alone) an estimate of its peak memory, part by part, against what its
 placement-group bundle has: `resources.*_gpus` x the GPU memory of the node type
 (`cluster.yaml`'s InstanceType, through `INSTANCE_TYPES`, or `--gpu-memory-gb`). A
 CPU-only config is checked against host memory instead.
@@ -26,6 +26,7 @@ import yaml
 
 from copd_ray.config import Config
 from copd_ray.errors import CopdError
+from copd_ray.topology.graph import scoring_branches
 
 GiB = 2**30
 
@@ -915,6 +916,7 @@ def plan_memory(cfg: Config, cluster: str | Path | None = None, gpu_memory_gb: f
         memory_source = ""
 
     teachers = _teachers(cfg)
+    scoring = scoring_branches(cfg, [(t, s) for s, ts in teachers.items() for t in ts])
     students = {n: sum(n in t for t in teachers.values()) for n in teachers}
     prompt, prompt_why = _prompt_tokens(cfg, arch, prompt_tokens)
     notes.append(f"sequences: {prompt:,} prompt tokens ({prompt_why}) + {cfg.grpo.max_new_tokens:,} response tokens")
@@ -931,9 +933,10 @@ def plan_memory(cfg: Config, cluster: str | Path | None = None, gpu_memory_gb: f
             for i in range(r.num_generators):
                 rows.append(_engine_row(cfg, arch, w, b.name, f"generator {i}", "generator", cfg.engine.kind,
                                         r.generator_gpus, mem))
-        kind = cfg.engine.scorer_kind or cfg.engine.kind
-        rows.append(_engine_row(cfg, arch, w, b.name, "scorer", "scorer", kind, r.scorer_gpus, mem,
-                                receives=not b.frozen))
+        if b.name in scoring:
+            kind = cfg.engine.scorer_kind or cfg.engine.kind
+            rows.append(_engine_row(cfg, arch, w, b.name, "scorer", "scorer", kind, r.scorer_gpus, mem,
+                                    receives=not b.frozen))
 
     if uses_gpus and clus is not None:
         checks.extend(_gpu_count_checks(cfg, clus))

@@ -131,7 +131,7 @@ class SelfHealing:
                 g.push()
         # A restarted scorer keeps its actor handle, so students reach it as soon as it is
         # registered again (the Serve deployments in front of scorers hold the same handle).
-        ray.get([self.topology_actor.register.remote(n, self.endpoints[n]) for n in branches])
+        ray.get([self.topology_actor.register.remote(n, self.endpoints[n]) for n in branches if n in self.endpoints])
         old_pids = {key: self.pids[key[0]][key[1]] for key in replaced}
         self.record_members()
         events = [{"event": "actor_recovered", "branch": n, "actor": role, "pid_before": old_pids[(n, role)],

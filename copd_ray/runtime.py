@@ -17,6 +17,7 @@ from copd_ray.config import Config, ConfigError
 from copd_ray.data import PromptRecord
 from copd_ray.topology import Topology
 from copd_ray.topology.actor import TopologyActor
+from copd_ray.topology.graph import scoring_branches
 
 
 class _DefaultAuthNotice(logging.Filter):
@@ -63,13 +64,13 @@ class WarmPool:
         self.topology_actor = None
 
     @staticmethod
-    def shape(cfg: Config, frozen: bool) -> tuple | None:
+    def shape(cfg: Config, frozen: bool, scores: bool) -> tuple | None:
         """What a reused group must have been created with (its bundles, actors and restart
         budget are fixed then), or None where it is not kept."""
         r, e = cfg.resources, cfg.engine
         if r.num_trainers > 1 or {e.kind, e.scorer_kind or e.kind} != {"hf"}:
             return None
-        return (frozen, r.trainer_cpus, r.trainer_gpus, r.generator_cpus, r.generator_gpus, r.scorer_cpus,
+        return (frozen, scores, r.trainer_cpus, r.trainer_gpus, r.generator_cpus, r.generator_gpus, r.scorer_cpus,
                 r.scorer_gpus, r.num_generators, cfg.ray.max_failures)
 
     def take(self, shape: tuple | None) -> BranchGroup | None:
@@ -119,8 +120,9 @@ class Runtime:
             self.topology_actor = TopologyActor.remote(topology)
         branches = {b.name: b for b in cfg.branch_list()}
         paths = {n: branches[n].init or base_path for n in names}
+        scoring = scoring_branches(cfg, topology.edges)
         for n in names:
-            self.shapes[n] = WarmPool.shape(cfg, branches[n].frozen)
+            self.shapes[n] = WarmPool.shape(cfg, branches[n].frozen, n in scoring)
             warm = self.pool.take(self.shapes[n]) if self.pool else None
             if warm:
                 warm.reuse(n, cfg, paths[n], run_id)
@@ -129,14 +131,15 @@ class Runtime:
             self.pool.close(groups_only=True)
         for n in names:
             if n not in self.groups:
-                self.groups[n] = BranchGroup(n, cfg, paths[n], run_id, frozen=branches[n].frozen)
+                self.groups[n] = BranchGroup(n, cfg, paths[n], run_id, frozen=branches[n].frozen,
+                                             scores=n in scoring)
         self.trainable = {n: g for n, g in self.groups.items() if not g.frozen}
         for g in self.groups.values():
             g.wait_placed()
         ray.get([ref for g in self.groups.values() for ref in g.start_actors()])
         with ThreadPoolExecutor(max_workers=len(self.groups)) as pool:  # rendezvous: all at once
             list(pool.map(lambda g: g.wire(), self.groups.values()))
-        endpoints = {n: g.scorer for n, g in self.groups.items()}
+        endpoints = {n: g.scorer for n, g in self.groups.items() if g.scores}
         if cfg.serve.enabled:
             from copd_ray.serve import serve_running, start_serving
 

@@ -26,16 +26,19 @@ def _bundle(cpus: float, gpus: float) -> dict:
 
 
 class BranchGroup:
-    """A branch's actors. A frozen branch (a fixed teacher) is its scorer alone."""
+    """A branch's actors. A frozen branch (a fixed teacher) is its scorer alone; a branch that
+    no one asks for log-probs (`scores=False`: no student, no pair metrics, no Serve) has none."""
 
-    def __init__(self, name: str, cfg: Config, model_path: str, run_id: str, frozen: bool = False) -> None:
-        self.name, self.cfg, self.run_id, self.frozen = name, cfg, run_id, frozen
+    def __init__(self, name: str, cfg: Config, model_path: str, run_id: str, frozen: bool = False,
+                 scores: bool = True) -> None:
+        self.name, self.cfg, self.run_id, self.frozen, self.scores = name, cfg, run_id, frozen, scores or frozen
         r = cfg.resources
         self.bundles = [] if frozen else (
             [_bundle(r.trainer_cpus, r.trainer_gpus)] * r.num_trainers
             + [_bundle(r.generator_cpus, r.generator_gpus)] * r.num_generators
         )
-        self.bundles.append(_bundle(r.scorer_cpus, r.scorer_gpus))
+        if self.scores:
+            self.bundles.append(_bundle(r.scorer_cpus, r.scorer_gpus))
         self.pg = placement_group(self.bundles, strategy="PACK", name=f"copd-{run_id}-{name}")
         self.model_path = model_path
         self.version = 0
@@ -79,8 +82,8 @@ class BranchGroup:
         c, r = self.cfg, self.cfg.resources
         common = dict(dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code, threads=r.actor_threads)
         engine = dict(engine_cfg=c.engine.model_dump(), seed=c.seed, **common)
-        scorer = ((self.name, self.model_path, c.engine.scorer_kind or c.engine.kind),
-                  dict(gpus=r.scorer_gpus, **engine))
+        scorers = [((self.name, self.model_path, c.engine.scorer_kind or c.engine.kind),
+                    dict(gpus=r.scorer_gpus, **engine))] if self.scores else []
         trainers = [((self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump()),
                      dict(gpus=r.trainer_gpus, seed=c.seed, train=c.train.model_dump(), **common))
                     for i in range(0 if self.frozen else r.num_trainers)]
@@ -88,7 +91,7 @@ class BranchGroup:
                       for _ in range(0 if self.frozen else r.num_generators)]
         if self.reused:
             return [actor.reload.remote(*args, **kwargs) for actor, (args, kwargs) in
-                    zip([self.scorer] + self.trainers + self.generators, [scorer] + trainers + generators)]
+                    zip(self.trainers + self.generators + self._scorers(), trainers + generators + scorers)]
 
         def at(i: int, cpus: float, gpus: float):
             # Ray restarts a dead actor in its own bundle (once more than the run allows, so
@@ -97,19 +100,24 @@ class BranchGroup:
             return dict(num_cpus=cpus, num_gpus=gpus, max_restarts=c.ray.max_failures + 1, max_task_retries=0,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
 
-        self.scorer = ScorerActor.options(**at(len(self.bundles) - 1, r.scorer_cpus, r.scorer_gpus)).remote(
-            *scorer[0], **scorer[1])
+        for args, kwargs in scorers:  # the last bundle
+            self.scorer = ScorerActor.options(**at(len(self.bundles) - 1, r.scorer_cpus, r.scorer_gpus)).remote(
+                *args, **kwargs)
         self.trainers = [TrainerActor.options(**at(i, r.trainer_cpus, r.trainer_gpus)).remote(*args, **kwargs)
                          for i, (args, kwargs) in enumerate(trainers)]
         self.generators = [
             GeneratorActor.options(**at(len(trainers) + i, r.generator_cpus, r.generator_gpus)).remote(*args, **kwargs)
             for i, (args, kwargs) in enumerate(generators)]
-        return [a.ready.remote() for a in self.trainers + self.generators + [self.scorer]]
+        return [a.ready.remote() for a in self.trainers + self.generators + self._scorers()]
+
+    def _scorers(self) -> list:
+        return [self.scorer] if self.scorer is not None else []
 
     def members(self) -> dict[str, object]:
         """Every actor of the branch by role ("trainer 0", "generator 0", "scorer")."""
         return {**{f"trainer {i}": t for i, t in enumerate(self.trainers)},
-                **{f"generator {i}": g for i, g in enumerate(self.generators)}, "scorer": self.scorer}
+                **{f"generator {i}": g for i, g in enumerate(self.generators)},
+                **{"scorer": s for s in self._scorers()}}
 
     def wire(self, generation: int = 0) -> None:
         """Join the trainer ranks' group (sharded trainers) and the weight-sync group (trainer rank 0,
@@ -124,7 +132,7 @@ class BranchGroup:
         if len(self.trainers) > 1 and not all(ray.get([t.dp_ready.remote() for t in self.trainers])):
             host, port = ray.get(self.trainers[0].dp_address.remote())
             ray.get([t.join_dp_group.remote(host, port, generation) for t in self.trainers])
-        receivers = self.generators + [self.scorer]
+        receivers = self.generators + self._scorers()
         group = f"copd-{self.run_id}-{self.name}-weights-{generation}"
         world = 1 + len(receivers)
         backend = self.cfg.ray.sync_backend
@@ -191,7 +199,7 @@ class BranchGroup:
         self._broadcast(self.version + self.trained_since_sync)
 
     def _broadcast(self, version: int) -> int:
-        receivers = self.generators + [self.scorer]
+        receivers = self.generators + self._scorers()
         world = len(self.trainers)  # sharded ranks all gather each bucket; rank 0 sends
         sent, *received = ray.get([t.send_weights.remote(self.plan) for t in self.trainers]
                                   + [a.receive_weights.remote(self.plan, version, self.steps) for a in receivers])
@@ -224,9 +232,8 @@ class BranchGroup:
 
     def shutdown(self) -> None:
         """Kill the actors and free the placement group (safe to call more than once)."""
-        for a in self.trainers + self.generators + [self.scorer]:
-            if a is not None:
-                ray.kill(a)
+        for a in self.trainers + self.generators + self._scorers():
+            ray.kill(a)
         self.trainers, self.generators, self.scorer = [], [], None
         if self.pg is not None:
             remove_placement_group(self.pg)

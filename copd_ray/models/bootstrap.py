@@ -31,9 +31,6 @@ from copd_ray.config import BootstrapConfig, Config, ConfigError
 from copd_ray.data import PromptRecord, encode_prompt
 from copd_ray.engines import HFEngine
 from copd_ray.evaluation import evaluate, guessing_rate
-from copd_ray.models.loading import load_policy
-from copd_ray.models.tiny import build_char_tokenizer, build_tiny_policy, save_policy
-from copd_ray.models.tiny_vl import build_image_processor, build_tiny_vl_policy, build_vl_tokenizer, save_vl_policy
 from copd_ray.models.vl_inputs import VisionInputBuilder, collate
 
 CACHE_FORMAT = 1  # bump when the bootstrap procedure changes what it produces
@@ -112,6 +109,10 @@ def guess_floors(caps: dict[str, Capability], b) -> tuple[dict[str, float], dict
 def run_bootstrap(cfg: Config, progress: Callable[[int, dict], None] | None = None) -> dict:
     """Train from scratch and return {"rates", "guess", "steps" (of the checkpoint kept),
     "steps_run", "landed" (in the window), "seconds", "model", "tokenizer", "processor"}."""
+    # Here, not at the top: a cached base (every run but the first) needs no model class.
+    from copd_ray.models.tiny import build_char_tokenizer, build_tiny_policy
+    from copd_ray.models.tiny_vl import build_image_processor, build_tiny_vl_policy, build_vl_tokenizer
+
     b = cfg.bootstrap
     torch.manual_seed(b.seed)
     rng = random.Random(f"copd-ray/bootstrap/{b.seed}")
@@ -215,6 +216,9 @@ def ensure_base_policy(cfg: Config, progress: Callable[[int, dict], None] | None
     if record_file.exists() and not force:
         return folder, {**json.loads(record_file.read_text()), "cached": True}
     result = run_bootstrap(cfg, progress)
+    from copd_ray.models.tiny import save_policy
+    from copd_ray.models.tiny_vl import save_vl_policy
+
     if result["processor"] is not None:
         save_vl_policy(result["model"], result["tokenizer"], result["processor"], folder)
     else:
@@ -234,5 +238,7 @@ def ensure_base_policy(cfg: Config, progress: Callable[[int, dict], None] | None
 
 
 def load_base_policy(cfg: Config):
+    from copd_ray.models.loading import load_policy
+
     folder, _ = ensure_base_policy(cfg)
     return load_policy(str(folder), cfg.model.dtype, cfg.model.trust_remote_code)

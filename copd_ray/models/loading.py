@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+# transformers is imported where a model is loaded: the driver and the Learner's module read
+# this file for DTYPES, and its model classes cost ~2 s of CPU in every process that imports them.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -20,7 +21,7 @@ def quiet_transformers() -> None:
 
 def model_class(path: str, trust_remote_code: bool = False):
     """The Auto class a folder loads with: image-text-to-text for a vision-language model."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
@@ -40,6 +41,8 @@ def runtime_state_dict(folder: str, trust_remote_code: bool = False) -> dict:
 
 def load_policy(path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu"):
     """(model, tokenizer) from a local folder. Remote code runs only when asked for."""
+    from transformers import AutoTokenizer
+
     quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = model_class(path, trust_remote_code).from_pretrained(

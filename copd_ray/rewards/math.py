@@ -7,8 +7,6 @@ import subprocess
 import sys
 import threading
 
-from math_verify import parse, verify
-
 from copd_ray.rewards.extract import final_answer
 
 TIME_LIMIT_S = 5
@@ -23,6 +21,8 @@ def _as_latex(answer: str) -> str:
 
 def equivalent(predicted: str, gold: str, timeout: int | None = TIME_LIMIT_S) -> bool:
     """math-verify's equivalence; its timeout uses SIGALRM, so only on the main thread."""
+    from math_verify import parse, verify  # here: sympy costs every process ~0.3 s, used or not
+
     gold_parsed = parse(_as_latex(gold), parsing_timeout=timeout)
     pred_parsed = parse(_as_latex(predicted), parsing_timeout=timeout)
     if not gold_parsed or not pred_parsed:

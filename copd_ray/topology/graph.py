@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from copd_ray.config import Config
 
 
 @dataclass(frozen=True)
@@ -60,3 +64,26 @@ class Topology:
 
     def students_of(self, teacher: str) -> list[str]:
         return [s for t, s in self.edges if t == teacher]
+
+
+def measured_pairs(cfg: Config, edges: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (teacher, student) pairs whose metrics a run logs (metrics.pairs)."""
+    if cfg.metrics.pairs == "edges":
+        return list(edges)
+    branches = cfg.branch_list()
+    return [(t.name, s.name) for s in branches if not s.frozen for t in branches if t.name != s.name]
+
+
+def scoring_branches(cfg: Config, edges: Iterable[tuple[str, str]]) -> set[str]:
+    """The branches that get a scorer actor: teachers, both sides of every measured pair,
+    every branch when Serve exposes them, and frozen teachers (a scorer is all they are).
+    Any other branch is never asked for a log-prob, and a scorer there would be one more
+    process holding a copy of the model (on a GPU, a share of one)."""
+    branches = cfg.branch_list()
+    if cfg.serve.enabled:
+        return {b.name for b in branches}
+    edges = list(edges)
+    needed = {t for t, _ in edges} | {b.name for b in branches if b.frozen}
+    if cfg.metrics.pair_every:  # also on for schedule.kind=adaptive, which the config checks
+        needed |= {n for pair in measured_pairs(cfg, edges) for n in pair}
+    return needed
