@@ -1,54 +1,149 @@
-"""Where a short run's wall time goes, and what warm actors save: the same short run three
-times in one Ray session, each starting its own actors (cold) and then reusing the last run's
-through a WarmPool (warm), side by side.
+"""Start-up: what a short run costs as a whole process, beside TRL's, and what warm actors save.
 
-    python benchmarks/startup.py [--runs 3] [--steps 5] [--out table.json] [--small]
+    python benchmarks/startup.py [--steps 50] [--repeats 1] [--small] [--trl-python PY] [--out table.json]
+    python benchmarks/startup.py --warm-pool [--runs 3] [--steps 5] [--small] [--out table.json]
 
-Each row is one run's `timing` from its eval.json (seconds since train() was called):
-ray_and_data (Ray joined, data and base policy ready), actors_up (every branch's actors up
-and wired), trained (the last step and the branches saved), evaluated (merge and the final
-evaluation on the generators done), done. Before timing, every warm run's step records and
-evaluation are checked against the cold run's (they must be the same numbers). The policy
-is the warmed-up base (`copd-ray bootstrap`, cached); `--small` takes the untrained tiny one.
+Whole process (the default): `copd-ray train` as a user runs it, one branch doing plain GRPO
+(the config of benchmarks/grpo_vs_trl.py: --steps steps of 16 prompts x 8 samples, lockstep
+and asynchronous), and TRL's GRPOTrainer on the same model, settings and prompts (that
+script's TRL worker, in TRL's own virtualenv), each a fresh process from `python` to exit,
+timed from outside. copd-ray's process does more than TRL's: it starts a local Ray and its
+actors, saves the branch, evaluates base and branch on the held-out set and draws its plots;
+TRL's trains and saves. For copd-ray the run's own marks (eval.json's `timing`, seconds
+since train() was called) split the time: before train() and after it (imports, the base
+policy's check, plots and exit: the whole minus `done`), Ray and data, actors up, the
+steps, the final evaluation, Ray's shutdown. Before any time is printed every run is checked:
+copd-ray's metrics hold --steps step records and TRL's worker timed --steps steps. Rows
+alternate within each repeat; the table shows each row's median.
+
+--warm-pool: the same short CoPD run (the default config) several times in one Ray session,
+each starting its own actors (cold) and then reusing the last run's through a WarmPool
+(warm), side by side; every warm run's step records and evaluation are checked equal to the
+cold run's first. The policy is the warmed-up base (`copd-ray bootstrap`, cached); `--small`
+takes the untrained tiny one.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5, help="RL steps and OPD steps of each run")
-    p.add_argument("--out", default=None)
-    p.add_argument("--small", action="store_true", help="the untrained tiny policy (no warm-up needed)")
-    a = p.parse_args()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+def base_folder(small: bool, work: Path) -> str:
+    from copd_ray.config import load_config
+    from copd_ray.models.bootstrap import ensure_base_policy
+
+    if small:
+        from copd_ray.models import build_char_tokenizer, build_tiny_policy, save_policy
+
+        tokenizer = build_char_tokenizer()
+        return str(save_policy(build_tiny_policy(tokenizer, seed=0), tokenizer, work / "tiny"))
+    return str(ensure_base_policy(load_config(None, ["wandb.mode=disabled"]))[0])
+
+
+# -- whole processes beside TRL ---------------------------------------------------------------
+
+def copd_process(overrides: list[str], out: Path, steps: int) -> dict:
+    """`copd-ray train` from python to exit; its whole time and the run's own marks."""
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", "from copd_ray.cli import main; main()", "train", *overrides,
+                          f"output_dir={out}"], capture_output=True, text=True)
+    whole = time.perf_counter() - start
+    if run.returncode:
+        raise RuntimeError(f"copd-ray train exited {run.returncode}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    done = sum(r["kind"] == "step" for r in records)
+    if done != steps:
+        raise RuntimeError(f"copd-ray ran {done} steps, not {steps}")
+    t = json.loads((out / "eval.json").read_text())["timing"]
+    return {"whole_s": whole, "outside_train_s": whole - t["done"], "ray_and_data_s": t["ray_and_data"],
+            "actors_up_s": t["actors_up"] - t["ray_and_data"], "steps_s": t["trained"] - t["first_step"],
+            "final_eval_s": t["evaluated"] - t["trained"], "shutdown_s": t["done"] - t["evaluated"]}
+
+
+def trl_process(trl_python: str, spec_file: Path, out: Path, steps: int, threads: int) -> dict:
+    """TRL's worker (grpo_vs_trl.py --trl-worker) from python to exit."""
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    run = subprocess.run([trl_python, str(HERE / "grpo_vs_trl.py"), "--trl-worker", str(spec_file)],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    whole = time.perf_counter() - start
+    if run.returncode:
+        raise RuntimeError(f"the TRL worker exited {run.returncode}:\n{run.stderr[-3000:]}")
+    timed = len(json.loads((out / "result.json").read_text())["times"])
+    if timed != steps:
+        raise RuntimeError(f"TRL timed {timed} steps, not {steps}")
+    return {"whole_s": whole}
+
+
+def whole_processes(a: argparse.Namespace, work: Path) -> dict:
+    spec = importlib.util.spec_from_file_location("grpo_vs_trl", HERE / "grpo_vs_trl.py")
+    gvt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gvt)
+    from copd_ray.capabilities import build_capability
+    from copd_ray.config import load_config
+
+    folder = base_folder(a.small, work)
+    capability = "{name: add, source: 'synthetic:add', heldout_size: 50}"
+    common = gvt.one_branch_overrides(folder, capability, a.steps, 16, 8, a.threads, 1, 0)
+    rows = {"copd-ray lockstep": ["schedule.max_staleness=0"], "copd-ray async": ["schedule.max_staleness=1"]}
+    trl_python = a.trl_python if a.trl_python is not None else (
+        gvt.DEFAULT_TRL_PYTHON if Path(gvt.DEFAULT_TRL_PYTHON).exists() else "")
+    if trl_python:
+        cfg = load_config(None, common)
+        (work / "trl.json").write_text(json.dumps(gvt.trl_spec(
+            folder, cfg, build_capability(cfg.capability("add"), cfg.seed), a.steps, 16, 8, a.threads, work / "trl")))
+        rows["TRL GRPOTrainer"] = None
+    print(f"policy {folder}; {a.steps} steps of 16 prompts x 8 samples; {a.threads} threads; "
+          f"{a.repeats} repeat(s), rows alternating" + ("" if trl_python else "; TRL skipped (no --trl-python)"))
+    measured = {name: [] for name in rows}
+    for repeat in range(a.repeats):
+        for name, extra in rows.items():
+            if extra is None:
+                measured[name].append(trl_process(trl_python, work / "trl.json", work / "trl", a.steps, a.threads))
+            else:
+                out = work / f"{name.replace(' ', '_')}_{repeat}"
+                measured[name].append(copd_process(common + extra, out, a.steps))
+            print(f"  {name}, repeat {repeat + 1}: {measured[name][-1]['whole_s']:.1f} s", flush=True)
+    return {name: {k: statistics.median(m[k] for m in runs) for k in runs[0]} for name, runs in measured.items()}
+
+
+def print_whole(table: dict) -> None:
+    trl = table.get("TRL GRPOTrainer", {}).get("whole_s")
+    parts = ["outside_train_s", "ray_and_data_s", "actors_up_s", "steps_s", "final_eval_s", "shutdown_s"]
+    heads = ["outside", "ray+data", "actors", "steps", "eval", "shutdown"]
+    print(f"\n{'':<18} {'whole s':>8} {'x TRL':>6}" + "".join(f"{h:>10}" for h in heads))
+    for name, r in table.items():
+        x = f"{r['whole_s'] / trl:.2f}" if trl else "-"
+        print(f"{name:<18} {r['whole_s']:8.1f} {x:>6}" + "".join(f"{r[p]:10.1f}" if p in r else f"{'':>10}"
+                                                                   for p in parts))
+    print("outside: before train() and after it (imports, base policy check, plots, exit)")
+
+
+# -- warm actors in one Ray session -------------------------------------------------------
+
+def warm_pool(a: argparse.Namespace, work: Path) -> dict:
     import ray
     from rich.console import Console
 
     from copd_ray.config import load_config
     from copd_ray.driver import train
-    from copd_ray.models.bootstrap import ensure_base_policy
     from copd_ray.runtime import WarmPool
 
-    work = Path(tempfile.mkdtemp(prefix="startup-"))
-    if a.small:
-        from copd_ray.models import build_char_tokenizer, build_tiny_policy, save_policy
-
-        tokenizer = build_char_tokenizer()
-        base = str(save_policy(build_tiny_policy(tokenizer, seed=0), tokenizer, work / "tiny"))
-    else:
-        base = str(ensure_base_policy(load_config(None, ["wandb.mode=disabled"]))[0])
-    overrides = ["wandb.mode=disabled", f"model.path={base}", "schedule.cycles=1", f"schedule.rl_steps={a.steps}",
-                 f"schedule.opd_steps={a.steps}", "schedule.save_every=0", "eval.every=0", "metrics.pair_every=0"]
+    overrides = ["wandb.mode=disabled", f"model.path={base_folder(a.small, work)}", "schedule.cycles=1",
+                 f"schedule.rl_steps={a.steps}", f"schedule.opd_steps={a.steps}", "schedule.save_every=0",
+                 "eval.every=0", "metrics.pair_every=0"]
     ray.init(include_dashboard=False, log_to_driver=False)
     rows, reference = {}, None
     try:
@@ -71,20 +166,50 @@ def main() -> None:
                     pool.close()
     finally:
         ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def print_warm(rows: dict, runs: int) -> None:
     keys = list(next(iter(rows.values())))
     print(f"{'run':<8}" + "".join(f"{k:>14}" for k in keys))
     for name, t in rows.items():
         print(f"{name:<8}" + "".join(f"{t[k]:14.2f}" for k in keys))
     later = lambda mode, k: statistics.fmean(t[k] for n, t in rows.items() if n.startswith(mode) and n != f"{mode} 1")  # noqa: E731
-    if a.runs > 1:
+    if runs > 1:
         print(f"after the first run: actors up in {later('cold', 'actors_up') - later('cold', 'ray_and_data'):.1f} s cold, "
               f"{later('warm', 'actors_up') - later('warm', 'ray_and_data'):.1f} s warm; whole run "
               f"{later('cold', 'done'):.1f} s cold, {later('warm', 'done'):.1f} s warm "
               f"({later('cold', 'done') / later('warm', 'done'):.2f}x)")
     print("every run computed the same step records and evaluation")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--warm-pool", action="store_true", help="cold against warm actors in one Ray session")
+    p.add_argument("--steps", type=int, default=None, help="steps of each run (default 50; --warm-pool: 5 RL + 5 OPD)")
+    p.add_argument("--repeats", type=int, default=1, help="whole processes of each row (the median is shown)")
+    p.add_argument("--runs", type=int, default=3, help="--warm-pool: runs each way")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of TRL's process and copd-ray's driver")
+    p.add_argument("--trl-python", default=None, help="TRL's python (default that of grpo_vs_trl.py, if it exists; "
+                                                      "'' skips TRL)")
+    p.add_argument("--small", action="store_true", help="the untrained tiny policy (no warm-up needed)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    a.steps = a.steps or (5 if a.warm_pool else 50)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    work = Path(tempfile.mkdtemp(prefix="startup-"))
+    try:
+        if a.warm_pool:
+            table = warm_pool(a, work)
+            print_warm(table, a.runs)
+        else:
+            table = whole_processes(a, work)
+            print_whole(table)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     if a.out:
-        Path(a.out).write_text(json.dumps({"runs": a.runs, "steps": a.steps, "timing": rows}, indent=2))
+        Path(a.out).write_text(json.dumps({"mode": "warm_pool" if a.warm_pool else "whole_process", "steps": a.steps,
+                                           "small": a.small, "table": table}, indent=2))
 
 
 if __name__ == "__main__":

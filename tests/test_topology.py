@@ -36,3 +36,28 @@ def test_from_config_matches_constructors():
     assert Topology.from_config("none", ["a", "b"]).edges == () and Topology.from_config("none", ["a"]).teachers_of("a") == []
     with pytest.raises(ValueError, match="hub 'q' is not a branch"):
         Topology.from_config("hub_and_spoke", ["a", "b"], hub="q")
+
+
+def test_only_branches_asked_for_log_probs_get_a_scorer():
+    from copd_ray.config import load_config
+    from copd_ray.topology.graph import measured_pairs, scoring_branches
+
+    def scoring(*overrides):
+        cfg = load_config(None, ["wandb.mode=disabled", *overrides])
+        t = cfg.topology
+        edges = Topology.from_config(t.kind, [b.name for b in cfg.branch_list()], t.hub, t.edges).edges
+        return scoring_branches(cfg, edges)
+
+    quiet = "metrics.pair_every=0"
+    assert scoring(quiet) == {"add", "mul"}  # pairwise: both teach
+    assert scoring(quiet, "topology.kind=edges", "topology.edges=[[mul, add]]") == {"mul"}  # add only learns
+    assert scoring(quiet, "topology.kind=none") == set()
+    # Pair metrics read both sides' scorers: every measured pair's teacher and student.
+    assert scoring("metrics.pair_every=5", "topology.kind=edges", "topology.edges=[[mul, add]]") == {"add", "mul"}
+    assert scoring("metrics.pair_every=5", "topology.kind=none") == set()  # metrics.pairs=edges: no pair
+    assert scoring("metrics.pair_every=5", "metrics.pairs=all", "topology.kind=none") == {"add", "mul"}
+    assert scoring(quiet, "serve.enabled=true", "topology.kind=none") == {"add", "mul"}  # Serve answers for all
+    cfg = load_config(None, ["wandb.mode=disabled", "metrics.pairs=all",
+                             "branches=[{name: add}, {name: mul, init: /tmp, frozen: true}]",
+                             "topology.kind=edges", "topology.edges=[[mul, add]]"])
+    assert measured_pairs(cfg, [("mul", "add")]) == [("mul", "add")]  # a frozen branch is never a student
