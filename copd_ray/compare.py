@@ -263,8 +263,10 @@ def _extra_merge(p: Plan, folder: Path, variant: str, cfg: Config) -> dict[str, 
     return result
 
 
-def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console, runs: list[str] | None = None) -> dict:
-    """Every run for every seed (skipping finished ones), then compare.json, compare.md and plots."""
+def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console, runs: list[str] | None = None,
+                pool=None) -> dict:
+    """Every run for every seed (skipping finished ones), then compare.json, compare.md and plots.
+    The runs reload each other's actors through `pool` (a WarmPool; default: one of its own)."""
     from copd_ray.driver import train
     from copd_ray.runtime import WarmPool, init_ray
 
@@ -279,7 +281,8 @@ def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console, 
     started_ray = bool(pending) and init_ray(cfg)  # a finished comparison only rewrites its report
     import ray
 
-    pool = WarmPool()  # each run reloads the last run's actors where it can, instead of starting its own
+    own_pool = pool is None
+    pool = pool or WarmPool()  # each run reloads the last run's actors where it can, instead of starting its own
     try:
         for i, (seed, run) in enumerate(todo, start=1):
             folder = out / f"seed_{seed}" / run.name
@@ -289,12 +292,14 @@ def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console, 
             console.rule(f"compare {i}/{len(todo)}: seed {seed}, {run.name} "
                          f"({time.perf_counter() - started:.0f} s so far)")
             train(run_config(p, run, folder, seed), console=console, pool=pool)
-        pool.close()  # the evaluation tasks below need the CPUs the idle actors hold
+        if extra:
+            pool.close(groups_only=True)  # the evaluation tasks below need the CPUs the idle actors hold
         for seed, row in extra:
             folder = out / f"seed_{seed}" / row.run
             _extra_merge(p, folder, row.model.split(":", 1)[1], run_config(p, Run(row.run, {}), folder, seed))
     finally:
-        pool.close()
+        if own_pool:
+            pool.close()
         if started_ray:
             ray.shutdown()
     result = collect(p, out, seed_list)

@@ -71,7 +71,11 @@ def fit_line(xs: list[float], ys: list[float]) -> dict[str, float]:
 
 
 def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: list[float], steps: int,
-              experts: Path | None, console, design: str = "rlvr-temperature", rl_steps: int = 50) -> dict:
+              experts: Path | None, console, design: str = "rlvr-temperature", rl_steps: int = 50,
+              pool=None) -> dict:
+    """The study's runs (the experts unless given, then per temperature a student's RLVR and its
+    OPD), their pair metrics and gains, the line fits, pilot.json and pilot.png. The runs
+    reload each other's actors through `pool` (a WarmPool; default: one of its own)."""
     from copd_ray.driver import train
     from copd_ray.runtime import WarmPool, init_ray
 
@@ -102,7 +106,8 @@ def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: 
             train(run_cfg, console=console, pool=pool)
         return json.loads((folder / "eval.json").read_text())["eval"]
 
-    pool = WarmPool()  # each run reloads the last run's actors where it can
+    own_pool = pool is None
+    pool = pool or WarmPool()  # each run reloads the last run's actors where it can
     try:
         if experts is None:  # the comparison's expert run, trained here
             p = plan(cfg, [])
@@ -131,7 +136,8 @@ def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: 
                            "symmetric_kl": pairs[0]["symmetric_kl"], "overlap_after": pairs[-1]["topk_overlap"],
                            "before": before, "after": after, "gain": gain})
     finally:
-        pool.close()
+        if own_pool:
+            pool.close()
         if started_ray:
             ray.shutdown()
     gains = [p["gain"] for p in points]
@@ -201,8 +207,9 @@ def divergence_config(cfg: Config, base: str, folder: Path, check_paths: bool = 
     return derived_config(cfg, changes, folder, cfg.seed, f"{cfg.run_name}-divergence", check_paths)
 
 
-def run_divergence(cfg: Config, out: Path, base: str, console) -> dict:
-    """Train the experts beside the frozen base; write divergence.json and divergence.png."""
+def run_divergence(cfg: Config, out: Path, base: str, console, pool=None) -> dict:
+    """Train the experts beside the frozen base (on `pool`'s warm actors, if given); write
+    divergence.json and divergence.png."""
     from copd_ray.driver import train
     from copd_ray.runtime import init_ray
 
@@ -212,7 +219,7 @@ def run_divergence(cfg: Config, out: Path, base: str, console) -> dict:
 
     try:
         if not (out / "experts" / "eval.json").exists():
-            train(run_cfg, console=console)
+            train(run_cfg, console=console, pool=pool)
     finally:
         if started_ray:
             ray.shutdown()

@@ -126,6 +126,8 @@ class SelfHealing:
         rollback = rollback or trainer_lost
         for n in branches:
             g = self.groups[n]
+            if g.reused:  # a WarmPool's actor came back as its first run's: make it this run's again
+                ray.get(g.reload([role for b, role in replaced if b == n]))
             g.wire(g.generation + 1)
             if not trainer_lost and not g.frozen:
                 g.push()

@@ -124,6 +124,11 @@ class Runtime:
         for n in names:
             self.shapes[n] = WarmPool.shape(cfg, branches[n].frozen, n in scoring)
             warm = self.pool.take(self.shapes[n]) if self.pool else None
+            if warm is None and self.pool and n not in scoring:  # a warm group's idle scorer beats a cold start
+                with_scorer = WarmPool.shape(cfg, branches[n].frozen, True)
+                warm = self.pool.take(with_scorer)
+                if warm:
+                    self.shapes[n] = with_scorer
             if warm:
                 warm.reuse(n, cfg, paths[n], run_id)
                 self.groups[n] = warm

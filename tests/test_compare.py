@@ -121,12 +121,12 @@ def test_compare_rejects_a_bad_ratio_before_any_actor_starts():
     assert result.exit_code == 2 and "RL:OPD" in result.output
 
 
-def test_compare_runs_every_row_with_budgets_and_resumes(ray_session, tiny_folder, tmp_path):
+def test_compare_runs_every_row_with_budgets_and_resumes(warm_pool, tiny_folder, tmp_path):
     from rich.console import Console
 
     cfg = load_config(None, TINY + [f"model.path={tiny_folder}"])
     out = tmp_path / "compare"
-    result = run_compare(cfg, out, seeds=1, ratios=["3:1"], console=Console(quiet=True))
+    result = run_compare(cfg, out, seeds=1, ratios=["3:1"], console=Console(quiet=True), pool=warm_pool)
 
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == [
@@ -169,6 +169,6 @@ def test_compare_runs_every_row_with_budgets_and_resumes(ray_session, tiny_folde
 
     # A second call finds every run finished: nothing is trained again, the numbers are the same.
     stamps = {p: p.stat().st_mtime for p in seed_dir.glob("*/metrics.jsonl")}
-    again = run_compare(cfg, out, seeds=1, ratios=["3:1"], console=Console(quiet=True))
+    again = run_compare(cfg, out, seeds=1, ratios=["3:1"], console=Console(quiet=True), pool=warm_pool)
     assert {p: p.stat().st_mtime for p in seed_dir.glob("*/metrics.jsonl")} == stamps
     assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in result["rows"]]

@@ -118,14 +118,15 @@ def test_a_frozen_teacher_distils_into_one_student_and_the_budget_adds_up(warm_p
     assert not (out / "branches" / "teacher").exists() and not (out / "merged").exists()
 
 
-def test_a_branch_no_one_asks_for_log_probs_starts_no_scorer(warm_pool, tiny_folder, tmp_path):
-    """mul teaches add and nothing measures pairs: add's scorer would never be called."""
+def test_a_branch_no_one_asks_for_log_probs_starts_no_scorer(ray_session, tiny_folder, tmp_path):
+    """mul teaches add and nothing measures pairs: add's scorer would never be called. (Cold:
+    a WarmPool hands such a branch an idle group with a scorer rather than start processes.)"""
     out = tmp_path / "one_way"
     cfg = load_config(None, FAST + [
         f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1", "schedule.rl_steps=1",
         "schedule.opd_steps=1", "eval.every=0", "metrics.pair_every=0", "topology.kind=edges",
         "topology.edges=[[mul, add]]"])
-    train(cfg, pool=warm_pool)
+    train(cfg)
     actors = json.loads((out / "actors.json").read_text())
     assert "scorer" in actors["mul"] and "scorer" not in actors["add"], actors
     opd = {r["branch"]: r for r in _records(out, "step") if r["phase"] == "opd"}

@@ -40,7 +40,7 @@ def test_a_pilot_student_is_trained_by_rlvr_alone_at_its_temperature(tmp_path):
 
 
 @pytest.mark.parametrize("design", ["rlvr-temperature", pytest.param("opd-temperature", marks=pytest.mark.slow)])
-def test_pilot_measures_overlap_and_gain_per_temperature(ray_session, tiny_folder, tmp_path, design):
+def test_pilot_measures_overlap_and_gain_per_temperature(warm_pool, tiny_folder, tmp_path, design):
     from rich.console import Console
 
     # A shaped reward gives the untrained policy a GRPO signal, so RLVR at each tau moves it.
@@ -54,7 +54,8 @@ def test_pilot_measures_overlap_and_gain_per_temperature(ray_session, tiny_folde
     with pytest.raises(ConfigError, match="design 'both'"):
         run_pilot(cfg, tmp_path / "p", "mul", "add", [0.5, 1.0, 2.0], 2, None, quiet, "both")
 
-    result = run_pilot(cfg, tmp_path / "p", "mul", "add", [0.3, 1.0, 3.0], 2, None, quiet, design, rl_steps=2)
+    result = run_pilot(cfg, tmp_path / "p", "mul", "add", [0.3, 1.0, 3.0], 2, None, quiet, design, rl_steps=2,
+                       pool=warm_pool)
     experts = json.loads((tmp_path / "p" / "experts" / "eval.json").read_text())["eval"]["branch:add"]
     for point in result["points"]:
         tau = point["temperature"]
@@ -80,7 +81,7 @@ def test_pilot_measures_overlap_and_gain_per_temperature(ray_session, tiny_folde
     assert json.loads((tmp_path / "p" / "pilot.json").read_text())["points"] == result["points"]
 
 
-def test_divergence_logs_each_expert_against_the_base_and_the_other_along_rlvr(ray_session, tiny_folder, tmp_path):
+def test_divergence_logs_each_expert_against_the_base_and_the_other_along_rlvr(warm_pool, tiny_folder, tmp_path):
     """Experiment 2 (Figure 2 c-d): the experts train alone by RLVR beside the frozen base;
     every ordered pair with a training student is measured at every pair_every steps."""
     from rich.console import Console
@@ -94,7 +95,7 @@ def test_divergence_logs_each_expert_against_the_base_and_the_other_along_rlvr(r
     assert [(b.name, b.frozen) for b in run.branch_list()] == [("add", False), ("mul", False), ("base", True)]
     assert run.topology.kind == "none" and run.metrics.pairs == "all" and run.schedule.opd_steps == 0
 
-    result = run_divergence(cfg, tmp_path / "d", str(tiny_folder), Console(quiet=True))
+    result = run_divergence(cfg, tmp_path / "d", str(tiny_folder), Console(quiet=True), pool=warm_pool)
     assert set(result["curves"]) == {"base→add", "mul→add", "base→mul", "add→mul"}
     steps = run.schedule.rl_steps
     for pair, points in result["curves"].items():

@@ -39,13 +39,13 @@ def _recoveries(out):
 class Run(threading.Thread):
     """train() in a background thread, so that the test can kill its actors."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, pool=None):
         super().__init__(daemon=True)
-        self.cfg, self.summary, self.error = cfg, None, None
+        self.cfg, self.pool, self.summary, self.error = cfg, pool, None, None
 
     def run(self):
         try:
-            self.summary = train(self.cfg)
+            self.summary = train(self.cfg, pool=self.pool)
         except BaseException as e:  # noqa: BLE001 - handed to the test
             self.error = e
 
@@ -66,20 +66,23 @@ def _kill(out, branch, role):
     return pid
 
 
-def _killed_and_clean(common, victims, tmp_path):
-    """The run with `victims` killed one by one in Phase II (each recovered before the
-    next), then the same run without failures: their output folders."""
+def _killed_and_clean(common, victims, tmp_path, pool=None):
+    """The same run without failures, then with `victims` killed one by one in Phase II
+    (each recovered before the next): their output folders. With a `pool`, the killed run's
+    actors are the clean run's, reloaded: a restarted one comes back as its first run's."""
+    clean = tmp_path / "clean"
+    train(load_config(None, common + [f"output_dir={clean}"]), pool=pool)
     killed = tmp_path / "killed"
-    run = Run(load_config(None, common + [f"output_dir={killed}"]))
+    run = Run(load_config(None, common + [f"output_dir={killed}"]), pool)
     run.start()
+    pids = []
     for i, (branch, role) in enumerate(victims):
         _wait(run, lambda: any(r["phase"] == "opd" for r in _records(killed, "step")), "Phase II")
-        _kill(killed, branch, role)
+        pids.append(_kill(killed, branch, role))
         _wait(run, lambda: len(_recoveries(killed)) == i + 1, f"the recovery of {role} of {branch}")
     run.join(timeout=600)
-    assert run.error is None, run.error
-    clean = tmp_path / "clean"
-    train(load_config(None, common + [f"output_dir={clean}"]))
+    assert not run.is_alive() and run.error is None, run.error
+    assert [e["pid_before"] for e in _recoveries(killed)] == pids
     return killed, clean
 
 
@@ -87,24 +90,18 @@ def _step_numbers(out):
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(out, "step")]
 
 
-def test_a_killed_generator_scorer_and_trainer_are_recovered(ray_session, tiny_folder, tmp_path):
-    out = tmp_path / "run"
-    opd_steps = 16
-    run = Run(load_config(None, RUN + [f"schedule.opd_steps={opd_steps}", "ray.max_failures=3",
-                                       f"model.path={tiny_folder}", f"output_dir={out}"]))
-    run.start()
+def test_a_killed_generator_scorer_and_trainer_are_recovered_and_log_what_a_clean_run_logs(warm_pool, tiny_folder,
+                                                                                            tmp_path):
+    """A retried step and a replay from a checkpoint compute the same numbers: the step
+    records, the budget and the evaluation equal those of the same run without failures."""
+    opd_steps = 16  # enough steps left after each recovery for the next kill
     victims = [("add", "generator 0"), ("mul", "scorer"), ("add", "trainer 0")]
-    killed = []
-    for i, (branch, role) in enumerate(victims):
-        _wait(run, lambda: any(r["phase"] == "opd" for r in _records(out, "step")), "Phase II")
-        killed.append(_kill(out, branch, role))
-        _wait(run, lambda: len(_recoveries(out)) == i + 1, f"the recovery of {role} of {branch}")
-    run.join(timeout=600)
-    assert not run.is_alive() and run.error is None, run.error
+    out, clean = _killed_and_clean(RUN + [f"schedule.opd_steps={opd_steps}", "ray.max_failures=3",
+                                          f"model.path={tiny_folder}"], victims, tmp_path, warm_pool)
 
     events = _recoveries(out)
     assert [(e["branch"], e["actor"]) for e in events] == victims
-    assert [e["pid_before"] for e in events] == killed and all(e["pid_after"] != e["pid_before"] for e in events)
+    assert all(e["pid_after"] != e["pid_before"] for e in events)
     generator, scorer, trainer = events
     assert generator["then"] == scorer["then"] == "retry the step"
     # A lost trainer costs at most the steps since the last checkpoint, replayed from it.
@@ -119,8 +116,10 @@ def test_a_killed_generator_scorer_and_trainer_are_recovered(ray_session, tiny_f
         mine = [r for r in steps if r["branch"] == branch]
         assert [r["step"] for r in mine] == list(range(1, total + 1))
         assert [r["version"] for r in mine] == list(range(1, total + 1))
-    summary = json.loads((out / "eval.json").read_text())
+    assert _step_numbers(out) == _step_numbers(clean)
+    summary, clean_summary = (json.loads((o / "eval.json").read_text()) for o in (out, clean))
     assert summary["budget"]["opd_steps"] == 2 * opd_steps and summary["budget"]["rl_steps"] == 2
+    assert summary["budget"] == clean_summary["budget"] and summary["eval"] == clean_summary["eval"]
     for folder in (out / "merged", out / "branches" / "add", out / "branches" / "mul"):
         AutoModelForCausalLM.from_pretrained(folder)
     # The pid file names the processes that run now.
@@ -143,16 +142,6 @@ def test_more_failures_than_allowed_stop_the_run_with_one_line(ray_session, tiny
     message = str(run.error)
     assert "\n" not in message
     assert f"generator 0 of branch 'add' (pid {pid})" in message and "ray.max_failures=1" in message
-
-
-def test_recovered_runs_log_what_an_uninterrupted_run_logs(ray_session, tiny_folder, tmp_path):
-    """A retried step and a replay from a checkpoint compute the same numbers: the step
-    records and the budget equal those of the same run without failures."""
-    common = RUN + ["schedule.opd_steps=8", f"model.path={tiny_folder}"]
-    killed, clean = _killed_and_clean(common, [("add", "generator 0"), ("mul", "trainer 0")], tmp_path)
-    assert _step_numbers(killed) == _step_numbers(clean)
-    summaries = [json.loads((out / "eval.json").read_text()) for out in (killed, clean)]
-    assert summaries[0]["budget"] == summaries[1]["budget"] and summaries[0]["eval"] == summaries[1]["eval"]
 
 
 def test_a_sharded_branch_recovers_a_lost_generator_and_a_lost_rank_exactly(ray_session, tiny_folder, tmp_path):

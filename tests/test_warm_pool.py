@@ -2,6 +2,11 @@
 new run's model and settings) and compute exactly what fresh actors compute."""
 
 import json
+import os
+import signal
+import time
+
+import ray
 
 from copd_ray.config import load_config
 from copd_ray.driver import train
@@ -30,6 +35,7 @@ def test_a_run_on_warm_actors_computes_what_a_cold_run_computes(ray_session, tin
             summary = train(load_config(None, RUN + [f"model.path={tiny_folder}", f"output_dir={out}"]), pool=pool)
             runs[name] = (summary, json.loads((out / "actors.json").read_text()), _steps(out))
         assert len(pool.idle) == 2  # both branches wait for a third run
+        _a_restarted_member_is_reloaded_with_its_runs_arguments(pool, tiny_folder)
     finally:
         pool.close()
     (cold, cold_pids, cold_steps), (warm, warm_pids, warm_steps) = runs["cold"], runs["warm"]
@@ -38,3 +44,28 @@ def test_a_run_on_warm_actors_computes_what_a_cold_run_computes(ray_session, tin
     assert warm_steps == cold_steps  # every step's and pair's numbers
     assert warm["eval"] == cold["eval"]
     assert warm["timing"]["actors_up"] < cold["timing"]["actors_up"]
+
+
+def _a_restarted_member_is_reloaded_with_its_runs_arguments(pool, tiny_folder):
+    """Ray restarts a dead actor with the arguments it was created with: in a reused group,
+    another run's. BranchGroup.reload (which recovery calls) makes it this run's again."""
+    shape, group = pool.idle[0]
+    created_as = group.name
+    other = "mul" if created_as == "add" else "add"
+    group.reuse(other, load_config(None, RUN + [f"model.path={tiny_folder}", "seed=7"]), str(tiny_folder), "r")
+    assert {a["branch"] for a in ray.get(group.start_actors())} == {other}
+    generator = group.generators[0]
+    os.kill(ray.get(generator.ready.remote())["pid"], signal.SIGKILL)
+    deadline = time.time() + 120
+    while True:  # calls fail until Ray has restarted it
+        try:
+            answer = ray.get(generator.ready.remote(), timeout=10)
+            break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            assert time.time() < deadline, "the generator was not restarted"
+            time.sleep(0.2)
+    assert answer["branch"] == created_as  # __init__ ran with the first run's arguments
+    (reloaded,) = ray.get(group.reload(["generator 0"]))
+    assert reloaded["branch"] == other and reloaded["pid"] == answer["pid"]
+    group.shutdown()
+    pool.idle.remove((shape, group))

@@ -76,22 +76,27 @@ class BranchGroup:
         self.version, self.steps, self.trained_since_sync, self.plan = 0, 0, False, None
         self.reused = True
 
-    def start_actors(self) -> list:
-        """Create the actors, or reload a reused group's, with this run's arguments
-        (asynchronously); returns refs that resolve when all are up."""
+    def _actor_args(self) -> dict[str, tuple[tuple, dict]]:
+        """Each member's constructor arguments for this run, by role (as `members` names them)."""
         c, r = self.cfg, self.cfg.resources
         common = dict(dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code, threads=r.actor_threads)
         engine = dict(engine_cfg=c.engine.model_dump(), seed=c.seed, **common)
-        scorers = [((self.name, self.model_path, c.engine.scorer_kind or c.engine.kind),
-                    dict(gpus=r.scorer_gpus, **engine))] if self.scores else []
-        trainers = [((self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump()),
-                     dict(gpus=r.trainer_gpus, seed=c.seed, train=c.train.model_dump(), **common))
-                    for i in range(0 if self.frozen else r.num_trainers)]
-        generators = [((self.name, self.model_path, c.engine.kind), dict(gpus=r.generator_gpus, **engine))
-                      for _ in range(0 if self.frozen else r.num_generators)]
+        trainers = {f"trainer {i}": ((self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump()),
+                                     dict(gpus=r.trainer_gpus, seed=c.seed, train=c.train.model_dump(), **common))
+                    for i in range(0 if self.frozen else r.num_trainers)}
+        generators = {f"generator {i}": ((self.name, self.model_path, c.engine.kind),
+                                         dict(gpus=r.generator_gpus, **engine))
+                      for i in range(0 if self.frozen else r.num_generators)}
+        scorer = {"scorer": ((self.name, self.model_path, c.engine.scorer_kind or c.engine.kind),
+                             dict(gpus=r.scorer_gpus, **engine))} if self.scores else {}
+        return {**trainers, **generators, **scorer}
+
+    def start_actors(self) -> list:
+        """Create the actors, or reload a reused group's, with this run's arguments
+        (asynchronously); returns refs that resolve when all are up."""
+        c, r, members = self.cfg, self.cfg.resources, self._actor_args()
         if self.reused:
-            return [actor.reload.remote(*args, **kwargs) for actor, (args, kwargs) in
-                    zip(self.trainers + self.generators + self._scorers(), trainers + generators + scorers)]
+            return self.reload(list(members))
 
         def at(i: int, cpus: float, gpus: float):
             # Ray restarts a dead actor in its own bundle (once more than the run allows, so
@@ -100,15 +105,24 @@ class BranchGroup:
             return dict(num_cpus=cpus, num_gpus=gpus, max_restarts=c.ray.max_failures + 1, max_task_retries=0,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
 
-        for args, kwargs in scorers:  # the last bundle
-            self.scorer = ScorerActor.options(**at(len(self.bundles) - 1, r.scorer_cpus, r.scorer_gpus)).remote(
-                *args, **kwargs)
-        self.trainers = [TrainerActor.options(**at(i, r.trainer_cpus, r.trainer_gpus)).remote(*args, **kwargs)
-                         for i, (args, kwargs) in enumerate(trainers)]
-        self.generators = [
-            GeneratorActor.options(**at(len(trainers) + i, r.generator_cpus, r.generator_gpus)).remote(*args, **kwargs)
-            for i, (args, kwargs) in enumerate(generators)]
+        # Bundles: the trainer ranks, then the generators, then the scorer (the last).
+        for i, (role, (args, kwargs)) in enumerate(members.items()):
+            if role.startswith("trainer"):
+                self.trainers.append(TrainerActor.options(**at(i, r.trainer_cpus, r.trainer_gpus)).remote(
+                    *args, **kwargs))
+            elif role.startswith("generator"):
+                self.generators.append(GeneratorActor.options(**at(i, r.generator_cpus, r.generator_gpus)).remote(
+                    *args, **kwargs))
+            else:
+                self.scorer = ScorerActor.options(**at(i, r.scorer_cpus, r.scorer_gpus)).remote(*args, **kwargs)
         return [a.ready.remote() for a in self.trainers + self.generators + self._scorers()]
+
+    def reload(self, roles: list[str]) -> list:
+        """__init__ again, in their processes, these members with this run's arguments: a
+        reused group's, and a member of one that Ray restarted (its new process ran __init__
+        with the arguments it was created with, another run's). Returns refs of their ready()."""
+        args, members = self._actor_args(), self.members()
+        return [members[role].reload.remote(*args[role][0], **args[role][1]) for role in roles]
 
     def _scorers(self) -> list:
         return [self.scorer] if self.scorer is not None else []
