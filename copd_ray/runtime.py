@@ -13,6 +13,7 @@ import ray
 import torch
 
 from copd_ray.actors import BranchGroup
+from copd_ray.actors.branch import branch_bundles
 from copd_ray.config import Config, ConfigError
 from copd_ray.data import PromptRecord
 from copd_ray.topology import Topology
@@ -132,8 +133,9 @@ class Runtime:
             if warm:
                 warm.reuse(n, cfg, paths[n], run_id)
                 self.groups[n] = warm
-        if self.pool:  # the groups this run does not use would hold what the new ones need
-            self.pool.close(groups_only=True)
+        if self.pool and not self._room_beside_idle(cfg, [n for n in names if n not in self.groups], branches,
+                                                    scoring):
+            self.pool.close(groups_only=True)  # the groups this run does not use hold what the new ones need
         for n in names:
             if n not in self.groups:
                 self.groups[n] = BranchGroup(n, cfg, paths[n], run_id, frozen=branches[n].frozen,
@@ -163,6 +165,21 @@ class Runtime:
         # Each branch's scorer becomes reachable as a teacher through the topology.
         ray.get([self.topology_actor.register.remote(n, e) for n, e in endpoints.items()])
         self.endpoints = endpoints
+
+    @staticmethod
+    def _room_beside_idle(cfg: Config, cold: list[str], branches: dict, scoring: set[str]) -> bool:
+        """Whether the free CPUs and GPUs of a one-node cluster hold the `cold` branches'
+        bundles while a pool's idle groups keep theirs (a later run may still find them warm).
+        On several nodes free totals do not say a group packs onto one: never."""
+        if sum(node["Alive"] for node in ray.nodes()) > 1:
+            return False
+        free = ray.available_resources()
+        need: dict[str, float] = {}
+        for n in cold:
+            for bundle in branch_bundles(cfg, branches[n].frozen, n in scoring):
+                for k, v in bundle.items():
+                    need[k] = need.get(k, 0.0) + v
+        return all(v <= free.get(k, 0.0) for k, v in need.items())
 
     def evaluate(self, folders: dict[str, str], cfg: Config, held: dict[str, list[PromptRecord]]) -> dict:
         """Held-out pass@1 of each saved folder ({name: {capability: rate}}), on the run's own

@@ -25,6 +25,14 @@ def _bundle(cpus: float, gpus: float) -> dict:
     return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
 
+def branch_bundles(cfg: Config, frozen: bool, scores: bool) -> list[dict]:
+    """The placement-group bundles of a branch: trainer ranks, generators, then its scorer."""
+    r = cfg.resources
+    bundles = [] if frozen else ([_bundle(r.trainer_cpus, r.trainer_gpus)] * r.num_trainers
+                                 + [_bundle(r.generator_cpus, r.generator_gpus)] * r.num_generators)
+    return bundles + ([_bundle(r.scorer_cpus, r.scorer_gpus)] if scores or frozen else [])
+
+
 class BranchGroup:
     """A branch's actors. A frozen branch (a fixed teacher) is its scorer alone; a branch that
     no one asks for log-probs (`scores=False`: no student, no pair metrics, no Serve) has none."""
@@ -32,13 +40,7 @@ class BranchGroup:
     def __init__(self, name: str, cfg: Config, model_path: str, run_id: str, frozen: bool = False,
                  scores: bool = True) -> None:
         self.name, self.cfg, self.run_id, self.frozen, self.scores = name, cfg, run_id, frozen, scores or frozen
-        r = cfg.resources
-        self.bundles = [] if frozen else (
-            [_bundle(r.trainer_cpus, r.trainer_gpus)] * r.num_trainers
-            + [_bundle(r.generator_cpus, r.generator_gpus)] * r.num_generators
-        )
-        if self.scores:
-            self.bundles.append(_bundle(r.scorer_cpus, r.scorer_gpus))
+        self.bundles = branch_bundles(cfg, frozen, scores)
         self.pg = placement_group(self.bundles, strategy="PACK", name=f"copd-{run_id}-{name}")
         self.model_path = model_path
         self.version = 0
