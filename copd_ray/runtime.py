@@ -57,8 +57,8 @@ class WarmPool:
     """Branch actor groups and the topology actor, kept alive between the runs of one Ray
     session (compare, pilot, `train(pool=...)`): a run takes an idle group of its shape and
     reloads its actors (model, optimizer, engine) instead of starting processes that import
-    torch and transformers again (~5 s of CPU each). Only groups of one trainer rank and hf
-    engines are kept; `close()` ends them."""
+    torch and transformers again (~3 s of CPU each). Only groups of hf engines are kept (sharded
+    trainer ranks too: a reloaded rank forms a new group with the others); `close()` ends them."""
 
     def __init__(self) -> None:
         self.idle: list[tuple[tuple, BranchGroup]] = []
@@ -69,9 +69,9 @@ class WarmPool:
         """What a reused group must have been created with (its bundles, actors and restart
         budget are fixed then), or None where it is not kept."""
         r, e = cfg.resources, cfg.engine
-        if r.num_trainers > 1 or {e.kind, e.scorer_kind or e.kind} != {"hf"}:
+        if {e.kind, e.scorer_kind or e.kind} != {"hf"}:
             return None
-        return (frozen, scores, r.trainer_cpus, r.trainer_gpus, r.generator_cpus, r.generator_gpus, r.scorer_cpus,
+        return (frozen, scores, r.num_trainers, r.trainer_cpus, r.trainer_gpus, r.generator_cpus, r.generator_gpus, r.scorer_cpus,
                 r.scorer_gpus, r.num_generators, cfg.ray.max_failures)
 
     def take(self, shape: tuple | None) -> BranchGroup | None:

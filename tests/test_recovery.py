@@ -144,11 +144,11 @@ def test_more_failures_than_allowed_stop_the_run_with_one_line(ray_session, tiny
     assert f"generator 0 of branch 'add' (pid {pid})" in message and "ray.max_failures=1" in message
 
 
-def test_a_sharded_branch_recovers_a_lost_generator_and_a_lost_rank_exactly(ray_session, tiny_folder, tmp_path):
+def test_a_sharded_branch_recovers_a_lost_generator_and_a_lost_rank_exactly(warm_pool, tiny_folder, tmp_path):
     """Two FSDP2 trainer ranks: a lost generator leaves the ranks' group and shards as they
     are; a lost rank rebuilds the group on every rank and replays from the checkpoint. The
     records equal those of the same run without failures."""
     common = RUN + ["schedule.opd_steps=6", "resources.num_trainers=2", f"model.path={tiny_folder}"]
-    killed, clean = _killed_and_clean(common, [("add", "generator 0"), ("add", "trainer 1")], tmp_path)
+    killed, clean = _killed_and_clean(common, [("add", "generator 0"), ("add", "trainer 1")], tmp_path, warm_pool)
     assert [e["then"] for e in _recoveries(killed)] == ["retry the step", "rollback to the last checkpoint"]
     assert _step_numbers(killed) == _step_numbers(clean)

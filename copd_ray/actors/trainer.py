@@ -41,6 +41,8 @@ class TrainerActor(Learner, Reloadable):
         self.branch, self.rank, self.world_size, self.device = branch, rank, world_size, device
         if world_size == 1:
             super().__init__(*self._learner_args)
+        else:  # the Learner comes with the ranks' group (join_dp_group); a reloaded rank drops its old run's
+            self.__dict__.pop("model", None)
         self.weight_group: WeightGroup | None = None
         # New in every process Ray (re)starts: the driver tells a restarted actor by it.
         self.incarnation = uuid.uuid4().hex
