@@ -248,7 +248,8 @@ def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_th
 
 
 def test_three_visual_branches_hub_and_spoke_one_cycle_then_the_merge_answers_an_image_question(
-        ray_session, vl_folder, tmp_path):
+        warm_pool, vl_folder, tmp_path):
+    """On the session's warm actors (they held text policies before: a reload takes any folder)."""
     import json
 
     from transformers import AutoModelForImageTextToText, AutoTokenizer
@@ -265,7 +266,7 @@ def test_three_visual_branches_hub_and_spoke_one_cycle_then_the_merge_answers_an
         "schedule.opd_steps=1", "eval.every=2", "eval.during_training_size=10", "metrics.pair_every=2",
         "metrics.pair_sequences=4"] + [f"capabilities.{i}.{k}=12" for i in range(3) for k in ("heldout_size",
                                                                                             "validation_size")])
-    summary = train(cfg)
+    summary = train(cfg, pool=warm_pool)
     assert set(summary["eval"]) == {"base", "branch:text", "branch:image", "branch:video", "merged"}
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     teachers = {r["branch"]: sorted(k.split("/")[1] for k in r if k.endswith("/teacher_version"))
