@@ -81,10 +81,11 @@ def trl_process(trl_python: str, spec_file: Path, out: Path, steps: int, threads
     whole = time.perf_counter() - start
     if run.returncode:
         raise RuntimeError(f"the TRL worker exited {run.returncode}:\n{run.stderr[-3000:]}")
-    timed = len(json.loads((out / "result.json").read_text())["times"])
-    if timed != steps:
-        raise RuntimeError(f"TRL timed {timed} steps, not {steps}")
-    return {"whole_s": whole}
+    times = json.loads((out / "result.json").read_text())["times"]
+    if len(times) != steps:
+        raise RuntimeError(f"TRL timed {len(times)} steps, not {steps}")
+    # Its steps: the span between the first and the last step's end, over steps - 1 steps, scaled to all.
+    return {"whole_s": whole, "steps_s": (times[-1] - times[0]) * steps / (steps - 1)}
 
 
 def whole_processes(a: argparse.Namespace, work: Path) -> dict:
@@ -119,7 +120,7 @@ def whole_processes(a: argparse.Namespace, work: Path) -> dict:
     return {name: {k: statistics.median(m[k] for m in runs) for k in runs[0]} for name, runs in measured.items()}
 
 
-def print_whole(table: dict) -> None:
+def print_whole(table: dict, steps: int) -> None:
     trl = table.get("TRL GRPOTrainer", {}).get("whole_s")
     parts = ["outside_train_s", "ray_and_data_s", "actors_up_s", "steps_s", "final_eval_s", "shutdown_s"]
     heads = ["outside", "ray+data", "actors", "steps", "eval", "shutdown"]
@@ -128,7 +129,15 @@ def print_whole(table: dict) -> None:
         x = f"{r['whole_s'] / trl:.2f}" if trl else "-"
         print(f"{name:<18} {r['whole_s']:8.1f} {x:>6}" + "".join(f"{r[p]:10.1f}" if p in r else f"{'':>10}"
                                                                    for p in parts))
-    print("outside: before train() and after it (imports, base policy check, plots, exit)")
+    print("outside: before train() and after it (imports, base policy check, plots, exit); TRL's steps: the span "
+          "from its first step's end to its last's, scaled by steps / (steps - 1)")
+    copd, trl_row = table.get("copd-ray lockstep"), table.get("TRL GRPOTrainer")
+    if copd and trl_row:
+        fixed, per = copd["whole_s"] - copd["steps_s"], copd["steps_s"] / steps
+        trl_fixed, trl_per = trl_row["whole_s"] - trl_row["steps_s"], trl_row["steps_s"] / steps
+        even = (fixed - trl_fixed) / (trl_per - per) if trl_per > per else float("inf")
+        print(f"lockstep: {fixed:.1f} s besides its steps, {per:.3f} s a step; TRL {trl_fixed:.1f} s, {trl_per:.3f} s "
+              f"a step: the whole processes take equal time at ~{even:.0f} steps")
 
 
 # -- warm actors in one Ray session -------------------------------------------------------
@@ -204,7 +213,7 @@ def main() -> None:
             print_warm(table, a.runs)
         else:
             table = whole_processes(a, work)
-            print_whole(table)
+            print_whole(table, a.steps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if a.out:

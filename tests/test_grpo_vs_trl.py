@@ -6,11 +6,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
 # Two rows (lockstep and async: the two ways a step runs; the third row is async with another
-# train setting) in about 40 s on 2 idle cores.
+# train setting) in about 35 s on 2 idle cores.
+@pytest.mark.slow
 def test_the_small_benchmark_prints_every_row(tmp_path):
     out = tmp_path / "table.json"
     result = subprocess.run([sys.executable, "benchmarks/grpo_vs_trl.py", "--small", "--rows", "sync,async,trl",

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 
+import pytest
 import torch
 from conftest import REPO
 
@@ -95,6 +96,7 @@ def test_a_gloo_group_delivers_each_sync_exactly_through_its_kept_buffers(tiny_m
         pointers = now
 
 
+@pytest.mark.slow  # a benchmark's quick mode in its own process: about 20 s
 def test_the_small_benchmark_checks_both_paths_and_prints_their_ratio():
     """About 20 s on 2 cores (a local Ray and three actors), 50 s on a loaded machine."""
     result = subprocess.run([sys.executable, "benchmarks/weight_sync.py", "--small"], cwd=REPO,
