@@ -68,7 +68,8 @@ def copd_process(overrides: list[str], out: Path, steps: int) -> dict:
         raise RuntimeError(f"copd-ray ran {done} steps, not {steps}")
     t = json.loads((out / "eval.json").read_text())["timing"]
     return {"whole_s": whole, "outside_train_s": whole - t["done"], "ray_and_data_s": t["ray_and_data"],
-            "actors_up_s": t["actors_up"] - t["ray_and_data"], "steps_s": t["trained"] - t["first_step"],
+            # steps: from the actors being up (step 0's pair metrics and evaluation, if due, then the steps)
+            "actors_up_s": t["actors_up"] - t["ray_and_data"], "steps_s": t["trained"] - t["actors_up"],
             "final_eval_s": t["evaluated"] - t["trained"], "shutdown_s": t["done"] - t["evaluated"]}
 
 
