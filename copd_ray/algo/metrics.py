@@ -45,13 +45,6 @@ def symmetric_kl(
 
 
 @torch.no_grad()
-def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean entropy of the policy over unmasked positions."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return _masked_mean(-(logp.exp() * logp).sum(dim=-1), mask)
-
-
-@torch.no_grad()
 def topk_pair_metrics(
     student_ids: torch.Tensor, student_logprobs: torch.Tensor, teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor, k: int, mask: torch.Tensor, eps: float = 1e-12,

@@ -235,10 +235,3 @@ def ensure_base_policy(cfg: Config, progress: Callable[[int, dict], None] | None
     }
     record_file.write_text(json.dumps(record, indent=2))
     return folder, {**record, "cached": False}
-
-
-def load_base_policy(cfg: Config):
-    from copd_ray.models.loading import load_policy
-
-    folder, _ = ensure_base_policy(cfg)
-    return load_policy(str(folder), cfg.model.dtype, cfg.model.trust_remote_code)

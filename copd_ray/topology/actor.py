@@ -37,6 +37,3 @@ class TopologyActor:
         if missing:
             raise RuntimeError(f"teachers {missing} of {branch!r} have no registered scorer yet")
         return {t: self.endpoints[t] for t in teachers}
-
-    def get_topology(self) -> Topology:
-        return self.topology
