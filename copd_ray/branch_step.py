@@ -19,17 +19,7 @@ import ray
 
 from copd_ray.actors import BranchGroup
 from copd_ray.config import Config
-from copd_ray.step_data import OPDEdge, PromptBatch, Rollouts, StepSpec, TeacherScores
-
-
-@dataclass
-class StepPrompts:
-    """What the driver draws for one branch's step."""
-
-    step: int
-    phase: str  # "rl" or "opd"
-    native: PromptBatch | None  # from D_k, rewarded by r_k (None in Phase II with opd.native_rl=false)
-    teachers: dict[str, tuple[object, PromptBatch]]  # teacher j -> (j's scorer endpoint, prompts from D_j)
+from copd_ray.step_data import OPDEdge, Rollouts, StepPrompts, StepSpec, TeacherScores
 
 
 @dataclass

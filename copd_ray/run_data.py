@@ -9,14 +9,13 @@ from dataclasses import dataclass, field
 
 import ray
 
-from copd_ray.branch_step import StepPrompts
 from copd_ray.capabilities import Capability, build_capability, check_chat_template
 from copd_ray.checkpoints import find_resume
 from copd_ray.config import Config, ConfigError
 from copd_ray.data import PromptRecord, encode_prompt
 from copd_ray.engines import SamplingParams
 from copd_ray.errors import CopdError
-from copd_ray.step_data import PromptBatch
+from copd_ray.step_data import PromptBatch, StepPrompts
 from copd_ray.topology import Topology
 
 

@@ -29,6 +29,16 @@ class PromptBatch:
 
 
 @dataclass
+class StepPrompts:
+    """What the driver draws for one branch's step."""
+
+    step: int
+    phase: str  # "rl" or "opd"
+    native: PromptBatch | None  # from D_k, rewarded by r_k (None in Phase II with opd.native_rl=false)
+    teachers: dict[str, tuple[object, PromptBatch]]  # teacher j -> (j's scorer endpoint, prompts from D_j)
+
+
+@dataclass
 class Rollouts:
     """One generator's samples of a slice of a PromptBatch, prompt by prompt."""
 
