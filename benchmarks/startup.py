@@ -17,8 +17,8 @@ copd-ray's metrics hold --steps step records and TRL's worker timed --steps step
 alternate within each repeat; the table shows each row's median.
 
 --warm-pool: the same short CoPD run (the default config) several times in one Ray session,
-each starting its own actors (cold) and then reusing the last run's through a WarmPool
-(warm), side by side; every warm run's step records and evaluation are checked equal to the
+each starting its own actors (cold), then as many reusing the last cold run's through a
+WarmPool (warm), side by side; every warm run's step records and evaluation are checked equal to the
 cold run's first. The policy is the warmed-up base (`copd-ray bootstrap`, cached); `--small`
 takes the untrained tiny one.
 """
@@ -155,41 +155,37 @@ def warm_pool(a: argparse.Namespace, work: Path) -> dict:
                  f"schedule.rl_steps={a.steps}", f"schedule.opd_steps={a.steps}", "schedule.save_every=0",
                  "eval.every=0", "metrics.pair_every=0"]
     ray.init(include_dashboard=False, log_to_driver=False)
-    rows, reference = {}, None
+    rows, reference, pool = {}, None, WarmPool()
     try:
         for mode in ("cold", "warm"):
-            pool = WarmPool() if mode == "warm" else None
-            try:
-                for i in range(a.runs):
-                    out = work / f"{mode}{i}"
-                    summary = train(load_config(None, overrides + [f"output_dir={out}"]), console=Console(quiet=True),
-                                    pool=pool)
-                    steps = [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "driver/"))}
-                             for line in (out / "metrics.jsonl").read_text().splitlines()]
-                    steps = [s for s in steps if s["kind"] == "step"]
-                    if reference is None:
-                        reference = (steps, summary["eval"])
-                    assert (steps, summary["eval"]) == reference, f"{mode} run {i} computed other numbers"
-                    rows[f"{mode} {i + 1}"] = summary["timing"]
-            finally:
-                if pool is not None:
-                    pool.close()
+            # The last cold run starts its actors (the pool is empty) and leaves them to the warm runs.
+            for i in range(a.runs):
+                out = work / f"{mode}{i}"
+                summary = train(load_config(None, overrides + [f"output_dir={out}"]), console=Console(quiet=True),
+                                pool=pool if mode == "warm" or i == a.runs - 1 else None)
+                steps = [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "driver/"))}
+                         for line in (out / "metrics.jsonl").read_text().splitlines()]
+                steps = [s for s in steps if s["kind"] == "step"]
+                if reference is None:
+                    reference = (steps, summary["eval"])
+                assert (steps, summary["eval"]) == reference, f"{mode} run {i} computed other numbers"
+                rows[f"{mode} {i + 1}"] = summary["timing"]
     finally:
+        pool.close()
         ray.shutdown()
     return rows
 
 
-def print_warm(rows: dict, runs: int) -> None:
+def print_warm(rows: dict) -> None:
     keys = list(next(iter(rows.values())))
     print(f"{'run':<8}" + "".join(f"{k:>14}" for k in keys))
     for name, t in rows.items():
         print(f"{name:<8}" + "".join(f"{t[k]:14.2f}" for k in keys))
-    later = lambda mode, k: statistics.fmean(t[k] for n, t in rows.items() if n.startswith(mode) and n != f"{mode} 1")  # noqa: E731
-    if runs > 1:
-        print(f"after the first run: actors up in {later('cold', 'actors_up') - later('cold', 'ray_and_data'):.1f} s cold, "
-              f"{later('warm', 'actors_up') - later('warm', 'ray_and_data'):.1f} s warm; whole run "
-              f"{later('cold', 'done'):.1f} s cold, {later('warm', 'done'):.1f} s warm "
-              f"({later('cold', 'done') / later('warm', 'done'):.2f}x)")
+    mean = lambda mode, k: statistics.fmean(t[k] for n, t in rows.items() if n.startswith(mode))  # noqa: E731
+    print(f"means: actors up in {mean('cold', 'actors_up') - mean('cold', 'ray_and_data'):.1f} s cold, "
+          f"{mean('warm', 'actors_up') - mean('warm', 'ray_and_data'):.1f} s warm; whole run "
+          f"{mean('cold', 'done'):.1f} s cold, {mean('warm', 'done'):.1f} s warm "
+          f"({mean('cold', 'done') / mean('warm', 'done'):.2f}x)")
     print("every run computed the same step records and evaluation")
 
 
@@ -211,7 +207,7 @@ def main() -> None:
     try:
         if a.warm_pool:
             table = warm_pool(a, work)
-            print_warm(table, a.runs)
+            print_warm(table)
         else:
             table = whole_processes(a, work)
             print_whole(table, a.steps)
