@@ -201,6 +201,20 @@ def step_stats(times: list[float], skip: int, rollouts: int) -> dict:
             "rollouts_per_s": rollouts / median}
 
 
+def base_folder(small: bool, work: Path) -> str:
+    """The untrained tiny policy, saved under `work` (small), or the default config's warmed-up
+    base (`copd-ray bootstrap`, cached; its cache key covers the default capabilities)."""
+    from copd_ray.config import load_config
+    from copd_ray.models.bootstrap import ensure_base_policy
+
+    if small:
+        from copd_ray.models import build_char_tokenizer, build_tiny_policy, save_policy
+
+        tokenizer = build_char_tokenizer()
+        return str(save_policy(build_tiny_policy(tokenizer, seed=0), tokenizer, work / "tiny"))
+    return str(ensure_base_policy(load_config(None, ["wandb.mode=disabled"]))[0])
+
+
 def one_branch_overrides(folder: str, capability: str, steps: int, prompts: int, group: int, threads: int,
                          actor_threads: int, seed: int, extra: list[str] = ()) -> list[str]:
     """The config of one copd-ray branch doing plain GRPO on `capability`, matched to TRL's run."""
@@ -259,7 +273,6 @@ def main() -> None:
 
     from copd_ray.capabilities import build_capability
     from copd_ray.config import load_config
-    from copd_ray.models import build_char_tokenizer, build_tiny_policy, save_policy
     from copd_ray.models.bootstrap import ensure_base_policy
 
     torch.set_num_threads(a.threads)
@@ -268,8 +281,7 @@ def main() -> None:
     capability = f"{{name: add, source: 'synthetic:add', heldout_size: {heldout}}}"
     real = []  # the real model's settings
     if a.small:
-        tokenizer = build_char_tokenizer()
-        folder = str(save_policy(build_tiny_policy(tokenizer, seed=0), tokenizer, work / "tiny"))
+        folder = base_folder(True, work)
     elif a.smollm2:
         demo = load_config(REPO / "configs" / "smollm2.yaml")
         folder = str(ensure_base_policy(demo)[0])
@@ -280,8 +292,8 @@ def main() -> None:
                 f"grpo.lr={demo.grpo.lr}", f"eval.max_new_tokens={demo.eval.max_new_tokens}",
                 f"engine.max_batch_size={demo.engine.max_batch_size}",
                 f"train.logprob_chunk_tokens={demo.train.logprob_chunk_tokens}"]
-    else:  # the default config's base (its cache key covers the default capabilities)
-        folder = str(ensure_base_policy(load_config(None, ["wandb.mode=disabled"]))[0])
+    else:
+        folder = base_folder(False, work)
     common = one_branch_overrides(folder, capability, steps, a.prompts, a.group, a.threads, a.actor_threads, a.seed,
                                   real)
     cfg = load_config(None, common)

@@ -40,16 +40,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def base_folder(small: bool, work: Path) -> str:
-    from copd_ray.config import load_config
-    from copd_ray.models.bootstrap import ensure_base_policy
-
-    if small:
-        from copd_ray.models import build_char_tokenizer, build_tiny_policy, save_policy
-
-        tokenizer = build_char_tokenizer()
-        return str(save_policy(build_tiny_policy(tokenizer, seed=0), tokenizer, work / "tiny"))
-    return str(ensure_base_policy(load_config(None, ["wandb.mode=disabled"]))[0])
+def grpo_vs_trl():
+    """benchmarks/grpo_vs_trl.py as a module: its one-branch config, TRL spec and base policy."""
+    spec = importlib.util.spec_from_file_location("grpo_vs_trl", HERE / "grpo_vs_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # -- whole processes beside TRL ---------------------------------------------------------------
@@ -90,13 +86,11 @@ def trl_process(trl_python: str, spec_file: Path, out: Path, steps: int, threads
 
 
 def whole_processes(a: argparse.Namespace, work: Path) -> dict:
-    spec = importlib.util.spec_from_file_location("grpo_vs_trl", HERE / "grpo_vs_trl.py")
-    gvt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gvt)
+    gvt = grpo_vs_trl()
     from copd_ray.capabilities import build_capability
     from copd_ray.config import load_config
 
-    folder = base_folder(a.small, work)
+    folder = gvt.base_folder(a.small, work)
     capability = "{name: add, source: 'synthetic:add', heldout_size: 50}"
     common = gvt.one_branch_overrides(folder, capability, a.steps, 16, 8, a.threads, 1, 0)
     rows = {"copd-ray lockstep": ["schedule.max_staleness=0"], "copd-ray async": ["schedule.max_staleness=1"]}
@@ -151,7 +145,7 @@ def warm_pool(a: argparse.Namespace, work: Path) -> dict:
     from copd_ray.driver import train
     from copd_ray.runtime import WarmPool
 
-    overrides = ["wandb.mode=disabled", f"model.path={base_folder(a.small, work)}", "schedule.cycles=1",
+    overrides = ["wandb.mode=disabled", f"model.path={grpo_vs_trl().base_folder(a.small, work)}", "schedule.cycles=1",
                  f"schedule.rl_steps={a.steps}", f"schedule.opd_steps={a.steps}", "schedule.save_every=0",
                  "eval.every=0", "metrics.pair_every=0"]
     ray.init(include_dashboard=False, log_to_driver=False)

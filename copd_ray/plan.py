@@ -1,10 +1,10 @@
 """`copd-ray plan`: what fits, before anything starts.
 
 For every actor of every branch (trainer ranks, generators, and a scorer where some branch
-asks it for log-probs; a frozen branch is its scorer alone) an estimate of its peak memory, part by part, against what its
-placement-group bundle has: `resources.*_gpus` x the GPU memory of the node type
-(`cluster.yaml`'s InstanceType, through `INSTANCE_TYPES`, or `--gpu-memory-gb`). A
-CPU-only config is checked against host memory instead.
+asks it for log-probs; a frozen branch is its scorer alone) an estimate of its peak memory,
+part by part, against what its placement-group bundle has: `resources.*_gpus` x the GPU
+memory of the node type (`cluster.yaml`'s InstanceType, through `INSTANCE_TYPES`, or
+`--gpu-memory-gb`). A CPU-only config is checked against host memory instead.
 
 Nothing is loaded but the model's `config.json` (through `transformers.AutoConfig`): no
 weights, no Ray. The parameter count is exact for the families the project runs (Llama,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -68,11 +69,11 @@ class WarmPool:
     def shape(cfg: Config, frozen: bool, scores: bool) -> tuple | None:
         """What a reused group must have been created with (its bundles, actors and restart
         budget are fixed then), or None where it is not kept."""
-        r, e = cfg.resources, cfg.engine
+        e = cfg.engine
         if {e.kind, e.scorer_kind or e.kind} != {"hf"}:
             return None
-        return (frozen, scores, r.num_trainers, r.trainer_cpus, r.trainer_gpus, r.generator_cpus, r.generator_gpus, r.scorer_cpus,
-                r.scorer_gpus, r.num_generators, cfg.ray.max_failures)
+        bundles = tuple(tuple(sorted(b.items())) for b in branch_bundles(cfg, frozen, scores))
+        return (frozen, scores, cfg.resources.num_trainers, bundles, cfg.ray.max_failures)
 
     def take(self, shape: tuple | None) -> BranchGroup | None:
         for i, (s, group) in enumerate(self.idle):
@@ -173,12 +174,10 @@ class Runtime:
         On several nodes free totals do not say a group packs onto one: never."""
         if sum(node["Alive"] for node in ray.nodes()) > 1:
             return False
-        free = ray.available_resources()
-        need: dict[str, float] = {}
+        free, need = ray.available_resources(), Counter()
         for n in cold:
             for bundle in branch_bundles(cfg, branches[n].frozen, n in scoring):
-                for k, v in bundle.items():
-                    need[k] = need.get(k, 0.0) + v
+                need.update(bundle)
         return all(v <= free.get(k, 0.0) for k, v in need.items())
 
     def evaluate(self, folders: dict[str, str], cfg: Config, held: dict[str, list[PromptRecord]]) -> dict:

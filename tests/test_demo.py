@@ -37,6 +37,7 @@ def test_demo_runs_within_ten_minutes_and_each_branch_learns_its_capability(tmp_
     record = json.loads(next(cache.glob("tiny-policy-*/bootstrap.json")).read_text())
     assert record["landed"] and record["in_range"] and all(0.3 <= r <= 0.65 for r in record["rates"].values()), record
     assert f"trained {record['steps_run']} steps" in run.stdout and record["steps"] == record["steps_run"]
+    assert record["seconds"] < 300, f"the warm-up took {record['seconds']} s"
     assert "validation pass@1 add" in run.stdout and "warning" not in run.stdout
     evaluated = subprocess.run(cli + ["eval", f"cache_dir={cache}"], capture_output=True, text=True, timeout=600,
                                env=env)

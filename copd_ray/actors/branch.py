@@ -30,7 +30,10 @@ def branch_bundles(cfg: Config, frozen: bool, scores: bool) -> list[dict]:
     r = cfg.resources
     bundles = [] if frozen else ([_bundle(r.trainer_cpus, r.trainer_gpus)] * r.num_trainers
                                  + [_bundle(r.generator_cpus, r.generator_gpus)] * r.num_generators)
-    return bundles + ([_bundle(r.scorer_cpus, r.scorer_gpus)] if scores or frozen else [])
+    return bundles + ([_bundle(r.scorer_cpus, r.scorer_gpus)] if scores else [])
+
+
+ACTOR_CLASSES = {"trainer": TrainerActor, "generator": GeneratorActor, "scorer": ScorerActor}
 
 
 class BranchGroup:
@@ -40,7 +43,7 @@ class BranchGroup:
     def __init__(self, name: str, cfg: Config, model_path: str, run_id: str, frozen: bool = False,
                  scores: bool = True) -> None:
         self.name, self.cfg, self.run_id, self.frozen, self.scores = name, cfg, run_id, frozen, scores or frozen
-        self.bundles = branch_bundles(cfg, frozen, scores)
+        self.bundles = branch_bundles(cfg, frozen, self.scores)
         self.pg = placement_group(self.bundles, strategy="PACK", name=f"copd-{run_id}-{name}")
         self.model_path = model_path
         self.version = 0
@@ -96,27 +99,24 @@ class BranchGroup:
     def start_actors(self) -> list:
         """Create the actors, or reload a reused group's, with this run's arguments
         (asynchronously); returns refs that resolve when all are up."""
-        c, r, members = self.cfg, self.cfg.resources, self._actor_args()
+        members = self._actor_args()
         if self.reused:
             return self.reload(list(members))
-
-        def at(i: int, cpus: float, gpus: float):
+        # Members and bundles in one order: the trainer ranks, the generators, the scorer.
+        for i, (role, (args, kwargs)) in enumerate(members.items()):
+            kind = role.split()[0]
             # Ray restarts a dead actor in its own bundle (once more than the run allows, so
             # that the driver sees the failure over budget and names it); no call is retried
             # on the new process (its state is fresh): the driver re-wires it first.
-            return dict(num_cpus=cpus, num_gpus=gpus, max_restarts=c.ray.max_failures + 1, max_task_retries=0,
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
-
-        # Bundles: the trainer ranks, then the generators, then the scorer (the last).
-        for i, (role, (args, kwargs)) in enumerate(members.items()):
-            if role.startswith("trainer"):
-                self.trainers.append(TrainerActor.options(**at(i, r.trainer_cpus, r.trainer_gpus)).remote(
-                    *args, **kwargs))
-            elif role.startswith("generator"):
-                self.generators.append(GeneratorActor.options(**at(i, r.generator_cpus, r.generator_gpus)).remote(
-                    *args, **kwargs))
+            actor = ACTOR_CLASSES[kind].options(
+                num_cpus=self.bundles[i]["CPU"], num_gpus=self.bundles[i].get("GPU", 0),
+                max_restarts=self.cfg.ray.max_failures + 1, max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(*args, **kwargs)
+            if kind == "scorer":
+                self.scorer = actor
             else:
-                self.scorer = ScorerActor.options(**at(i, r.scorer_cpus, r.scorer_gpus)).remote(*args, **kwargs)
+                (self.trainers if kind == "trainer" else self.generators).append(actor)
         return [a.ready.remote() for a in self.trainers + self.generators + self._scorers()]
 
     def reload(self, roles: list[str]) -> list:
