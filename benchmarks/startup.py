@@ -10,9 +10,9 @@ script's TRL worker, in TRL's own virtualenv), each a fresh process from `python
 timed from outside. copd-ray's process does more than TRL's: it starts a local Ray and its
 actors, saves the branch, evaluates base and branch on the held-out set and draws its plots;
 TRL's trains and saves. For copd-ray the run's own marks (eval.json's `timing`, seconds
-since train() was called) split the time: before train() and after it (imports, the base
-policy's check, plots and exit: the whole minus `done`), Ray and data, actors up, the
-steps, the final evaluation, Ray's shutdown. Before any time is printed every run is checked:
+since train() was called) split the time: outside train() (the whole minus `done`: imports,
+Ray's start, which overlaps them, and its stop, plots and exit), the run's data and checks,
+actors up, the steps, the final evaluation. Before any time is printed every run is checked:
 copd-ray's metrics hold --steps step records and TRL's worker timed --steps steps. Rows
 alternate within each repeat; the table shows each row's median.
 
@@ -63,10 +63,10 @@ def copd_process(overrides: list[str], out: Path, steps: int) -> dict:
     if done != steps:
         raise RuntimeError(f"copd-ray ran {done} steps, not {steps}")
     t = json.loads((out / "eval.json").read_text())["timing"]
-    return {"whole_s": whole, "outside_train_s": whole - t["done"], "ray_and_data_s": t["ray_and_data"],
+    return {"whole_s": whole, "outside_train_s": whole - t["done"], "data_s": t["ray_and_data"],
             # steps: from the actors being up (step 0's pair metrics and evaluation, if due, then the steps)
             "actors_up_s": t["actors_up"] - t["ray_and_data"], "steps_s": t["trained"] - t["actors_up"],
-            "final_eval_s": t["evaluated"] - t["trained"], "shutdown_s": t["done"] - t["evaluated"]}
+            "final_eval_s": t["evaluated"] - t["trained"]}
 
 
 def trl_process(trl_python: str, spec_file: Path, out: Path, steps: int, threads: int) -> dict:
@@ -117,14 +117,15 @@ def whole_processes(a: argparse.Namespace, work: Path) -> dict:
 
 def print_whole(table: dict, steps: int) -> None:
     trl = table.get("TRL GRPOTrainer", {}).get("whole_s")
-    parts = ["outside_train_s", "ray_and_data_s", "actors_up_s", "steps_s", "final_eval_s", "shutdown_s"]
-    heads = ["outside", "ray+data", "actors", "steps", "eval", "shutdown"]
+    parts = ["outside_train_s", "data_s", "actors_up_s", "steps_s", "final_eval_s"]
+    heads = ["outside", "data", "actors", "steps", "eval"]
     print(f"\n{'':<18} {'whole s':>8} {'x TRL':>6}" + "".join(f"{h:>10}" for h in heads))
     for name, r in table.items():
         x = f"{r['whole_s'] / trl:.2f}" if trl else "-"
         print(f"{name:<18} {r['whole_s']:8.1f} {x:>6}" + "".join(f"{r[p]:10.1f}" if p in r else f"{'':>10}"
                                                                    for p in parts))
-    print("outside: before train() and after it (imports, base policy check, plots, exit); TRL's steps: the span "
+    print("outside: before train() and after it (imports, Ray's start beside them and its stop, plots, exit); "
+          "TRL's steps: the span "
           "from its first step's end to its last's, scaled by steps / (steps - 1)")
     copd, trl_row = table.get("copd-ray lockstep"), table.get("TRL GRPOTrainer")
     if copd and trl_row:

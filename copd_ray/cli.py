@@ -9,10 +9,9 @@ traceback to <output_dir>/error.log.
 from __future__ import annotations
 
 import datetime
-import gc
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -22,6 +21,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from copd_ray.config import Config, ConfigError, load_config
+from copd_ray.models.cache import base_policy_ready
 from copd_ray.errors import CopdError
 
 console = Console()
@@ -93,6 +93,37 @@ def _setup_torch(cfg: Config) -> None:
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     quiet_transformers()
+
+
+def _ray_while_importing(cfg: Config, base_policy: Callable[[], object]):
+    """Start (or join) Ray on this thread while torch, transformers and the driver import on
+    another, which also finds the `base_policy`: ray.init mostly waits for the processes it
+    starts, and the imports are ~3 s of a short run on two cores. Returns (the driver's
+    train, whether Ray was started here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from copd_ray.ray_start import init_ray
+
+    def imports():
+        _setup_torch(cfg)
+        base_policy()
+        from transformers import AutoTokenizer  # noqa: F401  (its modeling imports: ~1.4 s)
+
+        from copd_ray.driver import train
+
+        return train
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        importing = pool.submit(imports)
+        started_ray = init_ray(cfg)
+        try:
+            return importing.result(), started_ray
+        except BaseException:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+            raise
 
 
 def _bootstrap(cfg: Config, force: bool = False):
@@ -237,13 +268,20 @@ def train(ctx: typer.Context, args: Optional[list[str]] = ArgsArg) -> None:
     starts a local Ray.
     """
     cfg = _load(args)
-    _setup_torch(cfg)
-    from copd_ray.driver import train as run_copd
-
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     ctx.meta[_ERROR_LOG] = Path(cfg.output_dir) / "error.log"
-    _bootstrap(cfg)
-    summary = run_copd(cfg, console=console)
+    ready = base_policy_ready(cfg)
+    if not ready:  # a warm-up or GGUF import: minutes of work, and what fails in it starts no Ray
+        _setup_torch(cfg)
+        _bootstrap(cfg)
+    run_copd, started_ray = _ray_while_importing(cfg, lambda: _bootstrap(cfg) if ready else None)
+    try:
+        summary = run_copd(cfg, console=console)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     console.print(_eval_table("held-out pass@1 (greedy)", summary["eval"]))
     out = Path(cfg.output_dir)
     console.print(_time_table(out / "metrics.jsonl"))
@@ -421,11 +459,29 @@ def show_config(args: Optional[list[str]] = ArgsArg) -> None:
 def main() -> None:
     try:
         app()
-    finally:
-        # Skip the interpreter's last full garbage collection over every object of torch,
-        # transformers and Ray (1-1.5 s of a short run): everything that must be closed (the
-        # run's logs, Ray) is closed by now, and std streams are flushed at exit regardless.
-        gc.freeze()
+    except SystemExit as done:
+        if done.code is not None and not isinstance(done.code, int):
+            raise
+        _exit_now(done.code or 0)
+
+
+def _exit_now(code: int) -> None:
+    """Exit once the command is done without the interpreter's finalization: its last full
+    garbage collection over every object of torch, transformers and Ray is 1-1.5 s of a short
+    run. Exit handlers still run (Ray, wandb, temporary folders) and the streams are flushed;
+    what must be closed (the run's logs, Ray) is closed by then. (Freezing the collector
+    instead made nanobind, under triton where vLLM is installed, print hundreds of lines
+    of "leaked instance" at exit.)"""
+    import atexit
+    import logging
+    import os
+    import sys
+
+    atexit._run_exitfuncs()  # what the interpreter would run first at exit
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -268,7 +268,8 @@ def run_compare(cfg: Config, out: Path, seeds: int, ratios: list[str], console, 
     """Every run for every seed (skipping finished ones), then compare.json, compare.md and plots.
     The runs reload each other's actors through `pool` (a WarmPool; default: one of its own)."""
     from copd_ray.driver import train
-    from copd_ray.runtime import WarmPool, init_ray
+    from copd_ray.ray_start import init_ray
+    from copd_ray.runtime import WarmPool
 
     p = plan(cfg, ratios, runs)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ from copd_ray.metrics_log import MetricsLog
 from copd_ray.monitor import Stopwatch, evaluate_branches, log_eval, log_pairs, log_step, step_line
 from copd_ray.recovery import Rollback, SelfHealing, restore
 from copd_ray.run_data import BranchData, Prompter, draw_prompts, prepare
-from copd_ray.runtime import Runtime, WarmPool, init_ray
+from copd_ray.ray_start import init_ray
+from copd_ray.runtime import Runtime, WarmPool
 from copd_ray.schedule import Phases, checkpoint_due, schedule, segment
 from copd_ray.topology import Topology
 from copd_ray.topology.graph import measured_pairs

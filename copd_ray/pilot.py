@@ -77,7 +77,8 @@ def run_pilot(cfg: Config, out: Path, teacher: str, student: str, temperatures: 
     OPD), their pair metrics and gains, the line fits, pilot.json and pilot.png. The runs
     reload each other's actors through `pool` (a WarmPool; default: one of its own)."""
     from copd_ray.driver import train
-    from copd_ray.runtime import WarmPool, init_ray
+    from copd_ray.ray_start import init_ray
+    from copd_ray.runtime import WarmPool
 
     names = [b.name for b in cfg.branch_list()]
     for role, name in (("teacher", teacher), ("student", student)):
@@ -211,7 +212,7 @@ def run_divergence(cfg: Config, out: Path, base: str, console, pool=None) -> dic
     """Train the experts beside the frozen base (on `pool`'s warm actors, if given); write
     divergence.json and divergence.png."""
     from copd_ray.driver import train
-    from copd_ray.runtime import init_ray
+    from copd_ray.ray_start import init_ray
 
     run_cfg = divergence_config(cfg, base, out / "experts")
     started_ray = init_ray(cfg)

@@ -17,7 +17,6 @@ sits near 0.9 from step 450 on). It stops after `patience` evaluations without g
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -27,37 +26,14 @@ from pathlib import Path
 import torch
 
 from copd_ray.capabilities import Capability, build_capability, check_chat_template
-from copd_ray.config import BootstrapConfig, Config, ConfigError
+from copd_ray.config import Config, ConfigError
 from copd_ray.data import PromptRecord, encode_prompt
 from copd_ray.engines import HFEngine
 from copd_ray.evaluation import evaluate, guessing_rate
+from copd_ray.models.cache import cache_key, cache_path
 from copd_ray.models.vl_inputs import VisionInputBuilder, collate
 
-CACHE_FORMAT = 1  # bump when the bootstrap procedure changes what it produces
-PATIENCE = BootstrapConfig.model_fields["patience"].default
 LANDED = (False, 0.0)  # the `_distance` of rates that all lie in their windows
-LATER_CAPABILITY_FIELDS = ("validation_size", "system")  # left out of cache keys at their defaults
-
-
-def cache_key(cfg: Config) -> str:
-    settings = {
-        "format": CACHE_FORMAT,
-        # "vision" joined the settings later; leaving it out when off keeps older text caches valid.
-        "tiny": cfg.model.tiny.model_dump(exclude={"vision"} if not cfg.model.tiny.vision else None),
-        # `patience` joined later and only cuts warm-ups that cannot land; at its default it is
-        # left out, so older caches stay valid (a landed warm-up is the same with or without it).
-        "bootstrap": cfg.bootstrap.model_dump(exclude={"patience"} if cfg.bootstrap.patience == PATIENCE else None),
-        # Fields that joined later are left out at their defaults, so older caches stay valid.
-        "capabilities": [c.model_dump(exclude={k for k in LATER_CAPABILITY_FIELDS
-                                               if getattr(c, k) == type(c).model_fields[k].default})
-                         for c in cfg.capabilities],
-        "seed": cfg.seed,
-    }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def cache_path(cfg: Config) -> Path:
-    return Path(cfg.cache_dir).expanduser() / f"tiny-policy-{cache_key(cfg)}"
 
 
 def _sft_batch(records: list[PromptRecord], caps: dict[str, Capability], tokenizer, vision=None):
