@@ -205,7 +205,7 @@ def base_folder(small: bool, work: Path) -> str:
     """The untrained tiny policy, saved under `work` (small), or the default config's warmed-up
     base (`copd-ray bootstrap`, cached; its cache key covers the default capabilities)."""
     from copd_ray.config import load_config
-    from copd_ray.models.bootstrap import ensure_base_policy
+    from copd_ray.bootstrap import ensure_base_policy
 
     if small:
         from copd_ray.models import build_char_tokenizer, build_tiny_policy, save_policy
@@ -273,7 +273,7 @@ def main() -> None:
 
     from copd_ray.capabilities import build_capability
     from copd_ray.config import load_config
-    from copd_ray.models.bootstrap import ensure_base_policy
+    from copd_ray.bootstrap import ensure_base_policy
 
     torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="grpo-vs-trl-"))

@@ -74,7 +74,7 @@ def main() -> None:
 
     from copd_ray.config import load_config
     from copd_ray.driver import train
-    from copd_ray.models.bootstrap import ensure_base_policy
+    from copd_ray.bootstrap import ensure_base_policy
     from copd_ray.plan import plan_memory
 
     args = list(a.args)

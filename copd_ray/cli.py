@@ -127,7 +127,7 @@ def _ray_while_importing(cfg: Config, base_policy: Callable[[], object]):
 
 
 def _bootstrap(cfg: Config, force: bool = False):
-    from copd_ray.models.bootstrap import ensure_base_policy, rate_warnings
+    from copd_ray.bootstrap import ensure_base_policy, rate_warnings
 
     def progress(step: int, metrics: dict) -> None:
         rates = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items())

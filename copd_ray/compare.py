@@ -120,10 +120,7 @@ def plan(cfg: Config, ratios: list[str], runs: list[str] | None = None) -> Plan:
         "topology": topo("edges", [(n, student) for n in names]), "merge": alone, "schedule": opd_only},
         after="experts"))
     p.runs.append(Run("copd", {}))
-    from copd_ray.topology.graph import Topology
-
-    tp = cfg.topology
-    copd_edges = list(Topology.from_config(tp.kind, names, tp.hub, tp.edges).edges)
+    tp, copd_edges = cfg.topology, list(cfg.topology_graph().edges)
     for a, b in copd_edges:
         rest = [e for e in copd_edges if e != (a, b)]
         p.runs.append(Run(f"copd_without_{a}_{b}", {"topology": topo("edges", rest) if rest else topo("none")}))

@@ -303,6 +303,11 @@ class EngineConfig(Section):
     sglang: SGLangConfig = SGLangConfig()
     """Settings of the SGLang engine."""
 
+    @property
+    def hf_only(self) -> bool:
+        """Whether every generator and scorer runs the hf engine (in-process torch models)."""
+        return {self.kind, self.scorer_kind or self.kind} == {"hf"}
+
     @model_validator(mode="after")
     def _installed(self, info: ValidationInfo):
         import importlib.util
@@ -701,31 +706,13 @@ class Config(Section):
         """Cross-section checks: branches name capabilities, the topology names branches."""
         caps = [c.name for c in self.capabilities]
         branches = self.branch_list()
-        names = [b.name for b in branches]
-        if len(set(names)) != len(names):
-            raise ValueError(f"branch names repeat: {names}")
+        t, topology = self.topology, self.topology_graph()  # its checks: names repeat, hub, edges
         for b in branches:
             for d in b.data or []:
                 if d not in caps:
                     raise ValueError(f"branch {b.name!r} trains on unknown capability {d!r}; capabilities: {caps}")
             if not b.data and b.name not in caps:
                 raise ValueError(f"branch {b.name!r} names no data and no capability is called {b.name!r}")
-        t = self.topology
-        if t.kind == "hub_and_spoke":
-            if t.hub not in names:
-                raise ValueError(f"topology.hub {t.hub!r} is not a branch; branches: {names}")
-        elif t.hub is not None:
-            raise ValueError(f"topology.hub is only for kind=hub_and_spoke, not {t.kind!r}")
-        if t.kind == "edges" and not t.edges:
-            raise ValueError("topology.kind=edges needs topology.edges: [[teacher, student], ...]")
-        if t.kind != "edges" and t.edges:
-            raise ValueError(f"topology.edges is only for kind=edges, not {t.kind!r}")
-        for teacher, student in t.edges:
-            for end in (teacher, student):
-                if end not in names:
-                    raise ValueError(f"topology.edges names {end!r}, which is not a branch; branches: {names}")
-            if teacher == student:
-                raise ValueError(f"topology.edges: {teacher!r} cannot teach itself")
         visual = [c.name for c in self.capabilities
                   if c.source.startswith("synthetic:") and c.source.split(":", 1)[1] in VISUAL_TASKS]
         if visual and self.model.path is None and not self.model.tiny.vision:
@@ -747,9 +734,7 @@ class Config(Section):
         for b in branches:
             if b.frozen and b.init is None:
                 raise ValueError(f"frozen branch {b.name!r} needs an init model folder (it would only be the base)")
-        from copd_ray.topology.graph import Topology
-
-        taught = {s for _, s in Topology.from_config(t.kind, names, t.hub, t.edges).edges}
+        taught = {s for _, s in topology.edges}
         frozen_students = taught - set(trainable)
         if frozen_students:
             raise ValueError(f"frozen branch(es) {sorted(frozen_students)} would be students under topology "
@@ -793,6 +778,13 @@ class Config(Section):
 
     def trainable_branches(self) -> list[BranchConfig]:
         return [b for b in self.branch_list() if not b.frozen]
+
+    def topology_graph(self):
+        """The teacher -> student graph (a `Topology`) that topology.* lays over the branches."""
+        from copd_ray.topology.graph import Topology
+
+        t = self.topology
+        return Topology.from_config(t.kind, [b.name for b in self.branch_list()], t.hub, t.edges)
 
     def branch_list(self) -> list[BranchConfig]:
         if self.branches is not None:

@@ -570,12 +570,8 @@ class Workload:
 
 
 def _teachers(cfg: Config) -> dict[str, list[str]]:
-    from copd_ray.topology.graph import Topology
-
-    t = cfg.topology
-    names = [b.name for b in cfg.branch_list()]
-    topo = Topology.from_config(t.kind, names, t.hub, t.edges)
-    return {n: topo.teachers_of(n) for n in names}
+    topo = cfg.topology_graph()
+    return {n: topo.teachers_of(n) for n in topo.branches}
 
 
 def _model_folder(cfg: Config) -> Path | None:

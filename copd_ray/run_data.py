@@ -119,12 +119,12 @@ def prepare(cfg: Config, topology: Topology | None, console):
     """Everything that can fail before any actor starts: topology, data, base policy."""
     from transformers import AutoTokenizer
 
-    from copd_ray.models.bootstrap import ensure_base_policy
+    from copd_ray.bootstrap import ensure_base_policy
     from copd_ray.models.vl_inputs import VisionInputBuilder
 
     branch_cfgs = cfg.branch_list()
     names = [b.name for b in branch_cfgs]
-    topology = topology or Topology.from_config(cfg.topology.kind, names, cfg.topology.hub, cfg.topology.edges)
+    topology = topology or cfg.topology_graph()
     if sorted(topology.branches) != sorted(names):
         raise ConfigError(f"the topology's branches {list(topology.branches)} are not the config's {names}")
     caps = {}

@@ -16,6 +16,7 @@ from copd_ray.actors import BranchGroup
 from copd_ray.actors.branch import branch_bundles
 from copd_ray.config import Config
 from copd_ray.data import PromptRecord
+from copd_ray.models.loading import actor_device
 from copd_ray.topology import Topology
 from copd_ray.topology.actor import TopologyActor
 from copd_ray.topology.graph import scoring_branches
@@ -36,8 +37,7 @@ class WarmPool:
     def shape(cfg: Config, frozen: bool, scores: bool) -> tuple | None:
         """What a reused group must have been created with (its bundles, actors and restart
         budget are fixed then), or None where it is not kept."""
-        e = cfg.engine
-        if {e.kind, e.scorer_kind or e.kind} != {"hf"}:
+        if not cfg.engine.hf_only:
             return None
         bundles = tuple(tuple(sorted(b.items())) for b in branch_bundles(cfg, frozen, scores))
         return (frozen, scores, cfg.resources.num_trainers, bundles, cfg.ray.max_failures)
@@ -194,7 +194,7 @@ def eval_task_options(cfg: Config) -> dict:
 def eval_device(cfg: Config) -> str:
     """Where an evaluation loads its engine: as a generator does (EngineHost), on "cuda" only
     when the config gives generators a GPU."""
-    return "cuda" if cfg.resources.generator_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return actor_device(cfg.resources.generator_gpus)
 
 
 @ray.remote

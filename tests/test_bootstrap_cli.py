@@ -38,7 +38,7 @@ def test_short_bootstrap_caches_by_settings(tmp_path):
 
 def test_the_warm_up_warns_per_capability_outside_its_window_or_aim():
     from copd_ray.config import BootstrapConfig
-    from copd_ray.models.bootstrap import rate_warnings
+    from copd_ray.bootstrap import rate_warnings
 
     b = BootstrapConfig()  # window [0.2, 0.65], aim 0.3, 0.1 above guessing
     rates = {"add": 0.7, "mul": 0.268, "image": 0.4, "text": 0.45, "low": 0.1}
@@ -63,7 +63,7 @@ def test_the_warm_up_window_starts_above_guessing():
     from copd_ray.config import load_config
     from copd_ray.data import PromptRecord
     from copd_ray.evaluation import guessing_rate
-    from copd_ray.models.bootstrap import guess_floors
+    from copd_ray.bootstrap import guess_floors
 
     answers = ["4", "4", "4", "2", "1 ", "3", "4", "2", "1", "3"]
     assert guessing_rate([PromptRecord(str(i), a, "c", prompt="count:") for i, a in enumerate(answers)]) == 0.4
@@ -83,8 +83,8 @@ def test_the_warm_up_window_starts_above_guessing():
 
 
 def test_a_warm_up_that_cannot_land_stops_once_nothing_lags_and_nothing_improves(monkeypatch):
+    from copd_ray import bootstrap
     from copd_ray.config import load_config
-    from copd_ray.models import bootstrap
 
     floors = {"a": 0.45, "b": 0.3}
     over = bootstrap._distance({"a": 0.9, "b": 0.3}, floors, high=0.6)

@@ -130,7 +130,7 @@ def test_a_yaml_file_with_overrides(tmp_path: Path):
         (["capabilities.1.source=synthetic:motion", "model.tiny.vision=true", "engine.kind=vllm"],
          "engine 'vllm' is not tested with the embedded tiny vision policy"),
         (["topology.kind=none", "topology.edges=[[add, mul]]"], "topology.edges is only for kind=edges"),
-        (["topology.kind=edges", "topology.edges=[[add, video]]"], "names 'video', which is not a branch"),
+        (["topology.kind=edges", "topology.edges=[[add, video]]"], "'video' is not a branch"),
         (["branches=[{name: mixed, data: [add, sub]}]"], "unknown capability 'sub'"),
         (["branches=[{name: a}, {name: a, data: [add]}]"], "branch names repeat"),
         (["merge.weights={add: 1.0}"], "merge.weights must name every trainable branch"),

@@ -291,7 +291,7 @@ def test_the_vision_warm_up_trains_on_pixels_and_caches_a_loadable_folder(tmp_pa
     from transformers import AutoModelForImageTextToText
 
     from copd_ray.config import load_config
-    from copd_ray.models.bootstrap import ensure_base_policy
+    from copd_ray.bootstrap import ensure_base_policy
 
     cfg = load_config("configs/demo_multimodal.yaml", [
         f"cache_dir={tmp_path}", "bootstrap.max_steps=2", "bootstrap.batch_size=8", "bootstrap.eval_every=1",

@@ -25,8 +25,7 @@ def test_whole_processes_are_timed_part_by_part(tmp_path):
     assert list(table) == ["copd-ray lockstep", "copd-ray async"]
     assert "TRL skipped" in stdout
     for name, r in table.items():
-        parts = [r[k] for k in ("outside_train_s", "ray_and_data_s", "actors_up_s", "steps_s", "final_eval_s",
-                                "shutdown_s")]
+        parts = [r[k] for k in ("outside_train_s", "data_s", "actors_up_s", "steps_s", "final_eval_s")]
         assert all(p >= 0 for p in parts) and sum(parts) == pytest.approx(r["whole_s"], abs=0.05), r
         line = next(line for line in stdout.splitlines() if line.startswith(name))
         assert f"{r['whole_s']:.1f}" in line and f"{r['actors_up_s']:.1f}" in line, line

@@ -44,9 +44,7 @@ def test_only_branches_asked_for_log_probs_get_a_scorer():
 
     def scoring(*overrides):
         cfg = load_config(None, ["wandb.mode=disabled", *overrides])
-        t = cfg.topology
-        edges = Topology.from_config(t.kind, [b.name for b in cfg.branch_list()], t.hub, t.edges).edges
-        return scoring_branches(cfg, edges)
+        return scoring_branches(cfg, cfg.topology_graph().edges)
 
     quiet = "metrics.pair_every=0"
     assert scoring(quiet) == {"add", "mul"}  # pairwise: both teach

@@ -156,10 +156,9 @@ class BranchGroup:
         # Ray collective group would also need it: their branches use a standalone group.
         # So does a rebuilt group or a reused one (WarmPool): a Ray collective group builds on
         # the default group, which the members still hold for the old one.
-        e = self.cfg.engine
         self.transport = self.cfg.ray.sync_transport
         if self.transport == "auto":
-            self.transport = "ray" if {e.kind, e.scorer_kind or e.kind} == {"hf"} else "torch"
+            self.transport = "ray" if self.cfg.engine.hf_only else "torch"
         if generation or self.reused or len(self.trainers) > 1:  # sharded ranks hold the default group themselves
             self.transport = "torch"
         wait = self.cfg.ray.collective_timeout_s

@@ -11,6 +11,7 @@ import torch
 from copd_ray.actors.reloadable import Reloadable
 from copd_ray.actors.weight_sync import TensorSpec, WeightGroup
 from copd_ray.engines.factory import make_engine
+from copd_ray.models.loading import actor_device
 
 
 class EngineHost(Reloadable):
@@ -20,7 +21,7 @@ class EngineHost(Reloadable):
                  trust_remote_code: bool = False, threads: int = 1, gpus: float = 0.0, seed: int = 0) -> None:
         torch.set_num_threads(threads)
         self.branch = branch
-        device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+        device = actor_device(gpus)
         self.engine, self.tokenizer = make_engine(engine_kind, model_path, engine_cfg, dtype, trust_remote_code,
                                                   device, threads, seed)
         self.weight_group: WeightGroup | None = None

@@ -26,7 +26,7 @@ from copd_ray.actors.weight_sync import WeightGroup, bucket_plan, host_store
 from copd_ray.batch import assemble
 from copd_ray.errors import CheckpointError
 from copd_ray.learner import Learner
-from copd_ray.models.loading import copy_processor_files
+from copd_ray.models.loading import actor_device, copy_processor_files
 from copd_ray.step_data import StepSpec
 
 
@@ -35,7 +35,7 @@ class TrainerActor(Learner, Reloadable):
     def __init__(self, branch: str, rank: int, world_size: int, model_path: str, grpo: dict,
                  dtype: str = "float32", trust_remote_code: bool = False, threads: int = 1,
                  gpus: float = 0.0, seed: int = 0, train: dict | None = None) -> None:
-        device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+        device = actor_device(gpus)
         self._learner_args = (branch, rank, world_size, model_path, grpo, dtype, trust_remote_code, threads, device,
                               seed, train)
         self.branch, self.rank, self.world_size, self.device = branch, rank, world_size, device

@@ -1,4 +1,4 @@
-"""Policies: loading checkpoints, the embedded tiny policy and its warm-up."""
+"""Policies: loading checkpoints, the embedded tiny policy, and where a base policy is cached."""
 
 import importlib
 

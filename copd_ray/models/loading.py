@@ -11,6 +11,12 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def actor_device(gpus: float) -> str:
+    """Where an actor (or task) given `gpus` runs its model: on "cuda" only when Ray gave it a
+    GPU and it sees one."""
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 def quiet_transformers() -> None:
     """No per-load progress bars: many actors load models at once and would bury the run's own output."""
     from transformers.utils import logging

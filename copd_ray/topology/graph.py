@@ -45,13 +45,22 @@ class Topology:
     @classmethod
     def from_config(cls, kind: str, branches: Sequence[str], hub: str | None = None,
                     edges: Iterable[tuple[str, str]] = ()) -> Topology:
+        """The graph that topology.kind, topology.hub and topology.edges describe (the config's
+        checks of them are these, and their errors name those keys)."""
+        edges = [tuple(e) for e in edges]
+        if hub is not None and kind != "hub_and_spoke":
+            raise ValueError(f"topology.hub is only for kind=hub_and_spoke, not {kind!r}")
+        if edges and kind != "edges":
+            raise ValueError(f"topology.edges is only for kind=edges, not {kind!r}")
         if kind == "pairwise":
             return cls.pairwise(branches)
         if kind == "hub_and_spoke":
             if hub not in branches:
-                raise ValueError(f"hub {hub!r} is not a branch of {list(branches)}")
+                raise ValueError(f"topology.hub {hub!r} is not a branch; branches: {list(branches)}")
             return cls.hub_and_spoke(hub, [b for b in branches if b != hub])
         if kind == "edges":
+            if not edges:
+                raise ValueError("topology.kind=edges needs topology.edges: [[teacher, student], ...]")
             return cls.from_edges(branches, edges)
         if kind == "none":
             return cls(tuple(branches), ())
