@@ -52,51 +52,71 @@ class TrainBatch:
 
 
 def assemble(spec: StepSpec, parts: tuple, trainer_steps: int) -> tuple[TrainBatch, dict]:
-    """The step's TrainBatch from its inputs (laid out as `spec` says), and the record of
-    what it holds: rewards, teacher versions, rollouts and teacher tokens spent, the
-    behaviour policy's lag behind the trainer (`trainer_steps` optimizer steps so far)."""
+    """This rank's TrainBatch from its share of the step's inputs (laid out as `spec` says),
+    and the tally of what the share held (`step_record` adds up every rank's): rewards,
+    teacher versions, rollouts and teacher tokens spent, the behaviour policy's lag behind
+    the trainer (`trainer_steps` optimizer steps so far)."""
     batch = TrainBatch(group_size=spec.group_size)
-    record: dict = {"kind": "step", "step": spec.step, "phase": spec.phase, "opd_batches": len(spec.edges),
-                    "teacher_tokens": 0}
-    seconds = {"generate": 0.0, "score": 0.0}
+    # Rewards are summed as Python floats in row order: one rank's means then equal, to the
+    # last bit, those of the lists the records were once computed from.
+    tally: dict = {"rows": 0, "teacher_tokens": 0}
+    seconds = {"time/generate": 0.0, "time/score": 0.0}
     used: list[Rollouts] = []
     at = spec.native_parts
     if spec.native_parts:
         native = Rollouts.concat(list(parts[:at]))
         used.append(native)
-        seconds["generate"] += native.seconds
-        batch.grpo_sequences, batch.grpo_prompt_lengths = native.sequences, native.prompt_lengths
-        batch.grpo_rewards = native.rewards
-        lengths = native.response_lengths()
-        record.update(reward_mean=sum(native.rewards) / len(native.rewards),
-                      pass_rate=sum(r >= 1.0 for r in native.rewards) / len(native.rewards),
-                      response_length=sum(lengths) / len(lengths))
+        seconds["time/generate"] += native.seconds
+        batch.grpo_sequences, batch.grpo_prompt_lengths = native.sequences(), native.prompt_lengths.tolist()
+        batch.grpo_rewards = native.rewards.tolist()
+        tally.update({"native/rows": len(native), "native/reward_sum": sum(native.rewards.tolist()),
+                      "native/passes": int((native.rewards >= 1.0).sum()),
+                      "native/response_tokens": int(native.response_lengths().sum())})
     for edge in spec.edges:
         rollouts = Rollouts.concat(list(parts[at : at + edge.parts]))
         scores: TeacherScores = parts[at + edge.parts]
         at += edge.parts + 1
         used.append(rollouts)
-        seconds["generate"] += rollouts.seconds
-        seconds["score"] += scores.seconds
-        batch.opd_sequences += rollouts.sequences
-        batch.opd_prompt_lengths += rollouts.prompt_lengths
-        batch.opd_teacher_logprobs += scores.logprobs
-        batch.opd_beta += [edge.beta] * len(rollouts.sequences)
-        student = [lp for row in rollouts.logprobs for lp in row]
-        teacher = [lp for row in scores.logprobs for lp in row]
-        record["teacher_tokens"] += len(teacher)
+        seconds["time/generate"] += rollouts.seconds
+        seconds["time/score"] += scores.seconds
+        batch.opd_sequences += rollouts.sequences()
+        batch.opd_prompt_lengths += rollouts.prompt_lengths.tolist()
+        batch.opd_teacher_logprobs += rollouts.per_row(scores.logprobs)
+        batch.opd_beta += [edge.beta] * len(rollouts)
+        tally["teacher_tokens"] += len(scores.logprobs)
+        t = f"opd/{edge.teacher}"
+        tally.update({f"{t}/teacher_version": scores.version, f"{t}/rows": len(rollouts),
+                      f"{t}/reward_sum": sum(rollouts.rewards.tolist()), f"{t}/tokens": len(scores.logprobs),
+                      f"{t}/teacher_logp_sum": scores.logprobs.double().sum().item(),
+                      f"{t}/student_logp_sum": rollouts.logprobs.double().sum().item()})
+    batch.behaviour_logprobs = [lp for r in used for lp in r.per_row(r.logprobs)]
+    behaviour_step = min(r.policy_step for r in used)
+    batch.off_policy = trainer_steps - behaviour_step > 0 or not spec.behaviour_exact
+    tally.update({"rows": len(batch), "behaviour_version": min(r.version for r in used),
+                  "behaviour_lag": trainer_steps - behaviour_step, **seconds})
+    return batch, tally
+
+
+def step_record(spec: StepSpec, tallies: list[dict]) -> dict:
+    """The step's record from every rank's tally (`assemble`): means over the whole batch."""
+    total = {k: sum(t.get(k, 0) for t in tallies) for k in tallies[0]}
+    record: dict = {"kind": "step", "step": spec.step, "phase": spec.phase, "opd_batches": len(spec.edges),
+                    "teacher_tokens": total["teacher_tokens"]}
+    if spec.native_parts:
+        rows = max(total["native/rows"], 1)
+        record.update(reward_mean=total["native/reward_sum"] / rows, pass_rate=total["native/passes"] / rows,
+                      response_length=total["native/response_tokens"] / rows)
+    for edge in spec.edges:
+        t = f"opd/{edge.teacher}"
         record.update({
-            f"opd/{edge.teacher}/teacher_version": scores.version,
-            f"opd/{edge.teacher}/reward_mean": sum(rollouts.rewards) / len(rollouts.rewards),
-            f"opd/{edge.teacher}/logp_gap": (sum(teacher) - sum(student)) / max(len(student), 1),
-        })
-    batch.behaviour_logprobs = [lp for r in used for lp in r.logprobs]
-    lag = trainer_steps - min(r.policy_step for r in used)
-    batch.off_policy = lag > 0 or not spec.behaviour_exact
-    record.update({"rollouts": len(batch), "lag/behaviour_version": min(r.version for r in used),
-                   "lag/trainer_version": spec.trainer_version, "lag/steps": lag,
-                   **{f"time/{k}": v for k, v in seconds.items()}})
-    return batch, record
+            f"{t}/teacher_version": min(x[f"{t}/teacher_version"] for x in tallies),
+            f"{t}/reward_mean": total[f"{t}/reward_sum"] / max(total[f"{t}/rows"], 1),
+            f"{t}/logp_gap": (total[f"{t}/teacher_logp_sum"] - total[f"{t}/student_logp_sum"])
+            / max(total[f"{t}/tokens"], 1)})
+    record.update({"rollouts": total["rows"], "lag/behaviour_version": min(x["behaviour_version"] for x in tallies),
+                   "lag/trainer_version": spec.trainer_version, "lag/steps": max(x["behaviour_lag"] for x in tallies),
+                   **{k: max(x[k] for x in tallies) for k in ("time/generate", "time/score")}})
+    return record
 
 
 def pad_sequences(sequences: list, prompt_lengths: list[int], pad_id: int):

@@ -18,28 +18,33 @@ from dataclasses import dataclass
 import ray
 
 from copd_ray.actors import BranchGroup
+from copd_ray.batch import step_record
 from copd_ray.config import Config
-from copd_ray.step_data import OPDEdge, Rollouts, StepPrompts, StepSpec, TeacherScores
+from copd_ray.step_data import OPDEdge, Rollouts, StepPrompts, StepSpec, TeacherScores, one_per_rank
 
 
 @dataclass
 class InFlight:
-    """A launched step: its layout and the references of its inputs, in that layout."""
+    """A launched step: its layout and, per trainer rank, the references of its share of the inputs."""
 
     spec: StepSpec
-    inputs: list  # [native Rollouts refs..., per edge: its Rollouts refs..., its TeacherScores ref]
+    inputs: list[list]  # [rank][native Rollouts refs..., per edge: its Rollouts refs..., its TeacherScores ref]
 
 
 def launch(group: BranchGroup, prompts: StepPrompts, cfg: Config, beta: float) -> InFlight:
-    """Submit the step's rollouts (native batch, then each teacher's prompts) and have each
-    teacher score the student's rollouts on its prompts: log pi_j(y_t | x, y_<t)."""
-    native = group.sample(prompts.native) if prompts.native is not None else []
+    """Submit the step's rollouts (native batch, then each teacher's prompts), each generator
+    dealing its rows to the trainer ranks, and have each teacher score the student's rollouts
+    on its prompts: log pi_j(y_t | x, y_<t), dealt the same way."""
+    ranks = len(group.trainers)
+    native = group.sample(prompts.native, ranks) if prompts.native is not None else []
     spec = StepSpec(prompts.step, prompts.phase, cfg.grpo.group_size, native_parts=len(native),
                     behaviour_exact=cfg.engine.kind == "hf" and cfg.model.dtype == "float32")
-    inputs = list(native)
+    inputs = [[part[r] for part in native] for r in range(ranks)]
     for teacher, (endpoint, batch) in prompts.teachers.items():
-        rollouts = group.sample(batch)
-        inputs += rollouts + [score(endpoint, rollouts)]
+        rollouts = group.sample(batch, ranks)
+        scores = score(endpoint, rollouts, ranks)
+        for r in range(ranks):
+            inputs[r] += [part[r] for part in rollouts] + [scores[r]]
         spec.edges.append(OPDEdge(teacher, len(rollouts), beta))
     return InFlight(spec, inputs)
 
@@ -54,7 +59,7 @@ def finish(group: BranchGroup, flight: InFlight) -> dict:
     train = results[0]["train"] if world == 1 else {
         k: (sum(r["train"][k] for r in results) / world if k != "nan_skipped" else max(r["train"][k] for r in results))
         for k in results[0]["train"]}
-    record = {**results[0]["step"], "branch": group.name, **train}
+    record = {**step_record(flight.spec, [r["tally"] for r in results]), "branch": group.name, **train}
     record["time/train"] = record.pop("seconds")
     record["driver/bytes_received"] = nbytes
     return record
@@ -70,19 +75,23 @@ def fetch(refs: list) -> tuple[list, int]:
     return values, sum(len(pickle.dumps(v)) for v in values)
 
 
-def score(endpoint, rollouts: list) -> ray.ObjectRef:
-    """A TeacherScores reference, through whichever endpoint the topology gave: a
-    ScorerActor handle, or the Serve deployment handle in front of it (then a small task
-    hands the rollouts to it, so that they still bypass the driver)."""
+def score(endpoint, rollouts: list[list], ranks: int) -> list:
+    """One TeacherScores reference per trainer rank, through whichever endpoint the topology
+    gave: a ScorerActor handle, or the Serve deployment handle in front of it (then a small
+    task hands the rollouts to it, so that they still bypass the driver). `rollouts`:
+    references [generator][rank]."""
     from ray.serve.handle import DeploymentHandle
 
+    parts = [ref for per_rank in rollouts for ref in per_rank]
     if isinstance(endpoint, DeploymentHandle):
-        return _score_through_serve.remote(endpoint, *rollouts)
-    return endpoint.score_rollouts.remote(*rollouts)
+        refs = _score_through_serve.options(num_returns=ranks).remote(endpoint, ranks, *parts)
+    else:
+        refs = endpoint.score_rollouts.options(num_returns=ranks).remote(ranks, *parts)
+    return list(refs) if ranks > 1 else [refs]
 
 
 @ray.remote(num_cpus=0)
-def _score_through_serve(handle, *parts: Rollouts) -> TeacherScores:
+def _score_through_serve(handle, ranks: int, *parts: Rollouts):
     rollouts = Rollouts.concat(list(parts))
-    scores = handle.score.remote(rollouts.sequences, rollouts.prompt_lengths).result()
-    return TeacherScores(scores.logprobs, scores.version, scores.extra["seconds"])
+    scores = handle.score.remote(rollouts.sequences(), rollouts.prompt_lengths.tolist()).result()
+    return one_per_rank(TeacherScores.of(scores).cut(list(parts), ranks))

@@ -27,7 +27,7 @@ def pair_metrics(teacher: str, student: str, groups, data: dict[str, BranchData]
     per_cap = -(-m // len(teacher_caps))
     probe = [r for c in teacher_caps for r in c.watched[:per_cap]][:m]
     batch = prompter(probe, sampling(cfg, 1, seed_of(cfg.seed, "probe", teacher, student), opd_temperature(cfg)))
-    rollouts = groups[student].sample(batch)
+    rollouts = [parts[0] for parts in groups[student].sample(batch)]
     top = groups[teacher].scorer.top_k.remote(cfg.metrics.kl_topk, *rollouts)
     return fetch([groups[student].scorer.pair_metrics.remote(top, cfg.metrics.topk, *rollouts)])[0][0]
 

@@ -119,7 +119,7 @@ def sample(group, prompts, params, answers=None, rewards=None):
 
     n = len(prompts)
     batch = PromptBatch(prompts, answers or [""] * n, rewards or ["exact_match"] * n, params)
-    return Rollouts.concat(ray.get(group.sample(batch)))
+    return Rollouts.concat(ray.get([parts[0] for parts in group.sample(batch)]))
 
 
 def train_on(group, batch) -> dict:

@@ -114,7 +114,7 @@ def test_vllm_follows_a_weight_broadcast(ray_session, tiny_folder, tiny_tokenize
         assert group.transport == "torch"
         prompts = [tiny_tokenizer(p)["input_ids"] for p in ["123+045=", "500+500="]]
         out = sample(group, prompts, SamplingParams(n=8, max_new_tokens=6, seed=1), ["168", "1000"])
-        seqs, plens = out.sequences, out.prompt_lengths
+        seqs, plens = out.sequences(), out.prompt_lengths.tolist()
         before = ray.get(group.scorer.score.remote(seqs, plens)).logprobs
         for _ in range(3):  # enough updates to move the log-probs visibly
             train_on(group, TrainBatch(8, seqs, plens, [float(i % 2) for i in range(16)]))
@@ -128,7 +128,7 @@ def test_vllm_follows_a_weight_broadcast(ray_session, tiny_folder, tiny_tokenize
         assert max(abs(a - b) for r, e in zip(scores.logprobs, expected) for a, b in zip(r, e)) < 1e-4
         assert max(abs(a - b) for r, e in zip(before, expected) for a, b in zip(r, e)) > 1e-3
         greedy = sample(group, prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=8))
-        assert [seq[len(p):] for seq, p in zip(greedy.sequences, prompts)] == [s.token_ids for s in reference.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))]
+        assert [seq[len(p):] for seq, p in zip(greedy.sequences(), prompts)] == [s.token_ids for s in reference.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))]
 
 
 @needs_vllm

@@ -223,7 +223,7 @@ def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_th
             started_branch("text", cfg, vl_folder, "test-vl", frozen=True) as teacher:  # a scorer is all it needs
         out = sample(student, prompts, SamplingParams(n=2, max_new_tokens=5, seed=1), [r.answer for r in records],
                      ["exact_match"] * len(records))
-        sequences, plens = out.sequences, out.prompt_lengths
+        sequences, plens = out.sequences(), out.prompt_lengths.tolist()
         scores = ray.get(teacher.scorer.score.remote(sequences, plens))
         model, _ = __import__("copd_ray.models", fromlist=["load_policy"]).load_policy(str(vl_folder))
         direct = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id).score(sequences, plens)

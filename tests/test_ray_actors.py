@@ -34,19 +34,20 @@ def _batch(group, tokenizer, seed=0):
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
     batch = PromptBatch(prompts, ["168", "1000", "3", "1000"], ["exact_match"] * 4,
                         SamplingParams(n=4, max_new_tokens=6, seed=seed))
-    out = Rollouts.concat(ray.get(group.sample(batch)))
-    rewards = [float(i % 3 == 0) for i in range(len(out.sequences))]  # varied, so groups carry signal
-    return out, TrainBatch(4, out.sequences, out.prompt_lengths, rewards, behaviour_logprobs=out.logprobs)
+    out = Rollouts.concat(ray.get([parts[0] for parts in group.sample(batch)]))
+    rewards = [float(i % 3 == 0) for i in range(len(out.sequences()))]  # varied, so groups carry signal
+    return out, TrainBatch(4, out.sequences(), out.prompt_lengths.tolist(), rewards, behaviour_logprobs=out.per_row(out.logprobs))
 
 
 def test_rollouts_come_back_in_prompt_order_across_generators(branch, tiny_tokenizer):
     out, _ = _batch(branch, tiny_tokenizer)
-    assert len(ray.get(branch.sample(PromptBatch([[1, 2]] * 4, [""] * 4, ["exact_match"] * 4, SamplingParams())))) == 2
+    assert len(ray.get([p[0] for p in branch.sample(PromptBatch([[1, 2]] * 4, [""] * 4, ["exact_match"] * 4,
+                                                                 SamplingParams()))])) == 2
     prompts = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
-    assert [seq[:len(prompts[i // 4])] for i, seq in enumerate(out.sequences)] == [p for p in prompts for _ in range(4)]
-    assert out.prompt_lengths == [len(p) for p in prompts for _ in range(4)]
-    assert len(out.rewards) == 16 and set(out.rewards) <= {0.0, 1.0}
-    assert [len(lp) for lp in out.logprobs] == [len(s) - p for s, p in zip(out.sequences, out.prompt_lengths)]
+    assert [seq[:len(prompts[i // 4])] for i, seq in enumerate(out.sequences())] == [p for p in prompts for _ in range(4)]
+    assert out.prompt_lengths.tolist() == [len(p) for p in prompts for _ in range(4)]
+    assert len(out.rewards.tolist()) == 16 and set(out.rewards.tolist()) <= {0.0, 1.0}
+    assert [len(lp) for lp in out.per_row(out.logprobs)] == [len(s) - p for s, p in zip(out.sequences(), out.prompt_lengths.tolist())]
     assert out.version == branch.version
 
 

@@ -116,10 +116,10 @@ def test_weight_sync_into_hf_engines_matches_the_trainer(ray_session, smol_folde
     with started_branch("smol", cfg, smol_folder, "test-smol-sync") as group:
         prompt = _chat_ids(tokenizer)
         out = sample(group, [prompt, prompt], SamplingParams(n=2, max_new_tokens=8, seed=0, temperature=0.7))
-        assert [s[: len(prompt)] for s in out.sequences] == [prompt] * 4
-        assert all(0 <= t < 49152 for s in out.sequences for t in s)
-        batch = TrainBatch(2, out.sequences, out.prompt_lengths, [1.0, 0.0, 0.0, 1.0],
-                           behaviour_logprobs=out.logprobs)
+        assert [s[: len(prompt)] for s in out.sequences()] == [prompt] * 4
+        assert all(0 <= t < 49152 for s in out.sequences() for t in s)
+        batch = TrainBatch(2, out.sequences(), out.prompt_lengths.tolist(), [1.0, 0.0, 0.0, 1.0],
+                           behaviour_logprobs=out.per_row(out.logprobs))
         before = group.trainer_state()
         assert math.isfinite(train_on(group, batch)["loss"])
         trained = group.trainer_state()
@@ -130,9 +130,9 @@ def test_weight_sync_into_hf_engines_matches_the_trainer(ray_session, smol_folde
             assert all(torch.equal(held[k], trained[k]) for k in trained)
         model = AutoModelForCausalLM.from_pretrained(smol_folder)
         model.load_state_dict(trained)
-        scores = ray.get(group.scorer.score.remote(out.sequences, out.prompt_lengths))
+        scores = ray.get(group.scorer.score.remote(out.sequences(), out.prompt_lengths.tolist()))
         assert scores.version == 1
-        for seq, plen, got in zip(out.sequences, out.prompt_lengths, scores.logprobs):
+        for seq, plen, got in zip(out.sequences(), out.prompt_lengths.tolist(), scores.logprobs):
             assert got == pytest.approx(_forward_logprobs(model, seq, plen), abs=1e-4)
 
 
@@ -154,23 +154,23 @@ def test_vllm_generator_and_scorer_follow_a_broadcast_on_the_real_model(ray_sess
         out = sample(group, [prompt], SamplingParams(n=4, max_new_tokens=12, seed=0, temperature=0.7))
         base = HFEngine(AutoModelForCausalLM.from_pretrained(smol_folder), tokenizer.eos_token_id,
                         tokenizer.pad_token_id)
-        expected = base.score(out.sequences, out.prompt_lengths).logprobs
-        assert max(abs(a - b) for r, e in zip(out.logprobs, expected) for a, b in zip(r, e)) < 1e-3
-        batch = TrainBatch(4, out.sequences, out.prompt_lengths, [1.0, 0.0, 0.0, 1.0],
-                           behaviour_logprobs=out.logprobs)
+        expected = base.score(out.sequences(), out.prompt_lengths.tolist()).logprobs
+        assert max(abs(a - b) for r, e in zip(out.per_row(out.logprobs), expected) for a, b in zip(r, e)) < 1e-3
+        batch = TrainBatch(4, out.sequences(), out.prompt_lengths.tolist(), [1.0, 0.0, 0.0, 1.0],
+                           behaviour_logprobs=out.per_row(out.logprobs))
         for _ in range(2):
             train_on(group, batch)
         assert group.sync()["version"] == 1
         trained = AutoModelForCausalLM.from_pretrained(smol_folder)
         trained.load_state_dict(group.trainer_state())
         updated = HFEngine(trained, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        scores = ray.get(group.scorer.score.remote(out.sequences, out.prompt_lengths))
-        want = updated.score(out.sequences, out.prompt_lengths).logprobs
+        scores = ray.get(group.scorer.score.remote(out.sequences(), out.prompt_lengths.tolist()))
+        want = updated.score(out.sequences(), out.prompt_lengths.tolist()).logprobs
         assert scores.version == 1
         assert max(abs(a - b) for r, e in zip(scores.logprobs, want) for a, b in zip(r, e)) < 1e-3
         assert max(abs(a - b) for r, e in zip(expected, want) for a, b in zip(r, e)) > 1e-3  # it moved
         greedy = sample(group, [prompt], SamplingParams(n=1, temperature=0.0, max_new_tokens=10))
-        assert greedy.sequences[0][len(prompt):] == \
+        assert greedy.sequences()[0][len(prompt):] == \
             updated.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=10))[0].token_ids
 
 

@@ -178,18 +178,21 @@ class BranchGroup:
         cuts = [n * i // g for i in range(g + 1)]
         return [(gen, batch.slice(lo, hi)) for gen, lo, hi in zip(self.generators, cuts, cuts[1:]) if hi > lo]
 
-    def sample(self, batch: PromptBatch) -> list:
-        """One Rollouts reference per generator used, in prompt order."""
-        return [gen.sample.remote(part) for gen, part in self._spread(batch)]
+    def sample(self, batch: PromptBatch, ranks: int = 1) -> list[list]:
+        """Rollouts references [generator][rank], generators in prompt order: each one's
+        rows dealt to `ranks` trainer ranks."""
+        refs = [gen.sample.options(num_returns=ranks).remote(part, ranks) for gen, part in self._spread(batch)]
+        return [list(r) if ranks > 1 else [r] for r in refs]
 
     def evaluate(self, batch: PromptBatch) -> float:
         """Mean reward (pass@1 for 0/1 verifiers) of greedy rollouts, spread like any rollout."""
         parts = ray.get([gen.pass_count.remote(part) for gen, part in self._spread(batch)])
         return sum(s for s, _ in parts) / sum(c for _, c in parts)
 
-    def train(self, spec: StepSpec, inputs: list) -> list:
-        """Every rank's update on the step's inputs (references, laid out as `spec` says)."""
-        return [t.train_on.remote(spec, *inputs) for t in self.trainers]
+    def train(self, spec: StepSpec, inputs: list[list]) -> list:
+        """Every rank's update on its share of the step's inputs (references [rank][...], laid
+        out as `spec` says)."""
+        return [t.train_on.remote(spec, *share) for t, share in zip(self.trainers, inputs)]
 
     def trained(self) -> None:
         """A step's update landed in every rank (its weights are not yet broadcast)."""

@@ -9,7 +9,7 @@ import ray
 from copd_ray.actors.engine_host import EngineHost
 from copd_ray.engines import SamplingParams
 from copd_ray.rewards import get_reward
-from copd_ray.step_data import PromptBatch, Rollouts
+from copd_ray.step_data import PromptBatch, Rollouts, one_per_rank
 
 
 @ray.remote
@@ -29,16 +29,17 @@ class GeneratorActor(EngineHost):
         out["seconds"] = time.perf_counter() - start
         return out
 
-    def sample(self, batch: PromptBatch) -> Rollouts:
-        """A step's rollouts of these prompts, as the teacher scorer and the trainer read
-        them (they get this by object reference, never through the driver)."""
+    def sample(self, batch: PromptBatch, ranks: int = 1):
+        """A step's rollouts of these prompts, packed, as one Rollouts per trainer rank (whole
+        prompts' samples each, balanced by tokens; a single one for one rank): call it with
+        `.options(num_returns=ranks)`. The teacher scorer and each rank get theirs by object
+        reference, never through the driver."""
         out = self.rollout(batch.prompts, batch.params, batch.answers, batch.rewards)
         samples = out["samples"]
-        return Rollouts(
-            sequences=[batch.prompts[s.prompt_index] + s.token_ids for s in samples],
-            prompt_lengths=[len(batch.prompts[s.prompt_index]) for s in samples],
-            logprobs=[s.logprobs for s in samples], rewards=out["rewards"], version=out["version"],
-            policy_step=self.policy_step, seconds=out["seconds"])
+        rollouts = Rollouts.pack([batch.prompts[s.prompt_index] + s.token_ids for s in samples],
+                                 [len(batch.prompts[s.prompt_index]) for s in samples], [s.logprobs for s in samples],
+                                 out["rewards"], out["version"], self.policy_step, out["seconds"])
+        return one_per_rank(rollouts.split(ranks, batch.params.n))
 
     def evaluate_folder(self, folder: str, cfg, held: dict) -> dict[str, float]:
         """Held-out pass@1 of a saved model folder (`runtime.evaluate_folder`'s job, on this

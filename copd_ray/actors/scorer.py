@@ -10,7 +10,7 @@ import torch
 from copd_ray.actors.engine_host import EngineHost
 from copd_ray.algo import topk_pair_metrics
 from copd_ray.engines import Scores
-from copd_ray.step_data import Rollouts, TeacherScores, TopK
+from copd_ray.step_data import Rollouts, TeacherScores, TopK, one_per_rank
 
 
 @ray.remote
@@ -28,11 +28,13 @@ class ScorerActor(EngineHost):
         scores.extra["seconds"] = time.perf_counter() - start
         return scores
 
-    def score_rollouts(self, *parts: Rollouts) -> TeacherScores:
-        """A student's rollouts (the generators' parts, by reference) scored as teacher."""
+    def score_rollouts(self, ranks: int, *parts: Rollouts):
+        """A student's rollouts (the generators' shares for `ranks` trainer ranks, by
+        reference, generator-major) scored as teacher: one TeacherScores per rank, aligned
+        with that rank's shares (call it with `.options(num_returns=ranks)`)."""
         rollouts = Rollouts.concat(list(parts))
-        scores = self.score(rollouts.sequences, rollouts.prompt_lengths)
-        return TeacherScores(scores.logprobs, scores.version, scores.extra["seconds"])
+        scores = self.score(rollouts.sequences(), rollouts.prompt_lengths.tolist())
+        return one_per_rank(TeacherScores.of(scores).cut(list(parts), ranks))
 
     def info(self) -> dict:
         return {"branch": self.branch, "version": self.engine.version, "vocab_size": self.engine.vocab_size,
@@ -42,7 +44,7 @@ class ScorerActor(EngineHost):
         """This policy's k most likely tokens at every response position of the rollouts."""
         rollouts = Rollouts.concat(list(parts))
         k = min(k, self.engine.vocab_size)
-        scores = self.engine.score(rollouts.sequences, rollouts.prompt_lengths, top_k=k)
+        scores = self.engine.score(rollouts.sequences(), rollouts.prompt_lengths.tolist(), top_k=k)
         if scores.top_k_ids is None:
             raise NotImplementedError(f"a {type(self.engine).__name__} does not return top-k log-probs")
         width = max(len(r) for r in scores.top_k_ids)

@@ -96,12 +96,12 @@ class TrainerActor(Learner, Reloadable):
     # -- the step -----------------------------------------------------------------------
 
     def train_on(self, spec: StepSpec, *parts) -> dict:
-        """One step on the rollouts and teacher scores that `spec` lays out (Ray hands them
-        over by reference from the generators and scorers). Every rank reads them all and
-        trains on its share. Returns {"train": this rank's update metrics, "step": what the
-        batch held} (only numbers: the driver gets this and nothing else)."""
-        batch, record = assemble(spec, parts, self.steps)
-        return {"train": self.train_step(batch.shard(self.rank, self.world_size)), "step": record}
+        """One step on this rank's share of the rollouts and teacher scores, laid out as `spec`
+        says (Ray hands them over by reference from the generators and scorers, which dealt
+        them to the ranks). Returns {"train": this rank's update metrics, "tally": what its
+        share held} (only numbers: the driver gets this and nothing else)."""
+        batch, tally = assemble(spec, parts, self.steps)
+        return {"train": self.train_step(batch), "tally": tally}
 
     # -- weights ------------------------------------------------------------------------
 
