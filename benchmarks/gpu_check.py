@@ -95,13 +95,14 @@ def check(folder: str, prompts: list, dtype: str, device: str, n: int, max_new_t
     half = (len(samples) // n // 2) * n
     grpo_rows, opd_rows = range(half), range(half, len(samples))
     rewards = [float(any(t in even for t in samples[i].token_ids)) for i in grpo_rows]
-    batch = TrainBatch(
+    teacher = [[lp + (1.0 if t in even else 0.0) for t, lp in zip(samples[i].token_ids, scores.logprobs[i])]
+               for i in opd_rows]
+    batch = TrainBatch.of(
         group_size=n,
         grpo_sequences=[sequences[i] for i in grpo_rows], grpo_prompt_lengths=[plens[i] for i in grpo_rows],
         grpo_rewards=rewards,
         opd_sequences=[sequences[i] for i in opd_rows], opd_prompt_lengths=[plens[i] for i in opd_rows],
-        opd_teacher_logprobs=[[lp + (1.0 if t in even else 0.0) for t, lp in zip(samples[i].token_ids, scores.logprobs[i])]
-                              for i in opd_rows],
+        opd_teacher_logprobs=teacher,
         opd_beta=[1.0] * len(opd_rows),
     )
     # What the step ascends, with the advantages held at their start: GRPO's sequence
@@ -111,7 +112,7 @@ def check(folder: str, prompts: list, dtype: str, device: str, n: int, max_new_t
     seq_adv = grpo_advantages(torch.tensor(rewards), n).tolist()
     probe_rows = [*grpo_rows[:32], *opd_rows[:32]]
     advantage = {i: [seq_adv[i]] * len(samples[i].token_ids) for i in grpo_rows[:32]}
-    advantage.update({i: [t - s for t, s in zip(batch.opd_teacher_logprobs[i - half], scores.logprobs[i])]
+    advantage.update({i: [t - s for t, s in zip(teacher[i - half], scores.logprobs[i])]
                       for i in opd_rows[:32]})
 
     def objective() -> float:

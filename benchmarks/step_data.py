@@ -14,9 +14,9 @@ two generators), laid out two ways and checked to hold the same rows before anyt
 For each it prints the bytes a rank fetches (pickled, as Ray moves them), the seconds to
 pickle and unpickle them, and the host memory the unpickled objects take (tensor data,
 containers, and each int and float object of a list), then that of the trainer's batch
-that `assemble` builds from the share. Goals (issue 25):
-a rank fetches at most 1/N of the batch + 5%, and its step data take at most 1.5x the packed
-bytes of its share. --scale shrinks every length (--small: 1/16 and 2 ranks, for tests).
+that `assemble` builds from rank 0's share (the Learner's input). Goals (issue 25): a rank
+fetches at most 1/N of the batch + 5%, and its step data take at most 1.5x the packed bytes
+of its share. --scale shrinks every length (--small: 1/16 and 2 ranks, for tests).
 """
 
 from __future__ import annotations
@@ -147,8 +147,8 @@ def main() -> None:
     print(f"\nlargest share / (batch / {ranks}): {worst:.3f} (goal <= 1.05); fetched, lists / packed share: "
           f"{old['bytes'] / max(m['bytes'] for m in new):.1f}x")
     print(f"host memory / packed bytes of the share, as fetched: {held:.2f} (goal <= 1.5)")
-    print(f"rank 0's batch as the trainer assembles it today (lists): {assembled / gb:.2f} GB "
-          f"= {assembled / packed[0]:.1f}x its packed bytes")
+    print(f"rank 0's training batch as `assemble` builds it: {assembled / gb:.3f} GB = {assembled / packed[0]:.2f}x "
+          "its packed bytes (goal <= 1.5)")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def make_batch(s: Sizes):
     rnd = random.Random(0)
     seqs = [[1] + [rnd.randrange(4, s.model.vocab) for _ in range(s.prompt + s.response - 1 - i % 2)]
             for i in range(s.rows)]
-    return TrainBatch(2, seqs, [s.prompt] * s.rows, [float(i % 2) for i in range(s.rows)])
+    return TrainBatch.of(2, seqs, [s.prompt] * s.rows, [float(i % 2) for i in range(s.rows)])
 
 
 # -- one trainer rank (a fresh process) -------------------------------------------------------------
@@ -220,7 +220,7 @@ def trainer_rank(rank: int, world: int, port: int, folder: str, s: Sizes, ckpt: 
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=300))
         batch = make_batch(s).shard(rank, world)
-        lengths = [len(x) for x in batch.grpo_sequences]
+        lengths = batch.rows.lengths.tolist()
         micro = len(pack_microbatches(list(range(len(lengths))), lengths, budget))
         import gc
 

@@ -12,43 +12,51 @@ from dataclasses import dataclass, field
 
 import torch
 
-from copd_ray.models.vl_inputs import VisualInputs, collate
+from copd_ray.models.vl_inputs import collate, token_ids
 from copd_ray.step_data import Rollouts, StepSpec, TeacherScores
+
+
+def _empty() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.float32)
 
 
 @dataclass
 class TrainBatch:
+    """One trainer rank's rows of a step, packed: its GRPO rows (whole groups), then its OPD rows."""
+
+    rows: Rollouts  # [B] GRPO rows then OPD rows: rewards of the GRPO rows, the generators' log-probs of every row
+    grpo_rows: int = 0  # the first grpo_rows rows are GRPO's
     group_size: int = 1
-    grpo_sequences: list[list[int]] = field(default_factory=list)  # prompt + response ids
-    grpo_prompt_lengths: list[int] = field(default_factory=list)
-    grpo_rewards: list[float] = field(default_factory=list)
-    opd_sequences: list[list[int]] = field(default_factory=list)
-    opd_prompt_lengths: list[int] = field(default_factory=list)
-    opd_teacher_logprobs: list[list[float]] = field(default_factory=list)  # per response token
-    opd_beta: list[float] = field(default_factory=list)  # per sequence (its teacher edge's beta)
-    # The generators' log-probs of every response token, GRPO rows then OPD rows, and
-    # whether they came from another policy than the trainer's current one (then the
-    # loss takes a truncated importance weight).
-    behaviour_logprobs: list[list[float]] = field(default_factory=list)
+    teacher_logprobs: torch.Tensor = field(default_factory=_empty)  # [R_opd] float32: each OPD response token's
+    opd_beta: torch.Tensor = field(default_factory=_empty)  # [B - grpo_rows] float32: each OPD row's edge's beta
+    # Whether the rows came from another policy than the trainer's current one (then the loss
+    # takes a truncated importance weight against the generators' log-probs).
     off_policy: bool = False
 
     def __len__(self) -> int:
-        return len(self.grpo_sequences) + len(self.opd_sequences)
+        return len(self.rows)
+
+    @staticmethod
+    def of(group_size: int, grpo_sequences: list, grpo_prompt_lengths: list[int], grpo_rewards: list[float],
+           opd_sequences: list = (), opd_prompt_lengths: list[int] = (), opd_teacher_logprobs: list = (),
+           opd_beta: list[float] = (), behaviour_logprobs: list | None = None, off_policy: bool = False) -> TrainBatch:
+        """A hand-made batch from token-id lists (tests, benchmarks); behaviour log-probs 0 unless given."""
+        sequences, plens = [*grpo_sequences, *opd_sequences], [*grpo_prompt_lengths, *opd_prompt_lengths]
+        behaviour = behaviour_logprobs or [[0.0] * (len(token_ids(q)) - p) for q, p in zip(sequences, plens)]
+        rows = Rollouts.pack(sequences, plens, behaviour, [*grpo_rewards, *[0.0] * len(opd_sequences)], 0, 0, 0.0)
+        teacher = torch.tensor([x for row in opd_teacher_logprobs for x in row], dtype=torch.float32)
+        return TrainBatch(rows, len(grpo_sequences), group_size, teacher, torch.tensor(list(opd_beta)), off_policy)
 
     def shard(self, rank: int, world: int) -> TrainBatch:
-        """Whole GRPO groups and a slice of the OPD rows for one trainer rank."""
-        groups = len(self.grpo_sequences) // self.group_size
-        g_lo, g_hi = rank * groups // world, (rank + 1) * groups // world
-        lo, hi = g_lo * self.group_size, g_hi * self.group_size
-        n = len(self.opd_sequences)
+        """Whole GRPO groups and a slice of the OPD rows for one rank of a hand-made batch (a
+        run's ranks get their rows dealt by the generators)."""
+        groups, n = self.grpo_rows // self.group_size, len(self) - self.grpo_rows
+        lo, hi = rank * groups // world * self.group_size, (rank + 1) * groups // world * self.group_size
         o_lo, o_hi = rank * n // world, (rank + 1) * n // world
-        g = len(self.grpo_sequences)
-        behaviour = self.behaviour_logprobs[lo:hi] + self.behaviour_logprobs[g + o_lo : g + o_hi]
-        return TrainBatch(
-            self.group_size, self.grpo_sequences[lo:hi], self.grpo_prompt_lengths[lo:hi], self.grpo_rewards[lo:hi],
-            self.opd_sequences[o_lo:o_hi], self.opd_prompt_lengths[o_lo:o_hi],
-            self.opd_teacher_logprobs[o_lo:o_hi], self.opd_beta[o_lo:o_hi], behaviour, self.off_policy,
-        )
+        teacher = torch.split(self.teacher_logprobs, self.rows.response_lengths()[self.grpo_rows:].tolist())
+        return TrainBatch(self.rows.take([*range(lo, hi), *range(self.grpo_rows + o_lo, self.grpo_rows + o_hi)]),
+                          hi - lo, self.group_size, torch.cat([_empty(), *teacher[o_lo:o_hi]]),
+                          self.opd_beta[o_lo:o_hi], self.off_policy)
 
 
 def assemble(spec: StepSpec, parts: tuple, trainer_steps: int) -> tuple[TrainBatch, dict]:
@@ -56,19 +64,17 @@ def assemble(spec: StepSpec, parts: tuple, trainer_steps: int) -> tuple[TrainBat
     and the tally of what the share held (`step_record` adds up every rank's): rewards,
     teacher versions, rollouts and teacher tokens spent, the behaviour policy's lag behind
     the trainer (`trainer_steps` optimizer steps so far)."""
-    batch = TrainBatch(group_size=spec.group_size)
     # Rewards are summed as Python floats in row order: one rank's means then equal, to the
     # last bit, those of the lists the records were once computed from.
     tally: dict = {"rows": 0, "teacher_tokens": 0}
     seconds = {"time/generate": 0.0, "time/score": 0.0}
     used: list[Rollouts] = []
+    teacher, beta = [_empty()], [_empty()]
     at = spec.native_parts
     if spec.native_parts:
         native = Rollouts.concat(list(parts[:at]))
         used.append(native)
         seconds["time/generate"] += native.seconds
-        batch.grpo_sequences, batch.grpo_prompt_lengths = native.sequences(), native.prompt_lengths.tolist()
-        batch.grpo_rewards = native.rewards.tolist()
         tally.update({"native/rows": len(native), "native/reward_sum": sum(native.rewards.tolist()),
                       "native/passes": int((native.rewards >= 1.0).sum()),
                       "native/response_tokens": int(native.response_lengths().sum())})
@@ -79,19 +85,18 @@ def assemble(spec: StepSpec, parts: tuple, trainer_steps: int) -> tuple[TrainBat
         used.append(rollouts)
         seconds["time/generate"] += rollouts.seconds
         seconds["time/score"] += scores.seconds
-        batch.opd_sequences += rollouts.sequences()
-        batch.opd_prompt_lengths += rollouts.prompt_lengths.tolist()
-        batch.opd_teacher_logprobs += rollouts.per_row(scores.logprobs)
-        batch.opd_beta += [edge.beta] * len(rollouts)
+        teacher.append(scores.logprobs)
+        beta.append(torch.full((len(rollouts),), edge.beta))
         tally["teacher_tokens"] += len(scores.logprobs)
         t = f"opd/{edge.teacher}"
         tally.update({f"{t}/teacher_version": scores.version, f"{t}/rows": len(rollouts),
                       f"{t}/reward_sum": sum(rollouts.rewards.tolist()), f"{t}/tokens": len(scores.logprobs),
                       f"{t}/teacher_logp_sum": scores.logprobs.double().sum().item(),
                       f"{t}/student_logp_sum": rollouts.logprobs.double().sum().item()})
-    batch.behaviour_logprobs = [lp for r in used for lp in r.per_row(r.logprobs)]
     behaviour_step = min(r.policy_step for r in used)
-    batch.off_policy = trainer_steps - behaviour_step > 0 or not spec.behaviour_exact
+    off_policy = trainer_steps - behaviour_step > 0 or not spec.behaviour_exact
+    batch = TrainBatch(Rollouts.concat(used), len(used[0]) if spec.native_parts else 0, spec.group_size,
+                       torch.cat(teacher), torch.cat(beta), off_policy)
     tally.update({"rows": len(batch), "behaviour_version": min(r.version for r in used),
                   "behaviour_lag": trainer_steps - behaviour_step, **seconds})
     return batch, tally
@@ -119,18 +124,37 @@ def step_record(spec: StepSpec, tallies: list[dict]) -> dict:
     return record
 
 
-def pad_sequences(sequences: list, prompt_lengths: list[int], pad_id: int):
-    """(input_ids [B, L], attention_mask [B, L], targets [B, L-1], response_mask [B, L-1],
-    extra forward kwargs) of token-id lists or VisualInputs (whose extras carry the pixels).
+def response_grid(rows: Rollouts, width: int) -> torch.Tensor:
+    """[B, width - 1] bool: where each row's response tokens sit on the shifted grid. Position
+    t predicts token t + 1, so response token j of a row with prompt length p sits at p - 1 + j."""
+    columns = torch.arange(width - 1)
+    return (columns >= rows.prompt_lengths[:, None] - 1) & (columns < rows.lengths[:, None] - 1)
 
-    Position t of the shifted arrays predicts token t + 1, so response token j of a
-    sequence with prompt length p sits at shifted position p - 1 + j.
-    """
-    ids, attention, extra = collate(sequences, pad_id)
-    response = torch.zeros((len(sequences), ids.shape[1] - 1), dtype=torch.float32)
-    for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
-        response[i, p - 1 : len(seq) - 1] = 1.0
-    return ids, attention, ids[:, 1:], response, extra
+
+def pad_rows(rows: Rollouts, pad_id: int):
+    """(input_ids [B, L], attention_mask [B, L], targets [B, L-1], response_mask [B, L-1],
+    extra forward kwargs) of packed rows (a vision-language policy's extras carry the pixels)."""
+    if rows.prompts is not None:
+        ids, attention, extra = collate(rows.sequences(), pad_id)
+    else:
+        attention = (torch.arange(int(rows.lengths.max())) < rows.lengths[:, None]).long()
+        ids = torch.full(attention.shape, pad_id, dtype=torch.long).masked_scatter(attention.bool(), rows.tokens.long())
+        extra = {}
+    return ids, attention, ids[:, 1:], response_grid(rows, ids.shape[1]).float(), extra
+
+
+def place(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Packed per-response-token values (row by row) at the grid positions `where` marks."""
+    return torch.zeros(where.shape, dtype=torch.float32).masked_scatter(where, values.float())
+
+
+def pad_tensors(rows: list[torch.Tensor], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, W] int64, mask [B, W]) of 1-D token tensors, padded on the right (or left)."""
+    ids = torch.nn.utils.rnn.pad_sequence([r.long() for r in rows], batch_first=True, padding_value=pad_id,
+                                          padding_side="left" if left else "right")
+    lengths, columns = torch.tensor([len(r) for r in rows]), torch.arange(ids.shape[1])
+    mask = columns >= ids.shape[1] - lengths[:, None] if left else columns < lengths[:, None]
+    return ids, mask.long()
 
 
 @dataclass
@@ -146,31 +170,29 @@ class SharedPrompts:
     offsets: torch.Tensor  # [b] p - 1: the shifted-grid column of each row's first response token
 
 
-def share_prompts(sequences: list, prompt_lengths: list[int], pad_id: int, device) -> SharedPrompts | None:
+def share_prompts(rows: Rollouts, pad_id: int, device) -> SharedPrompts | None:
     """The layout of these rows, or None where it saves nothing (no prompt repeats) or does
     not apply (vision-language rows: their prompts carry pixels)."""
-    if any(isinstance(s, VisualInputs) for s in sequences):
+    if rows.prompts is not None:
         return None
-    first: dict[tuple, int] = {}
-    rows_of = [first.setdefault(tuple(s[:p]), len(first)) for s, p in zip(sequences, prompt_lengths)]
-    if len(first) == len(sequences):
+    sequences, plens = torch.split(rows.tokens, rows.lengths.tolist()), rows.prompt_lengths.tolist()
+    first: dict[bytes, int] = {}
+    prompts, rows_of = [], []
+    for seq, p in zip(sequences, plens):
+        key = seq[:p].numpy().tobytes()
+        if key not in first:
+            first[key] = len(prompts)
+            prompts.append(seq[:p])
+        rows_of.append(first[key])
+    if len(prompts) == len(sequences):
         return None
-    prompt_ids, prompt_mask, _ = collate([list(p) for p in first], pad_id, left=True, device=device)
-    response_ids, response_mask, _ = collate([s[p:] or [pad_id] for s, p in zip(sequences, prompt_lengths)], pad_id,
-                                             device=device)
-    for i, (s, p) in enumerate(zip(sequences, prompt_lengths)):
-        if len(s) == p:  # no response: nothing of the row is scored
-            response_mask[i] = 0
-    return SharedPrompts(prompt_ids, prompt_mask, torch.tensor(rows_of, device=device), response_ids, response_mask,
-                         torch.tensor([p - 1 for p in prompt_lengths], device=device))
-
-
-def place_per_token(values: list[list[float]], prompt_lengths: list[int], width: int) -> torch.Tensor:
-    """Per-response-token values laid out on the shifted [B, L-1] grid."""
-    out = torch.zeros((len(values), width - 1))
-    for i, (row, p) in enumerate(zip(values, prompt_lengths)):
-        out[i, p - 1 : p - 1 + len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out
+    prompt_ids, prompt_mask = pad_tensors(prompts, pad_id, left=True)
+    pad = torch.tensor([pad_id], dtype=rows.tokens.dtype)
+    response_ids, response_mask = pad_tensors([seq[p:] if len(seq) > p else pad for seq, p in zip(sequences, plens)],
+                                              pad_id)
+    response_mask[rows.lengths == rows.prompt_lengths] = 0  # no response: nothing of the row is scored
+    return SharedPrompts(prompt_ids.to(device), prompt_mask.to(device), torch.tensor(rows_of, device=device),
+                         response_ids.to(device), response_mask.to(device), (rows.prompt_lengths - 1).to(device))
 
 
 def pack_microbatches(rows: list[int], lengths: list[int], max_tokens: int | None) -> list[list[int]]:

@@ -23,9 +23,10 @@ from torch import nn
 from copd_ray import sharding
 from copd_ray.algo import (chosen_logprobs, clip_fraction, grpo_advantages, opd_advantages, policy_loss,
                            truncated_is_weight)
-from copd_ray.batch import SharedPrompts, TrainBatch, pack_microbatches, pad_sequences, place_per_token, share_prompts
+from copd_ray.batch import SharedPrompts, TrainBatch, pack_microbatches, pad_rows, place, share_prompts
 from copd_ray.models.loading import DTYPES
 from copd_ray.models.vl_inputs import pixel_kwargs, vision_token_ids
+from copd_ray.step_data import Rollouts
 
 TRAIN_DEFAULTS = {"gradient_checkpointing": False, "max_tokens_per_microbatch": None, "logprob_chunk_tokens": 2048,
                   "reuse_rollout_logprobs": False, "share_prompts": True}
@@ -172,25 +173,23 @@ class Learner:
 
     # -- the step -------------------------------------------------------------------------
 
-    def _filler(self) -> list[int]:
+    def _filler(self) -> Rollouts:
         """A two-token row for a sharded rank whose share of the batch is empty."""
         t = self.tokenizer
-        return [t.bos_token_id if t.bos_token_id is not None else t.pad_token_id, t.eos_token_id or t.pad_token_id]
+        ids = [t.bos_token_id if t.bos_token_id is not None else t.pad_token_id, t.eos_token_id or t.pad_token_id]
+        return Rollouts.pack([ids], [1], [[0.0]], [0.0], 0, 0, 0.0)
 
-    def _rows(self, rows, tensors, sequences, plens, trim: bool):
+    def _rows(self, rows, tensors, data: Rollouts, lengths: list[int], trim: bool):
         """A micro-batch's tensors; with a token budget, cut to its own longest row; laid out
         to read each prompt once where prompts repeat (train.share_prompts)."""
         ids, attention, targets, mask, extra = tensors
         idx = torch.tensor(rows, device=self.device)
-        w = max(len(sequences[i]) for i in rows) if trim else ids.shape[1]
+        w = max(lengths[i] for i in rows) if trim else ids.shape[1]
         part = {}
         if extra:  # these rows' token types and their pixels only
             part = {"mm_token_type_ids": extra["mm_token_type_ids"][idx, :w],
-                    **pixel_kwargs([sequences[i] for i in rows], self.device)}
-        shared = None
-        if self.share_prompts:
-            shared = share_prompts([sequences[i] for i in rows], [plens[i] for i in rows], self.tokenizer.pad_token_id,
-                                   self.device)
+                    **pixel_kwargs([data.prompts[i] for i in rows], self.device)}
+        shared = share_prompts(data.take(rows), self.tokenizer.pad_token_id, self.device) if self.share_prompts else None
         return idx, w, (ids[idx, :w], attention[idx, :w], targets[idx, : w - 1], mask[idx, : w - 1], part, shared)
 
     def _agree(self, values: list[float], op: str = "sum") -> list[float]:
@@ -200,20 +199,19 @@ class Learner:
         """One training step: old log-probs, advantages, `minibatches` clipped updates."""
         start = time.perf_counter()
         c, budget = self.cfg, self.train_cfg["max_tokens_per_microbatch"]
-        sequences = batch.grpo_sequences + batch.opd_sequences
-        plens = batch.grpo_prompt_lengths + batch.opd_prompt_lengths
-        real = len(sequences)
+        data, real = batch.rows, len(batch)
         if not real:
             if not self.sharded:
                 raise ValueError(f"branch {self.branch!r} rank {self.rank}: empty training batch")
-            sequences, plens = [self._filler()], [1]  # still takes part in every collective
-        ids, attention, targets, mask, extra = pad_sequences(sequences, plens, self.tokenizer.pad_token_id)
+            data = self._filler()  # still takes part in every collective
+        ids, attention, targets, mask, extra = pad_rows(data, self.tokenizer.pad_token_id)
+        where = mask.bool()  # every response token's place on the grid, row by row
         if not real:
             mask.zero_()
         tensors = tuple(t.to(self.device) for t in (ids, attention, targets, mask)) + (
             {k: v.to(self.device) for k, v in extra.items()},)
         mask = tensors[3]
-        lengths = [len(s) for s in sequences]
+        lengths = data.lengths.tolist()
         trim = budget is not None
 
         # Old log-probs. With one optimizer step a training step (grpo.minibatches=1) the update's
@@ -227,7 +225,7 @@ class Learner:
         # and learns far slower); OPD rows on the student's own distribution, the one the
         # teacher's log-probs are compared with. The engines' log-probs are the models' own, so
         # the importance weight compares own log-probs, and they cannot stand in for old ones.
-        n_grpo = len(batch.grpo_sequences)
+        n_grpo = batch.grpo_rows
         tau = c.get("temperature", 1.0) or 1.0  # greedy rollouts: the plain distribution
         tempered = tau != 1.0 and n_grpo > 0
         temps = torch.ones(mask.shape[0], device=self.device)
@@ -238,18 +236,18 @@ class Learner:
         own_old = torch.zeros_like(mask) if weigh and tempered else None  # old own log-probs, for the weight
         behaviour = torch.zeros_like(mask)  # the generators' log-probs, where they are used
         if real and (reuse or weigh):
-            behaviour[:real] = place_per_token(batch.behaviour_logprobs, plens[:real], ids.shape[1]).to(self.device)
+            behaviour[:real] = place(data.logprobs, where).to(self.device)
         old_logprobs = behaviour * mask if reuse else torch.zeros_like(mask)
         ref_logprobs = torch.zeros_like(mask) if self.reference is not None else None
         measure_old = not fused and not reuse
         entropy_sum = 0.0
-        passes = pack_microbatches(list(range(len(sequences))), lengths, budget)
+        passes = pack_microbatches(list(range(len(data))), lengths, budget)
         n_passes = int(self._agree([len(passes)], "max")[0]) if measure_old or self.reference is not None else 0
         with torch.no_grad(), self.autocast():
             self.model.eval()
             for k in range(n_passes):  # a rank with fewer passes repeats its first (ranks stay in lockstep)
                 rows = passes[k] if k < len(passes) else passes[0]
-                idx, w, mb = self._rows(rows, tensors, sequences, plens, trim)
+                idx, w, mb = self._rows(rows, tensors, data, lengths, trim)
                 t = temps[idx] if tempered else None
                 if measure_old:
                     lp, ent, own = self.forward(*mb, entropy=True, temperature=t, own=own_old is not None)
@@ -267,15 +265,14 @@ class Learner:
         # group-normalised reward (a number per sequence), OPD's teacher - old log-prob gap.
         grpo_adv = torch.zeros_like(mask)
         if n_grpo:
-            seq_adv = grpo_advantages(torch.tensor(batch.grpo_rewards), batch.group_size).to(self.device)
+            seq_adv = grpo_advantages(data.rewards[:n_grpo].float(), batch.group_size).to(self.device)
             grpo_adv[:n_grpo] = seq_adv.unsqueeze(1) * mask[:n_grpo]
         opd_row = torch.zeros(mask.shape[0], 1, dtype=torch.bool, device=self.device)
         teacher, beta = torch.zeros_like(mask), torch.zeros(mask.shape[0], 1, device=self.device)
-        if batch.opd_sequences:
+        if real > n_grpo:
             opd_row[n_grpo:real] = True
-            teacher[n_grpo:real] = place_per_token(batch.opd_teacher_logprobs, batch.opd_prompt_lengths,
-                                                   ids.shape[1]).to(self.device)
-            beta[n_grpo:real, 0] = torch.tensor(batch.opd_beta, device=self.device)
+            teacher[n_grpo:real] = place(batch.teacher_logprobs, where[n_grpo:real]).to(self.device)
+            beta[n_grpo:real, 0] = batch.opd_beta.to(self.device)
         is_sums = [0.0, 0.0]  # importance weights, truncated tokens
 
         def signals(idx, w, old, own, m):
@@ -310,7 +307,7 @@ class Learner:
             stats = [0.0, 0.0, 0.0]  # loss, clipped tokens, tokens
             for k in range(counts[j]):
                 filler = k >= len(parts)  # lockstep: a weightless pass on a row this rank has
-                idx, w, mb = self._rows(parts[k] if not filler else [0], tensors, sequences, plens, trim)
+                idx, w, mb = self._rows(parts[k] if not filler else [0], tensors, data, lengths, trim)
                 with self.autocast():
                     logprobs, ent, own = self.forward(*mb, entropy=fused, temperature=temps[idx] if tempered else None,
                                                       own=fused and own_old is not None)

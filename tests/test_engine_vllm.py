@@ -117,7 +117,7 @@ def test_vllm_follows_a_weight_broadcast(ray_session, tiny_folder, tiny_tokenize
         seqs, plens = out.sequences(), out.prompt_lengths.tolist()
         before = ray.get(group.scorer.score.remote(seqs, plens)).logprobs
         for _ in range(3):  # enough updates to move the log-probs visibly
-            train_on(group, TrainBatch(8, seqs, plens, [float(i % 2) for i in range(16)]))
+            train_on(group, TrainBatch.of(8, seqs, plens, [float(i % 2) for i in range(16)]))
         assert group.sync()["version"] == 1
         scores = ray.get(group.scorer.score.remote(seqs, plens))
         assert scores.version == 1 and ray.get(group.generators[0].version.remote()) == 1

@@ -20,8 +20,8 @@ GRPO = {"lr": 1e-5, "weight_decay": 0.0, "kl_coef": 0.0, "is_cap": 2.0, "minibat
 def _batch(tokenizer) -> TrainBatch:
     prompt = tokenizer("12+34=")["input_ids"]
     responses = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("46", "47", "45", "46")]
-    return TrainBatch(group_size=4, grpo_sequences=[prompt + r for r in responses],
-                      grpo_prompt_lengths=[len(prompt)] * 4, grpo_rewards=[1.0, 0.0, 0.0, 1.0])
+    return TrainBatch.of(group_size=4, grpo_sequences=[prompt + r for r in responses],
+                         grpo_prompt_lengths=[len(prompt)] * 4, grpo_rewards=[1.0, 0.0, 0.0, 1.0])
 
 
 def test_bf16_learner_keeps_float32_weights_and_serves_bf16(tiny_folder):
@@ -82,8 +82,8 @@ def _sampled_batch(learner, off_policy=False) -> TrainBatch:
     engine = HFEngine(copy.deepcopy(learner.model), learner.tokenizer.eos_token_id, learner.tokenizer.pad_token_id)
     prompt = learner.tokenizer("12+34=")["input_ids"]
     samples = engine.generate([prompt], SamplingParams(n=4, max_new_tokens=6, seed=3))
-    return TrainBatch(4, [prompt + s.token_ids for s in samples], [len(prompt)] * 4, [1.0, 0.0, 0.0, 1.0],
-                      behaviour_logprobs=[s.logprobs for s in samples], off_policy=off_policy)
+    return TrainBatch.of(4, [prompt + s.token_ids for s in samples], [len(prompt)] * 4, [1.0, 0.0, 0.0, 1.0],
+                         behaviour_logprobs=[s.logprobs for s in samples], off_policy=off_policy)
 
 
 def test_rollout_logprobs_stand_in_for_the_old_logprob_pass_when_they_are_the_trainers_own(tiny_folder):
@@ -105,10 +105,10 @@ def test_off_policy_rollouts_are_weighted_and_the_weights_logged(tiny_folder):
     learner = Learner("b", 0, 1, str(tiny_folder), {**GRPO, "is_cap": 1.5})
     batch = _sampled_batch(learner, off_policy=True)
     # Behaviour log-probs 0.5 lower than the trainer's: every ratio is e^0.5 = 1.65, cut to 1.5.
-    batch.behaviour_logprobs = [[lp - 0.5 for lp in row] for row in batch.behaviour_logprobs]
+    batch.rows.logprobs = batch.rows.logprobs - 0.5
     stats = learner.train_step(batch)
     assert stats["is/truncated"] == 1.0 and abs(stats["is/weight_mean"] - 1.5) < 1e-6
-    batch.behaviour_logprobs = [[lp + 1.0 for lp in row] for row in batch.behaviour_logprobs]  # now 0.5 higher
+    batch.rows.logprobs = batch.rows.logprobs + 1.0  # now 0.5 higher
     stats = learner.train_step(batch)
     assert stats["is/truncated"] == 0.0 and abs(stats["is/weight_mean"] - math.exp(-0.5)) < 2e-3
 
@@ -125,17 +125,18 @@ def test_one_minibatch_takes_its_old_logprobs_from_the_update_forward(tiny_folde
     grpo = {**GRPO, "lr": 1e-3, "is_cap": 1.5, "temperature": tau}
     learner = Learner("b", 0, 1, str(tiny_folder), grpo)
     batch = _sampled_batch(learner, off_policy=True)
-    batch.behaviour_logprobs = [[lp + (0.7 if i % 2 else -0.6) for i, lp in enumerate(row)]
-                                for row in batch.behaviour_logprobs]
+    rows = batch.rows
+    rows.logprobs = torch.tensor([lp + (0.7 if i % 2 else -0.6) for row in rows.per_row(rows.logprobs)
+                                  for i, lp in enumerate(row)])
     stats = learner.train_step(batch)
 
     model, _ = load_policy(str(tiny_folder))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    rewards = torch.tensor(batch.grpo_rewards)
+    rewards = batch.rows.rewards.float()
     adv = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
     total, tokens, weights, entropy = 0.0, 0, [], []
-    for seq, p, a, behaviour in zip(batch.grpo_sequences, batch.grpo_prompt_lengths, adv, batch.behaviour_logprobs):
+    for seq, p, a, behaviour in zip(rows.sequences(), rows.prompt_lengths.tolist(), adv, rows.per_row(rows.logprobs)):
         logits = model(input_ids=torch.tensor([seq])).logits[0, p - 1 : len(seq) - 1]
         logp = torch.log_softmax(logits / tau, -1)
         lp = logp.gather(-1, torch.tensor(seq[p:]).unsqueeze(-1)).squeeze(-1)
@@ -167,7 +168,8 @@ def test_each_prompt_read_once_gives_the_log_probs_and_gradients_of_whole_rows(t
     """train.share_prompts: two groups of prompts of different lengths (and a row with no
     response) give, through one prompt pass and the responses on its KV cache, the log-probs
     and gradients that each row read whole by itself gives."""
-    from copd_ray.batch import pad_sequences
+    from copd_ray.batch import pad_rows
+    from copd_ray.step_data import Rollouts
 
     learner = Learner("b", 0, 1, str(tiny_folder), GRPO)
     tok = learner.tokenizer
@@ -175,8 +177,9 @@ def test_each_prompt_read_once_gives_the_log_probs_and_gradients_of_whole_rows(t
     responses = [tok(t, add_special_tokens=False)["input_ids"] for t in ("357", "3", "35", "56", "5", "")]
     sequences = [prompts[i // 3] + r for i, r in enumerate(responses)]
     plens = [len(prompts[i // 3]) for i in range(6)]
-    tensors = pad_sequences(sequences, plens, tok.pad_token_id)
-    idx, w, mb = learner._rows(list(range(6)), tensors, sequences, plens, trim=False)
+    rows = Rollouts.pack(sequences, plens, [[0.0] * (len(q) - p) for q, p in zip(sequences, plens)], [0.0] * 6, 0, 0, 0)
+    idx, w, mb = learner._rows(list(range(6)), pad_rows(rows, tok.pad_token_id), rows, rows.lengths.tolist(),
+                               trim=False)
     assert mb[-1] is not None and mb[-1].prompt_ids.shape[0] == 2  # two prompt passes for six rows
 
     learner.model.zero_grad()
@@ -217,7 +220,8 @@ def test_a_step_on_shared_prompts_is_the_step_on_whole_rows(tiny_folder):
 def test_tempered_rows_are_read_once_or_whole_alike_and_opd_rows_stay_at_temperature_one(tiny_folder):
     """Per-row temperatures through the shared-prompt path equal logits / T of each row read
     whole; a row at temperature 1 gives the model's own log-probs; `own` is always those."""
-    from copd_ray.batch import pad_sequences
+    from copd_ray.batch import pad_rows
+    from copd_ray.step_data import Rollouts
 
     learner = Learner("b", 0, 1, str(tiny_folder), GRPO)
     tok = learner.tokenizer
@@ -225,8 +229,8 @@ def test_tempered_rows_are_read_once_or_whole_alike_and_opd_rows_stay_at_tempera
     sequences = [prompt + tok(t, add_special_tokens=False)["input_ids"] for t in ("357", "35", "3")]
     plens = [len(prompt)] * 3
     temps = torch.tensor([0.5, 1.0, 2.0])
-    idx, w, mb = learner._rows([0, 1, 2], pad_sequences(sequences, plens, tok.pad_token_id), sequences, plens,
-                               trim=False)
+    rows = Rollouts.pack(sequences, plens, [[0.0] * (len(q) - p) for q, p in zip(sequences, plens)], [0.0] * 3, 0, 0, 0)
+    idx, w, mb = learner._rows([0, 1, 2], pad_rows(rows, tok.pad_token_id), rows, rows.lengths.tolist(), trim=False)
     with torch.no_grad():
         lp, ent, own = learner.forward(*mb, entropy=True, temperature=temps, own=True)
         for seq, row, row_ent, row_own, t in zip(sequences, lp, ent, own, temps):

@@ -229,7 +229,7 @@ def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_th
         direct = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id).score(sequences, plens)
         assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(scores.logprobs, direct.logprobs))
 
-        batch = TrainBatch(2, sequences, plens, [float(i % 2) for i in range(len(sequences))],
+        batch = TrainBatch.of(2, sequences, plens, [float(i % 2) for i in range(len(sequences))],
                            opd_sequences=sequences[:4], opd_prompt_lengths=plens[:4],
                            opd_teacher_logprobs=scores.logprobs[:4], opd_beta=[1.0] * 4)
         trained = train_on(student, batch)

@@ -36,7 +36,7 @@ def _batch(group, tokenizer, seed=0):
                         SamplingParams(n=4, max_new_tokens=6, seed=seed))
     out = Rollouts.concat(ray.get([parts[0] for parts in group.sample(batch)]))
     rewards = [float(i % 3 == 0) for i in range(len(out.sequences()))]  # varied, so groups carry signal
-    return out, TrainBatch(4, out.sequences(), out.prompt_lengths.tolist(), rewards, behaviour_logprobs=out.per_row(out.logprobs))
+    return out, TrainBatch.of(4, out.sequences(), out.prompt_lengths.tolist(), rewards, behaviour_logprobs=out.per_row(out.logprobs))
 
 
 def test_rollouts_come_back_in_prompt_order_across_generators(branch, tiny_tokenizer):
@@ -72,23 +72,22 @@ def test_weight_sync_delivers_the_trainers_exact_tensors(branch, tiny_tokenizer)
 
 def test_scorer_logprobs_equal_a_direct_forward_pass(branch, tiny_folder, tiny_tokenizer):
     _, batch = _batch(branch, tiny_tokenizer, seed=2)
-    scores = ray.get(branch.scorer.score.remote(batch.grpo_sequences, batch.grpo_prompt_lengths))
+    sequences, plens = batch.rows.sequences(), batch.rows.prompt_lengths.tolist()
+    scores = ray.get(branch.scorer.score.remote(sequences, plens))
     assert scores.version == branch.version
     model = AutoModelForCausalLM.from_pretrained(tiny_folder)
     model.load_state_dict(branch.trainer_state())
-    for seq, p, got in zip(batch.grpo_sequences, batch.grpo_prompt_lengths, scores.logprobs):
+    for seq, p, got in zip(sequences, plens, scores.logprobs):
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0], dim=-1)
         assert got == pytest.approx([logp[t - 1, seq[t]].item() for t in range(p, len(seq))], abs=1e-5)
 
 
 def test_a_nan_loss_skips_the_update(branch, tiny_tokenizer):
-    _, batch = _batch(branch, tiny_tokenizer, seed=3)
-    batch.opd_sequences = batch.grpo_sequences[:2]
-    batch.opd_prompt_lengths = batch.grpo_prompt_lengths[:2]
-    batch.opd_teacher_logprobs = [[float("nan")] * (len(s) - p) for s, p in zip(batch.opd_sequences, batch.opd_prompt_lengths)]
-    batch.opd_beta = [1.0, 1.0]
-    batch.grpo_sequences, batch.grpo_prompt_lengths, batch.grpo_rewards = [], [], []
+    out, _ = _batch(branch, tiny_tokenizer, seed=3)
+    sequences, plens = out.sequences()[:2], out.prompt_lengths.tolist()[:2]
+    batch = TrainBatch.of(4, [], [], [], sequences, plens, [[float("nan")] * (len(s) - p) for s, p in zip(sequences, plens)],
+                          [1.0, 1.0])
     before = branch.trainer_state()
     metrics = train_on(branch, batch)
     assert metrics["nan_skipped"] >= 1

@@ -33,7 +33,7 @@ def _batch(tokenizer) -> TrainBatch:
             plens.append(len(prompt))
             rewards.append(float(rnd.random() < 0.5))
     teacher = [[-1.0 - 0.1 * i] * (len(s) - p) for i, (s, p) in enumerate(zip(seqs[:4], plens[:4]))]
-    return TrainBatch(4, seqs, plens, rewards, seqs[:4], plens[:4], teacher, [1.0] * 4)
+    return TrainBatch.of(4, seqs, plens, rewards, seqs[:4], plens[:4], teacher, [1.0] * 4)
 
 
 def _free_port() -> int:
@@ -120,7 +120,7 @@ def test_two_sharded_ranks_take_the_same_step_as_one_plain_rank(two_ranks, tiny_
 
 def test_four_micro_batches_give_the_update_of_one(tiny_folder):
     learner = Learner("b", 0, 1, str(tiny_folder), GRPO)
-    lengths = [len(s) for s in _batch(learner.tokenizer).grpo_sequences + _batch(learner.tokenizer).opd_sequences]
+    lengths = _batch(learner.tokenizer).rows.lengths.tolist()
     budget = 5 * max(lengths)
     assert len(pack_microbatches(list(range(len(lengths))), lengths, budget)) == 4
     for agg in ("token_mean", "seq_mean_token_mean"):
@@ -145,7 +145,7 @@ def _vision_batch(learner):
         for answer in ("1", "2", "3", r.answer):
             seqs.append(prompt + tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
             plens.append(len(prompt))
-    return TrainBatch(4, seqs, plens, [0.0, 1.0, 0.0, 1.0] * 4)
+    return TrainBatch.of(4, seqs, plens, [0.0, 1.0, 0.0, 1.0] * 4)
 
 
 def test_a_rank_without_pixels_neither_hangs_nor_desynchronises(two_ranks, vl_folder):

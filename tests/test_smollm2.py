@@ -118,7 +118,7 @@ def test_weight_sync_into_hf_engines_matches_the_trainer(ray_session, smol_folde
         out = sample(group, [prompt, prompt], SamplingParams(n=2, max_new_tokens=8, seed=0, temperature=0.7))
         assert [s[: len(prompt)] for s in out.sequences()] == [prompt] * 4
         assert all(0 <= t < 49152 for s in out.sequences() for t in s)
-        batch = TrainBatch(2, out.sequences(), out.prompt_lengths.tolist(), [1.0, 0.0, 0.0, 1.0],
+        batch = TrainBatch.of(2, out.sequences(), out.prompt_lengths.tolist(), [1.0, 0.0, 0.0, 1.0],
                            behaviour_logprobs=out.per_row(out.logprobs))
         before = group.trainer_state()
         assert math.isfinite(train_on(group, batch)["loss"])
@@ -156,7 +156,7 @@ def test_vllm_generator_and_scorer_follow_a_broadcast_on_the_real_model(ray_sess
                         tokenizer.pad_token_id)
         expected = base.score(out.sequences(), out.prompt_lengths.tolist()).logprobs
         assert max(abs(a - b) for r, e in zip(out.per_row(out.logprobs), expected) for a, b in zip(r, e)) < 1e-3
-        batch = TrainBatch(4, out.sequences(), out.prompt_lengths.tolist(), [1.0, 0.0, 0.0, 1.0],
+        batch = TrainBatch.of(4, out.sequences(), out.prompt_lengths.tolist(), [1.0, 0.0, 0.0, 1.0],
                            behaviour_logprobs=out.per_row(out.logprobs))
         for _ in range(2):
             train_on(group, batch)
@@ -185,7 +185,7 @@ def _smol_batch(learner):
             seqs.append(prompt + tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
             plens.append(len(prompt))
     teacher = [[-1.0 - 0.1 * i] * (len(s) - p) for i, (s, p) in enumerate(zip(seqs[:2], plens[:2]))]
-    return TrainBatch(3, seqs, plens, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], seqs[:2], plens[:2], teacher, [1.0, 1.0])
+    return TrainBatch.of(3, seqs, plens, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], seqs[:2], plens[:2], teacher, [1.0, 1.0])
 
 
 @pytest.mark.slow

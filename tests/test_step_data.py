@@ -4,7 +4,7 @@ from its share (layout, counts, lag), and the step's record from every rank's ta
 import pytest
 import torch
 
-from copd_ray.batch import assemble, step_record
+from copd_ray.batch import TrainBatch, assemble, step_record
 from copd_ray.step_data import OPDEdge, Rollouts, StepSpec, TeacherScores
 
 
@@ -44,12 +44,12 @@ def test_assemble_lays_out_native_then_each_teachers_rows_and_counts_what_the_st
     spec = StepSpec(4, "opd", group_size=2, native_parts=2, edges=[OPDEdge("mul", 1, 0.5)], trainer_version=3)
     batch, tally = assemble(spec, (*native, peer, scores), trainer_steps=3)
 
-    assert batch.grpo_sequences == [[1, 2, 5, 6], [1, 2, 7], [3, 8], [3, 9, 9, 9]]
-    assert batch.grpo_prompt_lengths == [2, 2, 1, 1] and batch.grpo_rewards == [1.0, 0.0, 0.5, 0.0]
-    assert batch.opd_sequences == [[4, 4, 6], [4, 4, 6, 6]]
-    assert batch.opd_teacher_logprobs == [[pytest.approx(-0.1)], [pytest.approx(-0.2), pytest.approx(-0.3)]]
-    assert batch.opd_beta == [0.5, 0.5]
-    assert [len(lp) for lp in batch.behaviour_logprobs] == [2, 1, 1, 3, 1, 2]
+    rows = batch.rows  # the native rows, then the teacher's
+    assert rows.sequences() == [[1, 2, 5, 6], [1, 2, 7], [3, 8], [3, 9, 9, 9], [4, 4, 6], [4, 4, 6, 6]]
+    assert rows.prompt_lengths.tolist() == [2, 2, 1, 1, 2, 2] and batch.grpo_rows == 4
+    assert rows.rewards.tolist()[:4] == [1.0, 0.0, 0.5, 0.0]
+    assert batch.teacher_logprobs.tolist() == pytest.approx([-0.1, -0.2, -0.3]) and batch.opd_beta.tolist() == [0.5, 0.5]
+    assert [len(lp) for lp in rows.per_row(rows.logprobs)] == [2, 1, 1, 3, 1, 2]
     record = step_record(spec, [tally])
     assert record["reward_mean"] == 1.5 / 4 and record["pass_rate"] == 0.25 and record["response_length"] == 7 / 4
     assert record["opd/mul/teacher_version"] == 7 and record["opd/mul/reward_mean"] == 0.5
@@ -70,3 +70,28 @@ def test_assemble_lays_out_native_then_each_teachers_rows_and_counts_what_the_st
     whole = step_record(StepSpec(1, "rl", 2, 2), [assemble(StepSpec(1, "rl", 2, 2), tuple(native), 3)[1]])
     assert step_record(StepSpec(1, "rl", 2, 2), tallies) == whole
 
+
+
+def test_a_hand_made_batch_shards_into_whole_groups_and_opd_slices():
+    batch = TrainBatch.of(2, [[1, 5], [1, 6, 6], [2, 7], [2, 8]], [1] * 4, [1.0, 0.0, 0.0, 1.0],
+                          [[3, 9], [3, 9, 9]], [1, 1], [[-0.1], [-0.2, -0.3]], [0.5, 0.5])
+    shard = batch.shard(1, 2)  # the second group of GRPO rows and the second OPD row, with its scores
+    assert shard.rows.sequences() == [[2, 7], [2, 8], [3, 9, 9]] and shard.grpo_rows == 2
+    assert shard.teacher_logprobs.tolist() == pytest.approx([-0.2, -0.3]) and shard.opd_beta.tolist() == [0.5]
+
+
+def test_the_step_data_benchmark_meets_its_goals_at_a_small_scale():
+    """benchmarks/step_data.py --small: a rank fetches its share only, and holds it packed."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, "benchmarks/step_data.py", "--small"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert float(re.search(r"largest share / \(batch / 2\): ([0-9.]+)", out.stdout)[1]) <= 1.05, out.stdout
+    assert float(re.search(r"as fetched: ([0-9.]+)", out.stdout)[1]) <= 1.5, out.stdout
+    assert float(re.search(r"builds it: [0-9.]+ GB = ([0-9.]+)x", out.stdout)[1]) <= 1.5, out.stdout
+    assert "lists, the whole step" in out.stdout
