@@ -103,7 +103,6 @@ def check(folder: str, prompts: list, dtype: str, device: str, n: int, max_new_t
         grpo_rewards=rewards,
         opd_sequences=[sequences[i] for i in opd_rows], opd_prompt_lengths=[plens[i] for i in opd_rows],
         opd_teacher_logprobs=teacher,
-        opd_beta=[1.0] * len(opd_rows),
     )
     # What the step ascends, with the advantages held at their start: GRPO's sequence
     # advantage on every response token, OPD's teacher-minus-student log-prob per token.

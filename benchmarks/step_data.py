@@ -93,7 +93,7 @@ def build(scale: float, ranks: int):
         parts = [generator_rollouts(g, per_gen, max_len) for _ in range(GENERATORS)]
         scores = TeacherScores(-torch.rand(sum(len(p.logprobs) for p in parts), generator=g), 5, 1.0)
         edges.append((parts, scores))
-    spec = StepSpec(1, "opd", GROUP, GENERATORS, [OPDEdge(f"t{i}", GENERATORS, 1.0) for i in range(TEACHERS)])
+    spec = StepSpec(1, "opd", GROUP, GENERATORS, [OPDEdge(f"t{i}", GENERATORS) for i in range(TEACHERS)])
     # Each rank's share: every generator's rows dealt to the ranks, the teachers' scores cut to match.
     shares = [[p.split(ranks, GROUP)[r] for p in native] for r in range(ranks)]
     for parts, scores in edges:

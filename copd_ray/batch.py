@@ -28,7 +28,6 @@ class TrainBatch:
     grpo_rows: int = 0  # the first grpo_rows rows are GRPO's
     group_size: int = 1
     teacher_logprobs: torch.Tensor = field(default_factory=_empty)  # [R_opd] float32: each OPD response token's
-    opd_beta: torch.Tensor = field(default_factory=_empty)  # [B - grpo_rows] float32: each OPD row's edge's beta
     # Whether the rows came from another policy than the trainer's current one (then the loss
     # takes a truncated importance weight against the generators' log-probs).
     off_policy: bool = False
@@ -39,13 +38,13 @@ class TrainBatch:
     @staticmethod
     def of(group_size: int, grpo_sequences: list, grpo_prompt_lengths: list[int], grpo_rewards: list[float],
            opd_sequences: list = (), opd_prompt_lengths: list[int] = (), opd_teacher_logprobs: list = (),
-           opd_beta: list[float] = (), behaviour_logprobs: list | None = None, off_policy: bool = False) -> TrainBatch:
+           behaviour_logprobs: list | None = None, off_policy: bool = False) -> TrainBatch:
         """A hand-made batch from token-id lists (tests, benchmarks); behaviour log-probs 0 unless given."""
         sequences, plens = [*grpo_sequences, *opd_sequences], [*grpo_prompt_lengths, *opd_prompt_lengths]
         behaviour = behaviour_logprobs or [[0.0] * (len(token_ids(q)) - p) for q, p in zip(sequences, plens)]
         rows = Rollouts.pack(sequences, plens, behaviour, [*grpo_rewards, *[0.0] * len(opd_sequences)], 0, 0, 0.0)
         teacher = torch.tensor([x for row in opd_teacher_logprobs for x in row], dtype=torch.float32)
-        return TrainBatch(rows, len(grpo_sequences), group_size, teacher, torch.tensor(list(opd_beta)), off_policy)
+        return TrainBatch(rows, len(grpo_sequences), group_size, teacher, off_policy)
 
     def shard(self, rank: int, world: int) -> TrainBatch:
         """Whole GRPO groups and a slice of the OPD rows for one rank of a hand-made batch (a
@@ -55,8 +54,7 @@ class TrainBatch:
         o_lo, o_hi = rank * n // world, (rank + 1) * n // world
         teacher = torch.split(self.teacher_logprobs, self.rows.response_lengths()[self.grpo_rows:].tolist())
         return TrainBatch(self.rows.take([*range(lo, hi), *range(self.grpo_rows + o_lo, self.grpo_rows + o_hi)]),
-                          hi - lo, self.group_size, torch.cat([_empty(), *teacher[o_lo:o_hi]]),
-                          self.opd_beta[o_lo:o_hi], self.off_policy)
+                          hi - lo, self.group_size, torch.cat([_empty(), *teacher[o_lo:o_hi]]), self.off_policy)
 
 
 def assemble(spec: StepSpec, parts: tuple, trainer_steps: int) -> tuple[TrainBatch, dict]:
@@ -69,7 +67,7 @@ def assemble(spec: StepSpec, parts: tuple, trainer_steps: int) -> tuple[TrainBat
     tally: dict = {"rows": 0, "teacher_tokens": 0}
     seconds = {"time/generate": 0.0, "time/score": 0.0}
     used: list[Rollouts] = []
-    teacher, beta = [_empty()], [_empty()]
+    teacher = [_empty()]
     at = spec.native_parts
     if spec.native_parts:
         native = Rollouts.concat(list(parts[:at]))
@@ -86,7 +84,6 @@ def assemble(spec: StepSpec, parts: tuple, trainer_steps: int) -> tuple[TrainBat
         seconds["time/generate"] += rollouts.seconds
         seconds["time/score"] += scores.seconds
         teacher.append(scores.logprobs)
-        beta.append(torch.full((len(rollouts),), edge.beta))
         tally["teacher_tokens"] += len(scores.logprobs)
         t = f"opd/{edge.teacher}"
         tally.update({f"{t}/teacher_version": scores.version, f"{t}/rows": len(rollouts),
@@ -96,7 +93,7 @@ def assemble(spec: StepSpec, parts: tuple, trainer_steps: int) -> tuple[TrainBat
     behaviour_step = min(r.policy_step for r in used)
     off_policy = trainer_steps - behaviour_step > 0 or not spec.behaviour_exact
     batch = TrainBatch(Rollouts.concat(used), len(used[0]) if spec.native_parts else 0, spec.group_size,
-                       torch.cat(teacher), torch.cat(beta), off_policy)
+                       torch.cat(teacher), off_policy)
     tally.update({"rows": len(batch), "behaviour_version": min(r.version for r in used),
                   "behaviour_lag": trainer_steps - behaviour_step, **seconds})
     return batch, tally

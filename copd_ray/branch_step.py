@@ -31,7 +31,7 @@ class InFlight:
     inputs: list[list]  # [rank][native Rollouts refs..., per edge: its Rollouts refs..., its TeacherScores ref]
 
 
-def launch(group: BranchGroup, prompts: StepPrompts, cfg: Config, beta: float) -> InFlight:
+def launch(group: BranchGroup, prompts: StepPrompts, cfg: Config) -> InFlight:
     """Submit the step's rollouts (native batch, then each teacher's prompts), each generator
     dealing its rows to the trainer ranks, and have each teacher score the student's rollouts
     on its prompts: log pi_j(y_t | x, y_<t), dealt the same way."""
@@ -45,7 +45,7 @@ def launch(group: BranchGroup, prompts: StepPrompts, cfg: Config, beta: float) -
         scores = score(endpoint, rollouts, ranks)
         for r in range(ranks):
             inputs[r] += [part[r] for part in rollouts] + [scores[r]]
-        spec.edges.append(OPDEdge(teacher, len(rollouts), beta))
+        spec.edges.append(OPDEdge(teacher, len(rollouts)))
     return InFlight(spec, inputs)
 
 
@@ -65,8 +65,8 @@ def finish(group: BranchGroup, flight: InFlight) -> dict:
     return record
 
 
-def run(group: BranchGroup, prompts: StepPrompts, cfg: Config, beta: float) -> dict:
-    return finish(group, launch(group, prompts, cfg, beta))
+def run(group: BranchGroup, prompts: StepPrompts, cfg: Config) -> dict:
+    return finish(group, launch(group, prompts, cfg))
 
 
 def fetch(refs: list) -> tuple[list, int]:

@@ -786,6 +786,11 @@ class Config(Section):
         t = self.topology
         return Topology.from_config(t.kind, [b.name for b in self.branch_list()], t.hub, t.edges)
 
+    def opd_beta(self, branch: str) -> float:
+        """The OPD coefficient of `branch` as a student: its own beta, else opd.beta."""
+        own = next((b.beta for b in self.branch_list() if b.name == branch), None)
+        return self.opd.beta if own is None else own
+
     def branch_list(self) -> list[BranchConfig]:
         if self.branches is not None:
             return self.branches

@@ -61,7 +61,7 @@ class Loop:
         prompts = draw_prompts(self.phases.at(step), step, cfg, self.data, self.prompter, self.runtime.topology_actor)
         # Every branch takes its step in parallel (one that fails is retried after recovery) ...
         records = self.healer.each(list(trainable), lambda n: branch_step.run(
-            trainable[n], prompts[n], cfg, self.data[n].beta))
+            trainable[n], prompts[n], cfg))
         # ... then every branch broadcasts its new weights to its generators and scorer.
         synced = self.healer.each(list(trainable), lambda n: trainable[n].sync()) \
             if step % cfg.schedule.sync_every == 0 else {}
@@ -96,7 +96,7 @@ class Loop:
             group, flights, ahead = trainable[n], deque(), 0
             for i, step in enumerate(steps):
                 while ahead < len(steps) and ahead <= i + cfg.schedule.max_staleness:
-                    flights.append(branch_step.launch(group, prompts[steps[ahead]][n], cfg, self.data[n].beta))
+                    flights.append(branch_step.launch(group, prompts[steps[ahead]][n], cfg))
                     ahead += 1
                 record = branch_step.finish(group, flights.popleft())
                 self.report(step, {n: record}, {n: group.sync()}, {n: group},

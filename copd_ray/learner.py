@@ -118,13 +118,14 @@ class Learner:
 
     def __init__(self, branch: str, rank: int, world_size: int, model_path: str, grpo: dict,
                  dtype: str = "float32", trust_remote_code: bool = False, threads: int = 1,
-                 device: str = "cpu", seed: int = 0, train: dict | None = None) -> None:
+                 device: str = "cpu", seed: int = 0, train: dict | None = None, beta: float = 1.0) -> None:
         from copd_ray.models import load_policy
 
         torch.set_num_threads(threads)
         torch.manual_seed(seed + rank)
         self.branch, self.rank, self.world_size, self.device = branch, rank, world_size, device
         self.cfg, self.train_cfg = grpo, {**TRAIN_DEFAULTS, **(train or {})}
+        self.beta = beta  # the OPD coefficient of this branch as a student
         self.compute_dtype = DTYPES[dtype]
         self.sharded = world_size > 1
         self.model, self.tokenizer = load_policy(model_path, "float32", trust_remote_code, self.device)
@@ -268,15 +269,14 @@ class Learner:
             seq_adv = grpo_advantages(data.rewards[:n_grpo].float(), batch.group_size).to(self.device)
             grpo_adv[:n_grpo] = seq_adv.unsqueeze(1) * mask[:n_grpo]
         opd_row = torch.zeros(mask.shape[0], 1, dtype=torch.bool, device=self.device)
-        teacher, beta = torch.zeros_like(mask), torch.zeros(mask.shape[0], 1, device=self.device)
+        teacher = torch.zeros_like(mask)
         if real > n_grpo:
             opd_row[n_grpo:real] = True
             teacher[n_grpo:real] = place(batch.teacher_logprobs, where[n_grpo:real]).to(self.device)
-            beta[n_grpo:real, 0] = batch.opd_beta.to(self.device)
         is_sums = [0.0, 0.0]  # importance weights, truncated tokens
 
         def signals(idx, w, old, own, m):
-            adv = torch.where(opd_row[idx], opd_advantages(teacher[idx, : w - 1], old, 1.0) * beta[idx] * m,
+            adv = torch.where(opd_row[idx], opd_advantages(teacher[idx, : w - 1], old, self.beta) * m,
                               grpo_adv[idx, : w - 1])
             if not weigh:
                 return adv, None

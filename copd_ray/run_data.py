@@ -29,7 +29,6 @@ class BranchData:
 
     name: str
     capabilities: list[Capability]
-    beta: float
     drawn: int = 0
 
     def sample(self, n: int) -> list[PromptRecord]:
@@ -137,9 +136,7 @@ def prepare(cfg: Config, topology: Topology | None, console):
         for report in caps[c.name].reports:
             console.print(f"data: {report}")
     # D_k for every branch, each with streams of its own.
-    data = {b.name: BranchData(b.name, [caps[d].fork(f"/{b.name}") for d in cfg.branch_data(b)],
-                               cfg.opd.beta if b.beta is None else b.beta)
-            for b in branch_cfgs}
+    data = {b.name: BranchData(b.name, [caps[d].fork(f"/{b.name}") for d in cfg.branch_data(b)]) for b in branch_cfgs}
     base_path, _ = ensure_base_policy(cfg)
     # The newest usable checkpoint of this very run (same base, branches and topology);
     # a damaged one is reported and skipped.

@@ -164,7 +164,6 @@ class TopK:
 class OPDEdge:
     teacher: str
     parts: int  # Rollouts refs of this edge among the step's inputs
-    beta: float  # the student's OPD coefficient
 
 
 @dataclass

@@ -118,6 +118,9 @@ def test_opd_advantages_are_scaled_differences_without_gradient():
     assert not got.requires_grad
     with pytest.raises(ValueError, match="shape"):
         opd_advantages(teacher, student[:, :2], beta=1.0)
+    # One beta per row: each row's teacher edge's.
+    rows = opd_advantages(torch.cat([teacher, teacher]), torch.cat([student, student]), torch.tensor([[0.5], [2.0]]))
+    assert rows.tolist()[0] == pytest.approx([0.45, -0.5, 0.0]) and rows.tolist()[1] == pytest.approx([1.8, -2.0, 0.0])
 
 
 def test_topk_overlap_counts_shared_ids():

@@ -243,3 +243,22 @@ def test_tempered_rows_are_read_once_or_whole_alike_and_opd_rows_stay_at_tempera
             plain = torch.log_softmax(logits, -1).gather(-1, target).squeeze(-1)
             assert torch.allclose(row_own[p - 1 : len(seq) - 1], plain, atol=1e-5)
     assert not torch.allclose(lp[0], own[0]) and torch.allclose(lp[1], own[1])
+
+
+def test_the_branchs_opd_beta_scales_its_opd_advantages(tiny_folder):
+    """The Learner takes its branch's beta (branches[].beta, else opd.beta) at construction:
+    OPD rows' loss is linear in it (ratio 1 on the first step), and beta 0 moves nothing."""
+    from copd_ray.config import load_config
+
+    cfg = load_config(None, ["opd.beta=0.5", "branches=[{name: add, beta: 2.0}, {name: mul}]"])
+    assert cfg.opd_beta("add") == 2.0 and cfg.opd_beta("mul") == 0.5
+    tok = Learner("b", 0, 1, str(tiny_folder), GRPO).tokenizer
+    prompt = tok("12+34=")["input_ids"]
+    rows = [prompt + tok(t, add_special_tokens=False)["input_ids"] for t in ("46", "47")]
+    batch = TrainBatch.of(2, [], [], [], rows, [len(prompt)] * 2, [[-0.5, -0.1], [-3.0, -2.0]])
+    losses = {beta: Learner("b", 0, 1, str(tiny_folder), GRPO, beta=beta).train_step(batch)["loss"] for beta in (1.0, 2.0)}
+    assert losses[2.0] == pytest.approx(2 * losses[1.0], rel=1e-5) and losses[1.0] != 0
+    still = Learner("b", 0, 1, str(tiny_folder), GRPO, beta=0.0)
+    before = {k: v.clone() for k, v in still.model.state_dict().items()}
+    assert still.train_step(batch)["loss"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in still.model.state_dict().items())

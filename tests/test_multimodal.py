@@ -231,7 +231,7 @@ def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_th
 
         batch = TrainBatch.of(2, sequences, plens, [float(i % 2) for i in range(len(sequences))],
                            opd_sequences=sequences[:4], opd_prompt_lengths=plens[:4],
-                           opd_teacher_logprobs=scores.logprobs[:4], opd_beta=[1.0] * 4)
+                           opd_teacher_logprobs=scores.logprobs[:4])
         trained = train_on(student, batch)
         assert trained["nan_skipped"] == 0 and trained["sequences"] == len(sequences) + 4
         assert student.sync()["version"] == 1

@@ -86,8 +86,7 @@ def test_scorer_logprobs_equal_a_direct_forward_pass(branch, tiny_folder, tiny_t
 def test_a_nan_loss_skips_the_update(branch, tiny_tokenizer):
     out, _ = _batch(branch, tiny_tokenizer, seed=3)
     sequences, plens = out.sequences()[:2], out.prompt_lengths.tolist()[:2]
-    batch = TrainBatch.of(4, [], [], [], sequences, plens, [[float("nan")] * (len(s) - p) for s, p in zip(sequences, plens)],
-                          [1.0, 1.0])
+    batch = TrainBatch.of(4, [], [], [], sequences, plens, [[float("nan")] * (len(s) - p) for s, p in zip(sequences, plens)])
     before = branch.trainer_state()
     metrics = train_on(branch, batch)
     assert metrics["nan_skipped"] >= 1

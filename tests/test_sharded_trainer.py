@@ -33,7 +33,7 @@ def _batch(tokenizer) -> TrainBatch:
             plens.append(len(prompt))
             rewards.append(float(rnd.random() < 0.5))
     teacher = [[-1.0 - 0.1 * i] * (len(s) - p) for i, (s, p) in enumerate(zip(seqs[:4], plens[:4]))]
-    return TrainBatch.of(4, seqs, plens, rewards, seqs[:4], plens[:4], teacher, [1.0] * 4)
+    return TrainBatch.of(4, seqs, plens, rewards, seqs[:4], plens[:4], teacher)
 
 
 def _free_port() -> int:

@@ -185,7 +185,7 @@ def _smol_batch(learner):
             seqs.append(prompt + tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
             plens.append(len(prompt))
     teacher = [[-1.0 - 0.1 * i] * (len(s) - p) for i, (s, p) in enumerate(zip(seqs[:2], plens[:2]))]
-    return TrainBatch.of(3, seqs, plens, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], seqs[:2], plens[:2], teacher, [1.0, 1.0])
+    return TrainBatch.of(3, seqs, plens, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], seqs[:2], plens[:2], teacher)
 
 
 @pytest.mark.slow

@@ -41,14 +41,14 @@ def test_assemble_lays_out_native_then_each_teachers_rows_and_counts_what_the_st
     native = [_rollouts([1, 2], [[5, 6], [7]], [1.0, 0.0], 3, 3), _rollouts([3], [[8], [9, 9, 9]], [0.5, 0.0], 3, 3)]
     peer = _rollouts([4, 4], [[6], [6, 6]], [0.0, 1.0], 2, 2)
     scores = TeacherScores(torch.tensor([-0.1, -0.2, -0.3]), version=7, seconds=0.5)
-    spec = StepSpec(4, "opd", group_size=2, native_parts=2, edges=[OPDEdge("mul", 1, 0.5)], trainer_version=3)
+    spec = StepSpec(4, "opd", group_size=2, native_parts=2, edges=[OPDEdge("mul", 1)], trainer_version=3)
     batch, tally = assemble(spec, (*native, peer, scores), trainer_steps=3)
 
     rows = batch.rows  # the native rows, then the teacher's
     assert rows.sequences() == [[1, 2, 5, 6], [1, 2, 7], [3, 8], [3, 9, 9, 9], [4, 4, 6], [4, 4, 6, 6]]
     assert rows.prompt_lengths.tolist() == [2, 2, 1, 1, 2, 2] and batch.grpo_rows == 4
     assert rows.rewards.tolist()[:4] == [1.0, 0.0, 0.5, 0.0]
-    assert batch.teacher_logprobs.tolist() == pytest.approx([-0.1, -0.2, -0.3]) and batch.opd_beta.tolist() == [0.5, 0.5]
+    assert batch.teacher_logprobs.tolist() == pytest.approx([-0.1, -0.2, -0.3])
     assert [len(lp) for lp in rows.per_row(rows.logprobs)] == [2, 1, 1, 3, 1, 2]
     record = step_record(spec, [tally])
     assert record["reward_mean"] == 1.5 / 4 and record["pass_rate"] == 0.25 and record["response_length"] == 7 / 4
@@ -74,10 +74,10 @@ def test_assemble_lays_out_native_then_each_teachers_rows_and_counts_what_the_st
 
 def test_a_hand_made_batch_shards_into_whole_groups_and_opd_slices():
     batch = TrainBatch.of(2, [[1, 5], [1, 6, 6], [2, 7], [2, 8]], [1] * 4, [1.0, 0.0, 0.0, 1.0],
-                          [[3, 9], [3, 9, 9]], [1, 1], [[-0.1], [-0.2, -0.3]], [0.5, 0.5])
+                          [[3, 9], [3, 9, 9]], [1, 1], [[-0.1], [-0.2, -0.3]])
     shard = batch.shard(1, 2)  # the second group of GRPO rows and the second OPD row, with its scores
     assert shard.rows.sequences() == [[2, 7], [2, 8], [3, 9, 9]] and shard.grpo_rows == 2
-    assert shard.teacher_logprobs.tolist() == pytest.approx([-0.2, -0.3]) and shard.opd_beta.tolist() == [0.5]
+    assert shard.teacher_logprobs.tolist() == pytest.approx([-0.2, -0.3])
 
 
 def test_the_step_data_benchmark_meets_its_goals_at_a_small_scale():

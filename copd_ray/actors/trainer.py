@@ -34,10 +34,10 @@ from copd_ray.step_data import StepSpec
 class TrainerActor(Learner, Reloadable):
     def __init__(self, branch: str, rank: int, world_size: int, model_path: str, grpo: dict,
                  dtype: str = "float32", trust_remote_code: bool = False, threads: int = 1,
-                 gpus: float = 0.0, seed: int = 0, train: dict | None = None) -> None:
+                 gpus: float = 0.0, seed: int = 0, train: dict | None = None, beta: float = 1.0) -> None:
         device = actor_device(gpus)
         self._learner_args = (branch, rank, world_size, model_path, grpo, dtype, trust_remote_code, threads, device,
-                              seed, train)
+                              seed, train, beta)
         self.branch, self.rank, self.world_size, self.device = branch, rank, world_size, device
         if world_size == 1:
             super().__init__(*self._learner_args)
