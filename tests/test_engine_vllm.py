@@ -46,6 +46,14 @@ def test_parse_prompt_logprobs_takes_the_response_positions():
         parse_prompt_logprobs(seq, 2, rows[:3], top_k=0)
 
 
+def test_each_prompt_gets_its_own_seed_from_the_calls():
+    from copd_ray.engines.vllm import prompt_seeds
+
+    seeds = prompt_seeds(7, 4)
+    assert len(set(seeds)) == 4 and all(0 <= s < 2**63 for s in seeds)
+    assert prompt_seeds(7, 4) == seeds and prompt_seeds(8, 4) != seeds and prompt_seeds(None, 2) == [None, None]
+
+
 @pytest.fixture(scope="module")
 def vllm_engine_cfg():
     return load_config(None, ["engine.kind=vllm"]).engine.model_dump()
@@ -81,6 +89,12 @@ def test_vllm_sampling_logprobs_equal_hf_teacher_forcing(ray_session, tiny_folde
         greedy = ray.get(gen.rollout.remote(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=8)))["samples"]
         hf_greedy = hf_engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=8))
         assert [s.token_ids for s in greedy] == [s.token_ids for s in hf_greedy]
+        # Each prompt draws its own noise (a prompt given twice gets other samples the second
+        # time), and the same call seed draws it again.
+        twice = SamplingParams(n=4, max_new_tokens=10, seed=5)
+        first = [s.token_ids for s in ray.get(gen.rollout.remote([prompts[0]] * 2, twice))["samples"]]
+        assert first[:4] != first[4:]
+        assert first == [s.token_ids for s in ray.get(gen.rollout.remote([prompts[0]] * 2, twice))["samples"]]
     finally:
         ray.kill(gen)
 

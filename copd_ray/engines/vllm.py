@@ -18,6 +18,7 @@ pictures and expands their placeholders itself.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -131,6 +132,16 @@ def vllm_prompt(prompt) -> dict:
     return request
 
 
+def prompt_seeds(seed: int | None, prompts: int) -> list[int | None]:
+    """One sampling seed per prompt, drawn from the call's: vLLM seeds each request's own
+    generator, so one seed for all would give sample j of every prompt the same random draws
+    (noise correlated across prompts). The same call seed gives the same seeds again."""
+    if seed is None:
+        return [None] * prompts
+    rng = random.Random(f"copd-ray/vllm/{seed}")
+    return [rng.getrandbits(63) for _ in range(prompts)]
+
+
 class VLLMEngine(RolloutEngine):
     def __init__(
         self,
@@ -182,11 +193,11 @@ class VLLMEngine(RolloutEngine):
         """Prompts are token ids or `VisualInputs` (see `vllm_prompt`)."""
         from vllm import SamplingParams as VLLMSamplingParams
 
-        sampling = VLLMSamplingParams(
+        sampling = [VLLMSamplingParams(
             n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-            logprobs=params.top_k_logprobs, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
+            logprobs=params.top_k_logprobs, seed=seed, stop_token_ids=list(params.stop_token_ids),
             logit_bias=self.logit_bias,
-        )
+        ) for seed in prompt_seeds(params.seed, len(prompts))]
         outputs = self.llm.generate([vllm_prompt(p) for p in prompts], sampling, use_tqdm=False)
         return [
             parse_completion(i, completion, params.top_k_logprobs)
