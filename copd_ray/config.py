@@ -594,6 +594,10 @@ class RayConfig(Section):
     driver re-wires it; after this many recoveries in one run the run stops."""
     restart_timeout_s: Float = Field(300.0, gt=0)
     """Seconds for a restarted actor to load its model."""
+    trainer_timeout_s: Float = Field(600.0, gt=0)
+    """Seconds a sharded trainer rank waits in one collective of its ranks' group (an FSDP
+    all-gather or reduce-scatter, the group's rendezvous) before it fails: longer than the
+    weight sync's, since a rank may wait there for another's whole forward and backward."""
     collective_timeout_s: Float = Field(120.0, gt=0)
     """Seconds a member of a weight-sync group waits in one collective (a bucket's broadcast,
     the group's rendezvous) before giving up. A member lost in the middle of a broadcast

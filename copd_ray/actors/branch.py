@@ -147,8 +147,9 @@ class BranchGroup:
         # Sharded trainer ranks form their group (and shard the policy) once; again only
         # when one of them restarted, since rejoining rebuilds every rank's state.
         if len(self.trainers) > 1 and not all(ray.get([t.dp_ready.remote() for t in self.trainers])):
-            host, port = ray.get(self.trainers[0].dp_address.remote())
-            ray.get([t.join_dp_group.remote(host, port, generation) for t in self.trainers])
+            wait = self.cfg.ray.trainer_timeout_s
+            host, port = ray.get(self.trainers[0].dp_address.remote(wait))
+            ray.get([t.join_dp_group.remote(host, port, generation, wait) for t in self.trainers])
         receivers = self.generators + self._scorers()
         group = f"copd-{self.run_id}-{self.name}-weights-{generation}"
         world = 1 + len(receivers)

@@ -57,24 +57,24 @@ class TrainerActor(Learner, Reloadable):
 
     # -- groups -------------------------------------------------------------------------
 
-    def dp_address(self) -> tuple[str, int]:
+    def dp_address(self, timeout_s: float = 600.0) -> tuple[str, int]:
         """Rank 0 hosts the rendezvous store of the trainer ranks' group."""
-        self._store, host, port = host_store(self.world_size)
+        self._store, host, port = host_store(self.world_size, timeout_s)
         return host, port
 
-    def join_dp_group(self, host: str, port: int, generation: int = 0) -> None:
+    def join_dp_group(self, host: str, port: int, generation: int = 0, timeout_s: float = 600.0) -> None:
         """Make torch's default process group the branch's trainer ranks and build the
         sharded Learner on it (from model_path: after a rank restarts, the driver reloads
         the last checkpoint into every rank)."""
+        timeout = datetime.timedelta(seconds=timeout_s)
         if self.rank != 0:
-            self._store = torch.distributed.TCPStore(host, port, self.world_size, is_master=False,
-                                                     timeout=datetime.timedelta(seconds=120))
+            self._store = torch.distributed.TCPStore(host, port, self.world_size, is_master=False, timeout=timeout)
         if torch.distributed.is_initialized():  # a rebuilt group: the old one lost a member
             torch.distributed.destroy_process_group()
         torch.distributed.init_process_group(
             "nccl" if self.device == "cuda" else "gloo", store=torch.distributed.PrefixStore(
                 f"copd-dp-{self.branch}-{generation}", self._store),
-            rank=self.rank, world_size=self.world_size, timeout=datetime.timedelta(seconds=600))
+            rank=self.rank, world_size=self.world_size, timeout=timeout)
         Learner.__init__(self, *self._learner_args)
 
     def dp_ready(self) -> bool:

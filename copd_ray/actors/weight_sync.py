@@ -136,8 +136,10 @@ class WeightGroup:
             store = torch.distributed.TCPStore(address[0], address[1], world_size, is_master=False, timeout=timeout)
         self._store = store  # keep the rendezvous alive as long as the group
         prefixed = torch.distributed.PrefixStore(name, store)
-        if backend == "nccl":
-            self._pg = torch.distributed.ProcessGroupNCCL(prefixed, rank, world_size)
+        if backend == "nccl":  # torch's default would be its own 10 minutes
+            options = torch.distributed.ProcessGroupNCCL.Options()
+            options._timeout = timeout  # as torch's init_process_group sets it
+            self._pg = torch.distributed.ProcessGroupNCCL(prefixed, rank, world_size, options)
         else:
             self._pg = torch.distributed.ProcessGroupGloo(prefixed, rank, world_size, timeout)
 
