@@ -110,7 +110,7 @@ def _rows(plan, branch, role):
 
 
 def _phases(cfg, prompt_tokens=24, on_gpu=False):
-    from copd_ray.plan import _teachers, _trainer_knobs, _workload, trainer_phases
+    from copd_ray.plan.estimate import _teachers, _trainer_knobs, _workload, trainer_phases
 
     arch = architecture(cfg)
     teachers = _teachers(cfg)
