@@ -79,7 +79,7 @@ def score(endpoint, rollouts: list[list], ranks: int) -> list:
     """One TeacherScores reference per trainer rank, through whichever endpoint the topology
     gave: a ScorerActor handle, or the Serve deployment handle in front of it (then a small
     task hands the rollouts to it, so that they still bypass the driver). `rollouts`:
-    references [generator][rank]."""
+    references, `[generator][rank]`."""
     from ray.serve.handle import DeploymentHandle
 
     parts = [ref for per_rank in rollouts for ref in per_rank]

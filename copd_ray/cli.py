@@ -100,9 +100,7 @@ def _ray_while_importing(cfg: Config, base_policy: Callable[[], object]):
     another, which also finds the `base_policy`: ray.init mostly waits for the processes it
     starts, and the imports are ~3 s of a short run on two cores. Returns (the driver's
     train, whether Ray was started here)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from copd_ray.ray_start import init_ray
+    from copd_ray.ray_start import beside_ray
 
     def imports():
         _setup_torch(cfg)
@@ -113,17 +111,7 @@ def _ray_while_importing(cfg: Config, base_policy: Callable[[], object]):
 
         return train
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        importing = pool.submit(imports)
-        started_ray = init_ray(cfg)
-        try:
-            return importing.result(), started_ray
-        except BaseException:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
-            raise
+    return beside_ray(cfg, imports)
 
 
 def _bootstrap(cfg: Config, force: bool = False):

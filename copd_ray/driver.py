@@ -7,9 +7,11 @@
                                  prompts from D_j scored by j: A_t = beta_k (log pi_j - log pi_k)
     merge the branches in parameter space; evaluate base, branches and merged model
 
-`train` below is that loop. A step of a branch is `branch_step`: the driver hands it
-prompts, rollouts and scores move actor to actor by reference, and a record of numbers
-comes back. With schedule.max_staleness = 0 (the default) every branch finishes step t
+`Loop.algorithm_1` below is that loop, and `train` the whole run around it (Ray, data and
+actors up; `Loop.run`, which resumes a checkpoint and rolls back to the last one when a
+trainer is lost; the merge and the final evaluation). A step of a branch is `branch_step`:
+the driver hands it prompts, rollouts and scores move actor to actor by reference, and a
+record of numbers comes back. With schedule.max_staleness = 0 (the default) every branch finishes step t
 and broadcasts its weights before any starts step t + 1; with k > 0 each branch runs on
 its own clock between barriers, generating up to k steps ahead of its trainer. Which phase
 a branch is in comes from `copd_ray/schedule.py`: the cycles, or its pair metrics (adaptive).
@@ -28,11 +30,11 @@ import ray
 from copd_ray import branch_step
 from copd_ray.checkpoints import save_checkpoint
 from copd_ray.config import Config
-from copd_ray.metrics_log import MetricsLog
-from copd_ray.monitor import Stopwatch, evaluate_branches, log_eval, log_pairs, log_step, step_line
+from copd_ray.metrics_log import MetricsLog, read_metrics
+from copd_ray.monitor import PairMetrics, Stopwatch, evaluate_branches, log_eval, log_step, step_line
 from copd_ray.recovery import Rollback, SelfHealing, restore
 from copd_ray.run_data import BranchData, Prompter, draw_prompts, prepare
-from copd_ray.ray_start import init_ray
+from copd_ray.ray_start import beside_ray
 from copd_ray.runtime import Runtime, WarmPool
 from copd_ray.schedule import Phases, checkpoint_due, schedule, segment
 from copd_ray.topology import Topology
@@ -53,7 +55,70 @@ class Loop:
     log: MetricsLog
     healer: SelfHealing
     progress: object  # a rich Progress; its task 0 counts steps
-    pair_every: dict  # {"every": steps between pair metrics}; 0 once an engine cannot give them
+    pair_metrics: PairMetrics
+    out: Path
+    base_path: str
+    edges: tuple  # the topology's (teacher, student) edges, recorded in every checkpoint
+    last_checkpoint: tuple = (0, None)  # (step, folder): where a lost trainer sends the run back
+
+    def run(self, resume: tuple[int, Path] | None) -> dict[str, str]:
+        """Algorithm 1 from the start, or from the checkpoint `resume` (step, folder); returns
+        each branch's folder as it ends training. A lost trainer (`Rollback`) sends every branch
+        back to the last checkpoint, and the steps since run again."""
+        restore_to, redo = resume, []
+        self.last_checkpoint = resume or self.last_checkpoint
+        while True:
+            try:
+                self.algorithm_1(self.back_to(restore_to[1], redo) if restore_to is not None else 0)
+                # The branches as they end training, for the merge and the final evaluation.
+                return self.healer.each(list(self.runtime.trainable), lambda n: self.runtime.trainable[n].save(
+                    str(self.out / "branches" / n), with_optimizer=False))
+            except Rollback as rollback:
+                restore_to = self.last_checkpoint
+                redo = [{**e, "steps_redone": e["step"] - restore_to[0]} for e in rollback.events]
+
+    def algorithm_1(self, step: int) -> None:
+        """From after `step` to the plan's end: for cycle in 1..N, Phase I (schedule.rl_steps of
+        RLVR), then Phase II (schedule.opd_steps of mutual OPD), each branch in the phase that
+        `phases` gives it; a checkpoint at every cycle's end and every schedule.save_every steps."""
+        cfg, plan = self.cfg, self.plan
+        while step < len(plan):
+            cycle, phase = plan[step]
+            self.progress.update(0, description=f"cycle {cycle + 1}/{cfg.schedule.cycles} "
+                                                f"{'Phase I  (RLVR)' if phase == 'rl' else 'Phase II (OPD) '}"
+                                                f"{' (adaptive)' if self.phases.adaptive else ''}")
+            self.healer.begin(step + 1)  # an actor that died between steps is back before the step starts
+            if cfg.schedule.max_staleness:
+                steps = segment(plan, step + 1, cfg)
+                self.on_own_clocks(steps)
+                step = steps[-1]
+            else:
+                step += 1
+                self.lockstep(step)
+            if checkpoint_due(plan, step, cfg):
+                self.checkpoint(step)
+            self.progress.update(0, completed=step)
+
+    def checkpoint(self, step: int) -> None:
+        """Every branch, its optimizer and data streams saved at `step` (merge.every_cycle: at a
+        cycle's end the branches first continue from their merge)."""
+        cfg, plan, trainable = self.cfg, self.plan, self.runtime.trainable
+        if cfg.merge.every_cycle and step < len(plan) and plan[step][0] != plan[step - 1][0]:
+            merge_and_continue(self.out / "cycle_merges" / f"cycle_{plan[step - 1][0] + 1}", trainable, cfg,
+                               self.base_path, self.healer)
+        self.last_checkpoint = (step, self.healer.call(lambda: save_checkpoint(
+            self.out, step, trainable, self.data, self.base_path, cfg.schedule.keep_checkpoints, self.edges)))
+
+    def back_to(self, folder: Path | None, redo_events: list[dict]) -> int:
+        """Branches, data streams, metrics and phases as a checkpoint left them (None: the run's
+        start), with the events of the steps to run again; returns the checkpoint's step."""
+        step = restore(folder, self.runtime.trainable, self.data, self.healer)
+        self.log.rewind(step)
+        self.phases.replay(read_metrics(self.out / "metrics.jsonl"))
+        for event in redo_events:
+            self.log.log({"kind": "event", **event, "rolled_back_to": step})
+        self.progress.update(0, completed=step)
+        return step
 
     def lockstep(self, step: int) -> None:
         """Step `step` of Algorithm 1 in every branch, then every weight broadcast."""
@@ -75,8 +140,8 @@ class Loop:
         for n, r in records.items():
             r.update({"cycle": cycle + 1, "version": groups[n].version,  # from 1, as the progress bar counts
                       "time/sync": synced[n]["seconds"] if synced else 0.0})
-        self.phases.observe(call(lambda: log_pairs(self.log, step, cfg, edges, self.runtime.groups, self.data,
-                                                   self.prompter, self.pair_every, self.progress.console)))
+        self.phases.observe(call(lambda: self.pair_metrics(step, edges, self.runtime.groups, self.data,
+                                                           self.prompter)))
         log_step(self.log, step, records)
         if cfg.eval.every and step % cfg.eval.every == 0:
             log_eval(self.log, step, call(lambda: evaluate_branches(groups, self.prompter, cfg,
@@ -132,7 +197,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from copd_ray.metrics_log import budget, read_metrics
+    from copd_ray.metrics_log import budget
     from copd_ray.plots import plot_run
 
     console = console or Console()
@@ -140,16 +205,9 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
     clock, plan = Stopwatch(), schedule(cfg)
     # Data, base policy and checks run while Ray starts; what fails there stops the run
     # before any actor exists (and stops the Ray this call started).
-    with ThreadPoolExecutor(max_workers=1) as executor:
-        preparing = executor.submit(prepare, cfg, topology, console)
-        started_ray = init_ray(cfg)
-        try:
-            topology, caps, data, (resume, resume_state), base_path, prompter = preparing.result()
-            clock.mark("ray_and_data")
-        except BaseException:
-            if started_ray:
-                ray.shutdown()
-            raise
+    prepared, started_ray = beside_ray(cfg, lambda: prepare(cfg, topology, console))
+    topology, caps, data, (resume, resume_state), base_path, prompter = prepared
+    clock.mark("ray_and_data")
     runtime, log = None, None
     try:
         runtime = Runtime(cfg, topology, base_path, console, pool)
@@ -162,17 +220,14 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
         resume_step = resume_state["step"] if resume else None  # as find_resume read and checked it
         log = MetricsLog(out, cfg.wandb, cfg.run_name, cfg.model_dump(mode="json"), resume_step)
         healer = SelfHealing(groups, runtime.topology_actor, runtime.endpoints, cfg.ray.max_failures,
-                             cfg.ray.restart_timeout_s, lambda e: log.log({"kind": "event", "step": healer.step, **e}),
-                             console, out / "actors.json")
-        pair_every, pairs = {"every": cfg.metrics.pair_every}, measured_pairs(cfg, topology.edges)
+                             cfg.ray.restart_timeout_s, lambda e: log.log({"kind": "event", **e}), console,
+                             out / "actors.json")
+        pair_metrics, pairs = PairMetrics(cfg, log, console), measured_pairs(cfg, topology.edges)
         phases = Phases(cfg, names, topology.edges)
-        step, restore_to, redo_events = 0, None, []
-        last_checkpoint = (0, None)  # (step, folder): where a lost trainer sends the run back
         if resume is not None:
-            restore_to = last_checkpoint = (resume_step, resume)
-            log.log({"kind": "event", "step": restore_to[0], "event": "resumed", "from": str(resume)})
+            log.log({"kind": "event", "step": resume_step, "event": "resumed", "from": str(resume)})
         else:
-            phases.observe(log_pairs(log, 0, cfg, pairs, groups, data, prompter, pair_every, console))
+            phases.observe(pair_metrics(0, pairs, groups, data, prompter))
             if cfg.eval.every:
                 log_eval(log, 0, evaluate_branches(trainable, prompter, cfg, cfg.eval.during_training_size))
 
@@ -180,47 +235,9 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console, transient=False) as progress:
             progress.add_task("CoPD", total=len(plan))
-            loop = Loop(cfg, plan, phases, pairs, runtime, data, prompter, log, healer, progress, pair_every)
-            while True:
-                try:
-                    if restore_to is not None:  # a resume, or a rollback after a trainer was lost
-                        step = restore(restore_to[1], trainable, data, healer)
-                        log.rewind(step)
-                        phases.replay(read_metrics(out / "metrics.jsonl"))
-                        for event in redo_events:
-                            log.log({"kind": "event", **event, "rolled_back_to": step})
-                        restore_to, redo_events = None, []
-                        progress.update(0, completed=step)
-                    # for cycle in 1..N: Phase I (rl_steps of RLVR), then Phase II (opd_steps of mutual OPD)
-                    while step < len(plan):
-                        cycle, phase = plan[step]
-                        healer.step = step + 1
-                        progress.update(0, description=f"cycle {cycle + 1}/{cfg.schedule.cycles} "
-                                                       f"{'Phase I  (RLVR)' if phase == 'rl' else 'Phase II (OPD) '}"
-                                                       f"{' (adaptive)' if phases.adaptive else ''}")
-                        healer.check()  # an actor that died between steps is back before the step starts
-                        if cfg.schedule.max_staleness:
-                            steps = segment(plan, step + 1, cfg)
-                            loop.on_own_clocks(steps)
-                            step = steps[-1]
-                        else:
-                            step += 1
-                            loop.lockstep(step)
-                        if checkpoint_due(plan, step, cfg):
-                            if cfg.merge.every_cycle and step < len(plan) and plan[step][0] != plan[step - 1][0]:
-                                merge_and_continue(out / "cycle_merges" / f"cycle_{plan[step - 1][0] + 1}",
-                                                   trainable, cfg, base_path, healer)
-                            last_checkpoint = (step, healer.call(lambda: save_checkpoint(
-                                out, step, trainable, data, base_path, cfg.schedule.keep_checkpoints, topology.edges)))
-                        progress.update(0, completed=step)
-                    # The branches as they end training, for the merge and the final evaluation.
-                    branch_dirs = healer.each(names, lambda n: trainable[n].save(str(out / "branches" / n),
-                                                                                 with_optimizer=False))
-                    break
-                except Rollback as rollback:
-                    restore_to = last_checkpoint
-                    redo_events = [{**e, "step": healer.step, "steps_redone": healer.step - last_checkpoint[0]}
-                                   for e in rollback.events]
+            loop = Loop(cfg, plan, phases, pairs, runtime, data, prompter, log, healer, progress, pair_metrics, out,
+                        base_path, topology.edges)
+            branch_dirs = loop.run((resume_step, resume) if resume is not None else None)
 
         clock.mark("trained")
         # Merge the branches in parameter space into the unified model (when there are several).

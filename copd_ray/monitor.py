@@ -32,28 +32,36 @@ def pair_metrics(teacher: str, student: str, groups, data: dict[str, BranchData]
     return fetch([groups[student].scorer.pair_metrics.remote(top, cfg.metrics.topk, *rollouts)])[0][0]
 
 
-def log_pairs(log: MetricsLog, step: int, cfg: Config, edges, groups, data, prompter: Prompter, pair_state: dict,
-              console) -> list[dict]:
-    """At the interval (and at step 0), the pair metrics of the given teacher -> student edges:
-    logged, and returned (none when not due)."""
-    if not pair_state["every"] or step % pair_state["every"]:
-        return []
-    try:
-        pairs = [{"kind": "pair", "step": step, "teacher": teacher, "student": student,
-                  **pair_metrics(teacher, student, groups, data, prompter, cfg)} for teacher, student in edges]
-        for record in pairs:
-            log.log(record)
-        return pairs
-    except ray.exceptions.RayTaskError as e:
-        if not isinstance(e.cause, NotImplementedError):
-            raise
-        if cfg.schedule.kind == "adaptive":
-            raise RuntimeError(f"schedule.kind=adaptive needs the pair metrics, which this scorer cannot give: "
-                               f"{e.cause}") from None
-        pair_state["every"] = 0  # this scorer engine cannot give top-k log-probs
-        log.log({"kind": "event", "step": step, "event": "pair_metrics_off", "why": str(e.cause)})
-        console.print(f"[yellow]pair metrics off: {e.cause}[/yellow]")
-        return []
+class PairMetrics:
+    """The logged pair metrics of teacher -> student edges, at step 0 and every
+    metrics.pair_every steps, until a scorer engine turns out not to give top-k log-probs:
+    from then on none, with an event that says why."""
+
+    def __init__(self, cfg: Config, log: MetricsLog, console) -> None:
+        self.cfg, self.log, self.console = cfg, log, console
+        self.every = cfg.metrics.pair_every
+
+    def __call__(self, step: int, edges, groups, data, prompter: Prompter) -> list[dict]:
+        """The metrics of `edges` after step `step` when due: logged, and returned."""
+        cfg = self.cfg
+        if not self.every or step % self.every:
+            return []
+        try:
+            pairs = [{"kind": "pair", "step": step, "teacher": teacher, "student": student,
+                      **pair_metrics(teacher, student, groups, data, prompter, cfg)} for teacher, student in edges]
+            for record in pairs:
+                self.log.log(record)
+            return pairs
+        except ray.exceptions.RayTaskError as e:
+            if not isinstance(e.cause, NotImplementedError):
+                raise
+            if cfg.schedule.kind == "adaptive":
+                raise RuntimeError(f"schedule.kind=adaptive needs the pair metrics, which this scorer cannot give: "
+                                   f"{e.cause}") from None
+            self.every = 0  # this scorer engine cannot give top-k log-probs
+            self.log.log({"kind": "event", "step": step, "event": "pair_metrics_off", "why": str(e.cause)})
+            self.console.print(f"[yellow]pair metrics off: {e.cause}[/yellow]")
+            return []
 
 
 def evaluate_branches(groups, prompter: Prompter, cfg: Config, size: int) -> dict[str, dict[str, float]]:

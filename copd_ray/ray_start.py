@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import ray
 
 from copd_ray.config import Config, ConfigError
+
+T = TypeVar("T")
 
 
 class _DefaultAuthNotice(logging.Filter):
@@ -40,3 +45,19 @@ def init_ray(cfg: Config) -> bool:
                               "--head?) and this run joins it, where ray.num_cpus cannot be set; leave it out, or "
                               "run `ray stop` first (it stops every Ray of this user here)") from None
     return True
+
+
+def beside_ray(cfg: Config, work: Callable[[], T]) -> tuple[T, bool]:
+    """work() on another thread while Ray starts (or is joined) on this one, which must be the
+    main thread (Ray sets its signal handlers there): ray.init mostly waits for the
+    processes it starts. Returns (what work returned, whether this call started Ray); if
+    work fails, the Ray this call started is stopped."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        working = pool.submit(work)
+        started_ray = init_ray(cfg)
+        try:
+            return working.result(), started_ray
+        except BaseException:
+            if started_ray:
+                ray.shutdown()
+            raise

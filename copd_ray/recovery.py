@@ -46,7 +46,7 @@ class SelfHealing:
         self.max_failures, self.restart_timeout_s = max_failures, restart_timeout_s
         self.log_event, self.console, self.pid_file = log_event, console, pid_file
         self.failures = 0
-        self.step = 0  # the step being run, for the records
+        self.step = 0  # the step being run (begin), for the records
         self.record_members()
 
     # -- who is alive ---------------------------------------------------------------------
@@ -101,8 +101,10 @@ class SelfHealing:
 
     # -- recovery -------------------------------------------------------------------------
 
-    def check(self) -> None:
-        """At the start of a step: recover actors that died while nobody was calling them."""
+    def begin(self, step: int) -> None:
+        """Step `step` starts: failures are recorded at it, and actors that died while nobody
+        was calling them are recovered first."""
+        self.step = step
         if self.restarted():
             self.recover(RuntimeError("an actor restarted between steps"))
 
@@ -136,7 +138,7 @@ class SelfHealing:
         ray.get([self.topology_actor.register.remote(n, self.endpoints[n]) for n in branches if n in self.endpoints])
         old_pids = {key: self.pids[key[0]][key[1]] for key in replaced}
         self.record_members()
-        events = [{"event": "actor_recovered", "branch": n, "actor": role, "pid_before": old_pids[(n, role)],
+        events = [{"step": self.step, "event": "actor_recovered", "branch": n, "actor": role, "pid_before": old_pids[(n, role)],
                    "pid_after": new["pid"], "failure": self.failures, "error": _first_line(error),
                    "seconds": round(time.perf_counter() - start, 2),
                    "then": "rollback to the last checkpoint" if rollback else "retry the step"}

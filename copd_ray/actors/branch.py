@@ -181,7 +181,7 @@ class BranchGroup:
         return [(gen, batch.slice(lo, hi)) for gen, lo, hi in zip(self.generators, cuts, cuts[1:]) if hi > lo]
 
     def sample(self, batch: PromptBatch, ranks: int = 1) -> list[list]:
-        """Rollouts references [generator][rank], generators in prompt order: each one's
+        """Rollouts references, `[generator][rank]`, generators in prompt order: each one's
         rows dealt to `ranks` trainer ranks."""
         refs = [gen.sample.options(num_returns=ranks).remote(part, ranks) for gen, part in self._spread(batch)]
         return [list(r) if ranks > 1 else [r] for r in refs]
@@ -192,7 +192,7 @@ class BranchGroup:
         return sum(s for s, _ in parts) / sum(c for _, c in parts)
 
     def train(self, spec: StepSpec, inputs: list[list]) -> list:
-        """Every rank's update on its share of the step's inputs (references [rank][...], laid
+        """Every rank's update on its share of the step's inputs (references, `[rank][...]`, laid
         out as `spec` says)."""
         return [t.train_on.remote(spec, *share) for t, share in zip(self.trainers, inputs)]
 
