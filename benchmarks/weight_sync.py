@@ -82,13 +82,13 @@ def digest(actor, plan: list) -> str:
     """The weights under every name of the plan, in its wire dtype, as one hash."""
     import torch
 
-    from copd_ray.actors.weight_sync import DTYPES
+    from copd_ray.models.loading import torch_dtype
 
     state, h = weights_of(actor), hashlib.sha256()
     for bucket in plan:
         for s in bucket:
             for name in (s.name, *s.aliases):
-                h.update(state[name].detach().to(DTYPES[s.dtype]).reshape(-1).view(torch.uint8).numpy())
+                h.update(state[name].detach().to(torch_dtype(s.dtype)).reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -97,12 +97,13 @@ def raw_setup(actor, plan: list) -> str:
     bytes the project sends). Returns their hash."""
     import torch
 
-    from copd_ray.actors.weight_sync import DTYPES, pack
+    from copd_ray.actors.weight_sync import pack
+    from copd_ray.models.loading import torch_dtype
 
     state, h = weights_of(actor), hashlib.sha256()
     actor.raw_buffers = [
-        pack([state[s.name].to(DTYPES[s.dtype]) for s in b], "cpu") if actor.weight_group.rank == 0
-        else torch.zeros(sum(s.numel for s in b), dtype=DTYPES[b[0].dtype]) for b in plan]
+        pack([state[s.name].to(torch_dtype(s.dtype)) for s in b], "cpu") if actor.weight_group.rank == 0
+        else torch.zeros(sum(s.numel for s in b), dtype=torch_dtype(b[0].dtype)) for b in plan]
     for buf in actor.raw_buffers:
         h.update(buf.view(torch.uint8).numpy())
     return h.hexdigest()

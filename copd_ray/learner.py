@@ -24,7 +24,7 @@ from copd_ray import sharding
 from copd_ray.algo import (chosen_logprobs, clip_fraction, grpo_advantages, opd_advantages, policy_loss,
                            truncated_is_weight)
 from copd_ray.batch import SharedPrompts, TrainBatch, pack_microbatches, pad_rows, place, share_prompts
-from copd_ray.models.loading import DTYPES
+from copd_ray.models.loading import torch_dtype
 from copd_ray.models.vl_inputs import pixel_kwargs, vision_token_ids
 from copd_ray.step_data import Rollouts
 
@@ -126,7 +126,7 @@ class Learner:
         self.branch, self.rank, self.world_size, self.device = branch, rank, world_size, device
         self.cfg, self.train_cfg = grpo, {**TRAIN_DEFAULTS, **(train or {})}
         self.beta = beta  # the OPD coefficient of this branch as a student
-        self.compute_dtype = DTYPES[dtype]
+        self.compute_dtype = torch_dtype(dtype)
         self.sharded = world_size > 1
         self.model, self.tokenizer = load_policy(model_path, "float32", trust_remote_code, self.device)
         self.model_path = model_path
@@ -167,7 +167,7 @@ class Learner:
         state = self.model.state_dict()
         for bucket in plan:
             if cast or self.sharded:
-                yield [sharding.full_tensor(state[s.name], getattr(torch, s.dtype.removeprefix("torch.")))
+                yield [sharding.full_tensor(state[s.name], torch_dtype(s.dtype))
                        for s in bucket]
             else:
                 yield [state[s.name].detach() for s in bucket]

@@ -36,3 +36,15 @@ def test_a_missing_gguf_package_is_one_line_naming_the_install(tmp_path):
         load_config(None, [f"model.path={tmp_path}", f"model.gguf={SMOLLM2}"], check_paths=False)
     with pytest.raises(ConfigError, match="neither a file nor module:file"):
         load_config(None, ["model.gguf=/no/such/file.gguf"])
+
+
+def test_one_dtype_reader_for_config_names_and_tensor_specs():
+    import pytest
+    import torch
+
+    from copd_ray.models.loading import torch_dtype
+
+    assert torch_dtype("bfloat16") is torch.bfloat16 and torch_dtype("float32") is torch.float32
+    assert torch_dtype(str(torch.uint8)) is torch.uint8 and torch_dtype(str(torch.bool)) is torch.bool
+    with pytest.raises(ValueError, match="'Tensor' is not a torch dtype"):
+        torch_dtype("Tensor")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)}
+from copd_ray.models.loading import torch_dtype
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class WeightGroup:
 
     def _send_buffer(self, slot: int, bucket: list[TensorSpec]) -> torch.Tensor:
         """Bytes kept across buckets and syncs, grown to the largest bucket, seen as its dtype."""
-        dtype = DTYPES[bucket[0].dtype]
+        dtype = torch_dtype(bucket[0].dtype)
         nbytes = sum(s.numel for s in bucket) * dtype.itemsize
         if self._send_bytes[slot].numel() < nbytes:
             self._send_bytes[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -196,7 +196,7 @@ class WeightGroup:
         a fresh large buffer costs its page faults again on every sync; on a GPU torch's
         caching allocator already reuses memory, and a kept copy of the model would take
         memory from the engine."""
-        dtype, numel = DTYPES[bucket[0].dtype], sum(s.numel for s in bucket)
+        dtype, numel = torch_dtype(bucket[0].dtype), sum(s.numel for s in bucket)
         if self.device != "cpu":
             return torch.empty(numel, dtype=dtype, device=self.device)
         kept = self._kept.get(i)

@@ -7,8 +7,15 @@ from pathlib import Path
 import torch
 
 # transformers is imported where a model is loaded: the driver and the Learner's module read
-# this file for DTYPES, and its model classes cost ~2 s of CPU in every process that imports them.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# this file for torch_dtype, and its model classes cost ~2 s of CPU in every process that imports them.
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a config names ("bfloat16") or a tensor spec records ("torch.bfloat16")."""
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return dtype
 
 
 def actor_device(gpus: float) -> str:
@@ -52,7 +59,7 @@ def load_policy(path: str, dtype: str = "float32", trust_remote_code: bool = Fal
     quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = model_class(path, trust_remote_code).from_pretrained(
-        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
     ).to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
