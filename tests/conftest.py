@@ -7,18 +7,17 @@ REPO = Path(__file__).resolve().parents[1]
 EVAL_DATA = REPO / "data" / "eval"
 
 
-# Small actors and batches for the runs of the tests on the untrained tiny policy (one list,
-# so that the runs share a shape and the warm pool's actors).
-FAST = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
-        "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4",
-        "opd.prompts_per_teacher=4", "opd.samples_per_prompt=2", "capabilities.0.heldout_size=40",
+# Small actors (so that several branches share the two cores' Ray) and small step batches,
+# for the tests on the untrained tiny policy.
+SMALL_ACTORS = ["resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1"]
+SMALL_STEPS = ["grpo.prompts_per_step=4", "grpo.group_size=4", "opd.prompts_per_teacher=4", "opd.samples_per_prompt=2"]
+# The runs of the tests (one list, so that the runs share a shape and the warm pool's actors).
+FAST = ["wandb.mode=disabled", *SMALL_ACTORS, *SMALL_STEPS, "capabilities.0.heldout_size=40",
         "capabilities.1.heldout_size=40", "eval.during_training_size=20", "metrics.pair_sequences=8"]
 
 # A whole comparison on the untrained tiny policy in about two minutes: T = 4 steps per branch.
 TINY_COMPARE = [
-    "wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1",
-    "grpo.prompts_per_step=4", "grpo.group_size=4", "opd.prompts_per_teacher=4", "opd.samples_per_prompt=2",
-    "capabilities.0.heldout_size=20", "capabilities.1.heldout_size=20", "eval.every=0", "metrics.pair_sequences=8",
+    "wandb.mode=disabled", *SMALL_ACTORS, *SMALL_STEPS, "capabilities.0.heldout_size=20", "capabilities.1.heldout_size=20", "eval.every=0", "metrics.pair_sequences=8",
     "metrics.pair_every=1", "schedule.cycles=1", "schedule.rl_steps=2", "schedule.opd_steps=2"]
 
 

@@ -11,7 +11,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import sample, started_branch, train_on
+from conftest import SMALL_ACTORS, SMALL_STEPS, sample, started_branch, train_on
 from copd_ray.actors import GeneratorActor, ScorerActor, TrainBatch
 from copd_ray.config import load_config
 from copd_ray.engines import HFEngine, SamplingParams
@@ -122,8 +122,7 @@ def test_vllm_scores_equal_a_direct_forward_pass(ray_session, tiny_folder, vllm_
 
 @needs_vllm
 def test_vllm_follows_a_weight_broadcast(ray_session, tiny_folder, tiny_tokenizer):
-    cfg = load_config(None, ["engine.kind=vllm", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
-                             "resources.scorer_cpus=0.1"])
+    cfg = load_config(None, ["engine.kind=vllm", *SMALL_ACTORS])
     with started_branch("vsync", cfg, tiny_folder, "test-vllm-sync") as group:
         assert group.transport == "torch"
         prompts = [tiny_tokenizer(p)["input_ids"] for p in ["123+045=", "500+500="]]
@@ -152,9 +151,7 @@ def test_a_short_copd_run_on_vllm(ray_session, tiny_folder, tmp_path):
     out = tmp_path / "vllm-run"
     cfg = load_config(None, [
         "engine.kind=vllm", f"model.path={tiny_folder}", f"output_dir={out}", "wandb.mode=disabled",
-        "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1",
-        "schedule.cycles=1", "schedule.rl_steps=1", "schedule.opd_steps=1", "grpo.prompts_per_step=4",
-        "grpo.group_size=4", "opd.prompts_per_teacher=4", "opd.samples_per_prompt=2", "eval.every=0",
+        *SMALL_ACTORS, *SMALL_STEPS, "schedule.cycles=1", "schedule.rl_steps=1", "schedule.opd_steps=1", "eval.every=0",
         "metrics.pair_every=1", "metrics.pair_sequences=4", "capabilities.0.heldout_size=40",
         "capabilities.1.heldout_size=40"])
     summary = train(cfg)

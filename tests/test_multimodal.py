@@ -210,15 +210,14 @@ def test_a_teacher_scores_a_students_image_rollouts_and_the_student_trains_on_th
                                                                                    tmp_path):
     import ray
 
-    from conftest import sample, started_branch, train_on
+    from conftest import SMALL_ACTORS, sample, started_branch, train_on
     from copd_ray.actors import TrainBatch
     from copd_ray.config import load_config
     from copd_ray.engines import HFEngine, SamplingParams
 
     tokenizer, _, _, builder = vl
     records, prompts = _visual_prompts(builder, tokenizer)
-    cfg = load_config(None, ["resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1",
-                             "model.tiny.vision=true"])
+    cfg = load_config(None, [*SMALL_ACTORS, "model.tiny.vision=true"])
     with started_branch("image", cfg, vl_folder, "test-vl") as student, \
             started_branch("text", cfg, vl_folder, "test-vl", frozen=True) as teacher:  # a scorer is all it needs
         out = sample(student, prompts, SamplingParams(n=2, max_new_tokens=5, seed=1), [r.answer for r in records],

@@ -8,7 +8,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import started_branch, train_on
+from conftest import SMALL_ACTORS, started_branch, train_on
 from copd_ray.actors import BranchGroup, PlacementError, TrainBatch
 from copd_ray.config import load_config
 from copd_ray.engines import SamplingParams
@@ -16,7 +16,7 @@ from copd_ray.step_data import PromptBatch, Rollouts
 from copd_ray.topology import Topology
 from copd_ray.topology.actor import TopologyActor
 
-SMALL = ["resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1"]
+SMALL = SMALL_ACTORS
 
 
 @pytest.fixture(scope="module")

