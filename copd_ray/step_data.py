@@ -85,14 +85,17 @@ class Rollouts:
         return [v + r[p:].tolist() for v, r, p in zip(self.prompts, rows, self.prompt_lengths.tolist())]
 
     def take(self, index: list[int]) -> Rollouts:
-        """These rows, in this order."""
-        rows = torch.split(self.tokens, self.lengths.tolist())
-        responses = torch.split(self.logprobs, self.response_lengths().tolist())
+        """These rows, in this order: only their slices are cut (a micro-batch's rows cost
+        that many, not the whole batch's)."""
         at = torch.tensor(index, dtype=torch.int64)
-        cat = lambda parts, like: torch.cat([parts[i] for i in index]) if index else like[:0]  # noqa: E731
-        return Rollouts(cat(rows, self.tokens), self.lengths[at], self.prompt_lengths[at], cat(responses, self.logprobs),
-                        self.rewards[at], self.version, self.policy_step, self.seconds,
-                        [self.prompts[i] for i in index] if self.prompts is not None else None)
+
+        def cut(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            ends, sizes = lengths.cumsum(0)[at].tolist(), lengths[at].tolist()
+            return torch.cat([values[e - n : e] for e, n in zip(ends, sizes)]) if index else values[:0]
+
+        return Rollouts(cut(self.tokens, self.lengths), self.lengths[at], self.prompt_lengths[at],
+                        cut(self.logprobs, self.response_lengths()), self.rewards[at], self.version, self.policy_step,
+                        self.seconds, [self.prompts[i] for i in index] if self.prompts is not None else None)
 
     def split(self, ranks: int, group: int) -> list[Rollouts]:
         """The rows dealt to `ranks` trainer ranks: whole groups of `group` rows (a GRPO
