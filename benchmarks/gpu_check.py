@@ -7,6 +7,8 @@ float32 and bfloat16 side by side.
 
 No Ray, no cluster: the Learner is the TrainerActor's step without the actor. On CPU it
 runs too (slowly), which is how it is tested before it meets a GPU.
+The Learner takes its typed settings (`GRPOConfig`), so pydantic must be importable
+there: the device image lacks it; carry its wheels unpacked, as Ray's (see GPU_NOTES).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import time
 
 import torch
 
-GRPO = {"lr": 1e-5, "weight_decay": 0.0, "kl_coef": 0.0, "is_cap": 2.0, "minibatches": 2, "clip_low": 0.2, "clip_high": 0.28,
-        "loss_agg": "token_mean", "grad_clip": 1.0}
+from copd_ray.config import GRPOConfig
+
+GRPO = GRPOConfig(lr=1e-5, minibatches=2, loss_agg="token_mean")
 
 
 def _sync(device: str) -> None:

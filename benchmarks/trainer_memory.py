@@ -53,6 +53,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from copd_ray.config import GRPOConfig, TrainConfig
+
 GiB, MiB = 2**30, 2**20
 TOLERANCE = 0.25  # |plan / measured - 1| allowed
 STATE_TOLERANCE = 0.05  # a rank's state / (one rank's / N)
@@ -90,8 +92,7 @@ FULL = Sizes(Model(768, 12, 12, 4, 64, 2048, 32000), rows=8, prompt=32, response
 SMALL = Sizes(Model(256, 4, 4, 2, 64, 704, 8000), rows=8, prompt=32, response=32, chunk=2048,
               lp_vocab=151_936, lp_tokens=1024, lp_hidden=64, lp_chunks=(64,))
 
-GRPO = {"lr": 1e-5, "weight_decay": 0.0, "kl_coef": 0.0, "is_cap": 2.0, "minibatches": 1, "clip_low": 0.2, "clip_high": 0.28,
-        "loss_agg": "token_mean", "grad_clip": 1.0}
+GRPO = GRPOConfig(lr=1e-5, minibatches=1, loss_agg="token_mean")
 
 
 def hf_config(m: Model):
@@ -226,7 +227,7 @@ def trainer_rank(rank: int, world: int, port: int, folder: str, s: Sizes, ckpt: 
 
         gc.collect()
         base = _vm("VmRSS:")
-        train = {"gradient_checkpointing": ckpt, "max_tokens_per_microbatch": budget, "logprob_chunk_tokens": s.chunk}
+        train = TrainConfig(gradient_checkpointing=ckpt, max_tokens_per_microbatch=budget, logprob_chunk_tokens=s.chunk)
         learner = Learner("bench", rank, world, folder, GRPO, threads=threads, train=train)
         load_peak = _vm("VmHWM:")
         times, losses, step = [], [], [0]

@@ -49,7 +49,7 @@ SMALL = Model(128, 2, 4, 2, 32, 384, 8000)
 
 
 def weights_of(actor) -> dict:
-    return (actor.engine.model if hasattr(actor, "engine") else actor.model).state_dict()
+    return (actor.engine.model if hasattr(actor, "engine") else actor.learner.model).state_dict()
 
 
 def plan_of(actor, bucket_mb: float, wire: str) -> list:
@@ -74,7 +74,7 @@ def change_weights(actor, seed: int) -> None:
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in actor.model.parameters():
+        for p in actor.learner.model.parameters():
             p.add_(torch.randn(p.shape, generator=g), alpha=0.01)
 
 
@@ -158,7 +158,7 @@ def main() -> None:
         params = build_folder(model, folder)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    trainer = TrainerActor.options(num_cpus=0.5).remote("bench", 0, 1, folder, cfg.grpo.model_dump(), threads=1)
+    trainer = TrainerActor.options(num_cpus=0.5).remote("bench", 0, 1, folder, cfg.grpo, threads=1)
     engine = dict(engine_cfg=cfg.engine.model_dump(), threads=1)
     receivers = [GeneratorActor.options(num_cpus=0.5).remote("bench", folder, "hf", **engine),
                  ScorerActor.options(num_cpus=0.5).remote("bench", folder, "hf", **engine)]

@@ -53,7 +53,8 @@ def full_tensor(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     """The same numbers on every rank: summed (or maxed) over the ranks."""
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces only GPU tensors; gloo CPU ones.
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t.tolist()
 

@@ -127,6 +127,7 @@ def train_on(group, batch) -> dict:
     import ray
 
     world = len(group.trainers)
-    results = ray.get([t.train_step.remote(batch.shard(i, world)) for i, t in enumerate(group.trainers)])
+    results = ray.get([t.__ray_call__.remote(lambda actor, b: actor.learner.train_step(b), batch.shard(i, world))
+                       for i, t in enumerate(group.trainers)])
     group.trained_since_sync = True
     return results[0]

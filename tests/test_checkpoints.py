@@ -41,12 +41,12 @@ class Stream:
 
 @pytest.fixture(scope="module")
 def trainer(tiny_folder):
-    t = Trainer("add", 0, 1, str(tiny_folder), GRPOConfig().model_dump())
+    t = Trainer("add", 0, 1, str(tiny_folder), GRPOConfig())
     # One optimizer step and a few draws, so there is state to round-trip.
-    sum(p.square().sum() for p in t.model.parameters()).backward()
-    t.optimizer.step()
-    t.rng.random()
-    t.steps = 3
+    sum(p.square().sum() for p in t.learner.model.parameters()).backward()
+    t.learner.optimizer.step()
+    t.learner.rng.random()
+    t.learner.steps = 3
     return t
 
 
@@ -197,22 +197,22 @@ def test_pruning_keeps_complete_checkpoints(run, trainer):
 
 
 def test_trainer_state_round_trips_weights_only(run, trainer, tiny_folder):
-    fresh = Trainer("add", 0, 1, str(tiny_folder), GRPOConfig().model_dump())
+    fresh = Trainer("add", 0, 1, str(tiny_folder), GRPOConfig())
     assert fresh.load(str(run / "checkpoints/step_000010/branches/add")) == 3
-    assert fresh.rng.getstate() == trainer.rng.getstate()
-    saved, loaded = trainer.optimizer.state_dict(), fresh.optimizer.state_dict()
+    assert fresh.learner.rng.getstate() == trainer.learner.rng.getstate()
+    saved, loaded = trainer.learner.optimizer.state_dict(), fresh.learner.optimizer.state_dict()
     assert saved["param_groups"] == loaded["param_groups"]
     for i, s in saved["state"].items():
         assert all(torch.equal(s[k], loaded["state"][i][k]) for k in s)
-    for a, b in zip(trainer.model.parameters(), fresh.model.parameters()):
+    for a, b in zip(trainer.learner.model.parameters(), fresh.learner.model.parameters()):
         assert torch.equal(a, b)
 
 
 def test_folder_without_trainer_state_loads_weights_only(trainer, tiny_folder, tmp_path):
     weights = trainer.save(str(tmp_path / "final"), with_optimizer=False)
-    fresh = Trainer("add", 0, 1, str(tiny_folder), GRPOConfig().model_dump())
-    assert fresh.load(weights) == 0 and not fresh.optimizer.state_dict()["state"]
-    assert all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), fresh.model.parameters()))
+    fresh = Trainer("add", 0, 1, str(tiny_folder), GRPOConfig())
+    assert fresh.load(weights) == 0 and not fresh.learner.optimizer.state_dict()["state"]
+    assert all(torch.equal(a, b) for a, b in zip(trainer.learner.model.parameters(), fresh.learner.model.parameters()))
 
 
 class CreatesFile:
@@ -233,7 +233,7 @@ def test_crafted_trainer_state_is_refused(run, tiny_folder, tmp_path):
     folder = run / "checkpoints/step_000010/branches/add"
     marker = tmp_path / "pwned"
     torch.save({"optimizer": CreatesFile(marker), "rng": None, "steps": 0}, folder / "trainer_state.pt")
-    fresh = Trainer("add", 0, 1, str(tiny_folder), GRPOConfig().model_dump())
+    fresh = Trainer("add", 0, 1, str(tiny_folder), GRPOConfig())
     with pytest.raises(CheckpointError, match="refusing .*trainer_state.pt: it asks for .*open") as e:
         fresh.load(str(folder))
     assert not marker.exists() and "\n" not in str(e.value)
@@ -242,7 +242,7 @@ def test_crafted_trainer_state_is_refused(run, tiny_folder, tmp_path):
 def test_truncated_trainer_state_is_one_line(run, tiny_folder):
     folder = run / "checkpoints/step_000010/branches/add"
     _truncate(folder / "trainer_state.pt")
-    fresh = Trainer("add", 0, 1, str(tiny_folder), GRPOConfig().model_dump())
+    fresh = Trainer("add", 0, 1, str(tiny_folder), GRPOConfig())
     with pytest.raises(CheckpointError, match="is damaged"):
         fresh.load(str(folder))
 

@@ -11,10 +11,10 @@ import torch
 from conftest import REPO
 from copd_ray.actors.weight_sync import bucket_plan, pack, unpack
 from copd_ray.batch import TrainBatch
+from copd_ray.config import GRPOConfig, TrainConfig
 from copd_ray.learner import Learner
 
-GRPO = {"lr": 1e-5, "weight_decay": 0.0, "kl_coef": 0.0, "is_cap": 2.0, "minibatches": 1, "clip_low": 0.2, "clip_high": 0.28,
-        "loss_agg": "token_mean", "grad_clip": 1.0}
+GRPO = GRPOConfig(lr=1e-5, minibatches=1, loss_agg="token_mean")
 
 
 def _batch(tokenizer) -> TrainBatch:
@@ -87,9 +87,9 @@ def _sampled_batch(learner, off_policy=False) -> TrainBatch:
 
 
 def test_rollout_logprobs_stand_in_for_the_old_logprob_pass_when_they_are_the_trainers_own(tiny_folder):
-    grpo = {**GRPO, "lr": 1e-3, "minibatches": 2}
+    grpo = GRPO.model_copy(update={"lr": 1e-3, "minibatches": 2})
     plain = Learner("b", 0, 1, str(tiny_folder), grpo)
-    reused = Learner("b", 0, 1, str(tiny_folder), grpo, train={"reuse_rollout_logprobs": True})
+    reused = Learner("b", 0, 1, str(tiny_folder), grpo, train=TrainConfig(reuse_rollout_logprobs=True))
     batch = _sampled_batch(plain)
     a, b = plain.train_step(batch), reused.train_step(batch)
     assert b["entropy"] != b["entropy"] and a["entropy"] > 0  # NaN: no pass measured it
@@ -102,7 +102,7 @@ def test_rollout_logprobs_stand_in_for_the_old_logprob_pass_when_they_are_the_tr
 
 
 def test_off_policy_rollouts_are_weighted_and_the_weights_logged(tiny_folder):
-    learner = Learner("b", 0, 1, str(tiny_folder), {**GRPO, "is_cap": 1.5})
+    learner = Learner("b", 0, 1, str(tiny_folder), GRPO.model_copy(update={"is_cap": 1.5}))
     batch = _sampled_batch(learner, off_policy=True)
     # Behaviour log-probs 0.5 lower than the trainer's: every ratio is e^0.5 = 1.65, cut to 1.5.
     batch.rows.logprobs = batch.rows.logprobs - 0.5
@@ -122,7 +122,7 @@ def test_one_minibatch_takes_its_old_logprobs_from_the_update_forward(tiny_folde
     one AdamW step."""
     from copd_ray.models import load_policy
 
-    grpo = {**GRPO, "lr": 1e-3, "is_cap": 1.5, "temperature": tau}
+    grpo = GRPO.model_copy(update={"lr": 1e-3, "is_cap": 1.5, "temperature": tau})
     learner = Learner("b", 0, 1, str(tiny_folder), grpo)
     batch = _sampled_batch(learner, off_policy=True)
     rows = batch.rows
@@ -168,7 +168,6 @@ def test_each_prompt_read_once_gives_the_log_probs_and_gradients_of_whole_rows(t
     """train.share_prompts: two groups of prompts of different lengths (and a row with no
     response) give, through one prompt pass and the responses on its KV cache, the log-probs
     and gradients that each row read whole by itself gives."""
-    from copd_ray.batch import pad_rows
     from copd_ray.step_data import Rollouts
 
     learner = Learner("b", 0, 1, str(tiny_folder), GRPO)
@@ -178,12 +177,11 @@ def test_each_prompt_read_once_gives_the_log_probs_and_gradients_of_whole_rows(t
     sequences = [prompts[i // 3] + r for i, r in enumerate(responses)]
     plens = [len(prompts[i // 3]) for i in range(6)]
     rows = Rollouts.pack(sequences, plens, [[0.0] * (len(q) - p) for q, p in zip(sequences, plens)], [0.0] * 6, 0, 0, 0)
-    idx, w, mb = learner._rows(list(range(6)), pad_rows(rows, tok.pad_token_id), rows, rows.lengths.tolist(),
-                               trim=False)
-    assert mb[-1] is not None and mb[-1].prompt_ids.shape[0] == 2  # two prompt passes for six rows
+    mb = learner.microbatch(learner.step_rows(TrainBatch(rows)), list(range(6)))
+    assert mb.shared is not None and mb.shared.prompt_ids.shape[0] == 2  # two prompt passes for six rows
 
     learner.model.zero_grad()
-    lp, ent, _ = learner.forward(*mb, entropy=True)
+    lp, ent, _ = learner.logprobs(mb, entropy=True)
     lp.sum().backward()
     shared_grads = {k: p.grad.clone() for k, p in learner.model.named_parameters()}
 
@@ -203,9 +201,9 @@ def test_each_prompt_read_once_gives_the_log_probs_and_gradients_of_whole_rows(t
 
 
 def test_a_step_on_shared_prompts_is_the_step_on_whole_rows(tiny_folder):
-    grpo = {**GRPO, "lr": 1e-3, "minibatches": 2, "loss_agg": "seq_mean_token_mean"}
+    grpo = GRPO.model_copy(update={"lr": 1e-3, "minibatches": 2, "loss_agg": "seq_mean_token_mean"})
     shared = Learner("b", 0, 1, str(tiny_folder), grpo)
-    whole = Learner("b", 0, 1, str(tiny_folder), grpo, train={"share_prompts": False})
+    whole = Learner("b", 0, 1, str(tiny_folder), grpo, train=TrainConfig(share_prompts=False))
     batch = _sampled_batch(shared)
     a, b = shared.train_step(batch), whole.train_step(batch)
     for key in ("loss", "entropy", "clip_fraction"):
@@ -220,7 +218,6 @@ def test_a_step_on_shared_prompts_is_the_step_on_whole_rows(tiny_folder):
 def test_tempered_rows_are_read_once_or_whole_alike_and_opd_rows_stay_at_temperature_one(tiny_folder):
     """Per-row temperatures through the shared-prompt path equal logits / T of each row read
     whole; a row at temperature 1 gives the model's own log-probs; `own` is always those."""
-    from copd_ray.batch import pad_rows
     from copd_ray.step_data import Rollouts
 
     learner = Learner("b", 0, 1, str(tiny_folder), GRPO)
@@ -230,9 +227,10 @@ def test_tempered_rows_are_read_once_or_whole_alike_and_opd_rows_stay_at_tempera
     plens = [len(prompt)] * 3
     temps = torch.tensor([0.5, 1.0, 2.0])
     rows = Rollouts.pack(sequences, plens, [[0.0] * (len(q) - p) for q, p in zip(sequences, plens)], [0.0] * 3, 0, 0, 0)
-    idx, w, mb = learner._rows([0, 1, 2], pad_rows(rows, tok.pad_token_id), rows, rows.lengths.tolist(), trim=False)
+    mb = learner.microbatch(learner.step_rows(TrainBatch(rows)), [0, 1, 2])
+    mb.temperature = temps
     with torch.no_grad():
-        lp, ent, own = learner.forward(*mb, entropy=True, temperature=temps, own=True)
+        lp, ent, own = learner.logprobs(mb, entropy=True, own=True)
         for seq, row, row_ent, row_own, t in zip(sequences, lp, ent, own, temps):
             p = len(prompt)
             logits = learner.model(input_ids=torch.tensor([seq])).logits[0, p - 1 : len(seq) - 1]
@@ -262,3 +260,50 @@ def test_the_branchs_opd_beta_scales_its_opd_advantages(tiny_folder):
     before = {k: v.clone() for k, v in still.model.state_dict().items()}
     assert still.train_step(batch)["loss"] == 0.0
     assert all(torch.equal(before[k], v) for k, v in still.model.state_dict().items())
+
+
+def test_the_steps_three_parts_against_plain_computations(tiny_folder):
+    """old_logprobs, advantages and update, each checked alone: the old log-probs and entropy
+    of a no-gradient pass are each row's plain full-vocabulary ones; GRPO's advantage is its
+    group's (r - mean) / (std + 1e-6) on every response token; an OPD token's is beta *
+    (teacher - old); and an update whose advantages are all zero moves no weight."""
+    learner = Learner("b", 0, 1, str(tiny_folder), GRPO.model_copy(update={"minibatches": 2}), beta=0.5)
+    tok = learner.tokenizer
+    prompts = [tok(p)["input_ids"] for p in ("12+34=", "5*6=")]
+    answers = [tok(a, add_special_tokens=False)["input_ids"] for a in ("46", "4", "30", "31", "3", "11")]
+    rows = [prompts[min(i // 2, 1)] + a for i, a in enumerate(answers)]
+    plens = [len(prompts[min(i // 2, 1)]) for i in range(6)]
+    teacher = [[-0.5] * len(answers[4]), [-1.0, -2.0][: len(answers[5])]]
+    batch = TrainBatch.of(2, rows[:4], plens[:4], [1.0, 0.0, 0.0, 0.5], rows[4:], plens[4:], teacher)
+
+    step = learner.step_rows(batch)
+    old = learner.old_logprobs(step)
+    entropy = 0.0
+    with torch.no_grad():
+        for i, (seq, p) in enumerate(zip(rows, plens)):
+            logp = torch.log_softmax(learner.model(input_ids=torch.tensor([seq])).logits[0, p - 1 : len(seq) - 1], -1)
+            direct = logp.gather(-1, torch.tensor(seq[p:]).unsqueeze(-1)).squeeze(-1)
+            assert torch.allclose(old.logprobs[i, p - 1 : len(seq) - 1], direct, atol=1e-5)
+            assert old.logprobs[i].abs().sum() == pytest.approx(direct.abs().sum().item(), abs=1e-4)  # nothing else
+            entropy += -(logp.exp() * logp).sum().item()
+    assert old.entropy.item() == pytest.approx(entropy, rel=1e-5)
+
+    adv = learner.advantages(step)
+    for group, rewards in enumerate(([1.0, 0.0], [0.0, 0.5])):
+        mean, std = sum(rewards) / 2, math.sqrt(sum((r - sum(rewards) / 2) ** 2 for r in rewards))  # n - 1 = 1
+        for j, r in enumerate(rewards):
+            i = 2 * group + j
+            expected = torch.zeros(step.mask.shape[1])
+            expected[plens[i] - 1 : len(rows[i]) - 1] = (r - mean) / (std + 1e-6)
+            assert torch.allclose(adv.grpo[i], expected, atol=1e-5)
+    mb = learner.microbatch(step, list(range(6)))
+    signal = adv.of(mb, old.logprobs, mb.mask)
+    for i, values in zip((4, 5), teacher):
+        span = slice(plens[i] - 1, len(rows[i]) - 1)
+        assert torch.allclose(signal[i, span], 0.5 * (torch.tensor(values) - old.logprobs[i, span]), atol=1e-6)
+    assert torch.equal(signal[:4], adv.grpo[:4])
+
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    still = learner.update(step, old, type(adv)(torch.zeros_like(adv.grpo), old.logprobs.clone(), adv.opd, 0.5))
+    assert still["loss"] == 0.0 and still["sequences"] == 6 and still["nan_skipped"] == 0
+    assert all(torch.equal(before[k], v) for k, v in learner.model.state_dict().items())

@@ -11,14 +11,14 @@ import torch.multiprocessing as mp
 
 from copd_ray import sharding
 from copd_ray.batch import TrainBatch, pack_microbatches
+from copd_ray.config import GRPOConfig, TrainConfig
 from copd_ray.learner import Learner
 
 # One minibatch: with more, each rank shuffles its own rows into minibatches, so the
 # minibatches (not the update rule) would differ from one rank's. AdamW's first step is
 # about lr per weight whatever the gradient's scale, so the pre-clipping gradient norm is
 # compared too: it is what would show a wrongly scaled gradient.
-GRPO = {"lr": 1e-4, "weight_decay": 0.0, "kl_coef": 0.0, "is_cap": 2.0, "minibatches": 1, "clip_low": 0.2, "clip_high": 0.28,
-        "loss_agg": "token_mean", "grad_clip": 1.0}
+GRPO = GRPOConfig(lr=1e-4, minibatches=1, loss_agg="token_mean")
 
 
 def _batch(tokenizer) -> TrainBatch:
@@ -51,7 +51,7 @@ def _ranks(rank, world, port, cases, out):
                             timeout=datetime.timedelta(seconds=120))  # a desynchronised rank fails, not hangs
     results = {}
     for name, (folder, grpo, train, make_batch) in cases.items():
-        learner = Learner("b", rank, world, folder, grpo, train=train)
+        learner = Learner("b", rank, world, folder, grpo, train=TrainConfig(**train))
         stats = learner.train_step(make_batch(learner).shard(rank, world))
         results[name] = {"state": sharding.full_model_state(learner.model), "stats": stats}
     if rank == 0:
@@ -86,7 +86,7 @@ def vl_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, tiny_folder, vl_folder) -> dict:
     """Every two-rank case of this module, from one spawned pair of processes."""
-    cases = {(agg, i): (str(tiny_folder), {**GRPO, "loss_agg": agg}, train, _text_batch)
+    cases = {(agg, i): (str(tiny_folder), GRPO.model_copy(update={"loss_agg": agg}), train, _text_batch)
              for agg in LOSSES for i, train in enumerate(TRAINS)}
     cases["vision"] = (str(vl_folder), GRPO, {}, _vision_batch)
     out = tmp_path_factory.mktemp("ranks") / "two.pt"
@@ -95,7 +95,7 @@ def two_ranks(tmp_path_factory, tiny_folder, vl_folder) -> dict:
 
 
 def _one_rank(folder, grpo, train, make_batch=_text_batch) -> dict:
-    learner = Learner("b", 0, 1, str(folder), grpo, train=train)
+    learner = Learner("b", 0, 1, str(folder), grpo, train=TrainConfig(**train))
     stats = learner.train_step(make_batch(learner))
     return {"state": learner.model.state_dict(), "stats": stats}
 
@@ -108,7 +108,7 @@ def _max_diff(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("loss_agg", LOSSES)
 @pytest.mark.parametrize("train", range(len(TRAINS)), ids=["plain", "checkpointing+micro-batches+chunks"])
 def test_two_sharded_ranks_take_the_same_step_as_one_plain_rank(two_ranks, tiny_folder, loss_agg, train):
-    grpo = {**GRPO, "loss_agg": loss_agg}
+    grpo = GRPO.model_copy(update={"loss_agg": loss_agg})
     one, two = _one_rank(tiny_folder, grpo, {}), two_ranks[(loss_agg, train)]
     base = Learner("b", 0, 1, str(tiny_folder), grpo).model.state_dict()
     assert _max_diff(one["state"], base) > 5e-5  # the step moved the weights by ~lr
@@ -124,7 +124,7 @@ def test_four_micro_batches_give_the_update_of_one(tiny_folder):
     budget = 5 * max(lengths)
     assert len(pack_microbatches(list(range(len(lengths))), lengths, budget)) == 4
     for agg in ("token_mean", "seq_mean_token_mean"):
-        grpo = {**GRPO, "loss_agg": agg}
+        grpo = GRPO.model_copy(update={"loss_agg": agg})
         whole = _one_rank(tiny_folder, grpo, {})
         split = _one_rank(tiny_folder, grpo, {"max_tokens_per_microbatch": budget})
         assert _max_diff(whole["state"], split["state"]) < 1e-5

@@ -192,7 +192,7 @@ def _smol_batch(learner):
 def test_two_fsdp2_ranks_take_one_ranks_step_on_the_real_model(tmp_path, smol_folder):
     from test_sharded_trainer import GRPO, _max_diff, _one_rank, _two_ranks
 
-    grpo = {**GRPO, "lr": 1e-5}
+    grpo = GRPO.model_copy(update={"lr": 1e-5})
     train = {"logprob_chunk_tokens": 64}
     one = _one_rank(smol_folder, grpo, train, _smol_batch)
     two = _two_ranks(tmp_path, smol_folder, grpo, train, _smol_batch)

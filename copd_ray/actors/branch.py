@@ -86,8 +86,8 @@ class BranchGroup:
         c, r = self.cfg, self.cfg.resources
         common = dict(dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code, threads=r.actor_threads)
         engine = dict(engine_cfg=c.engine.model_dump(), seed=c.seed, **common)
-        trainers = {f"trainer {i}": ((self.name, i, r.num_trainers, self.model_path, c.grpo.model_dump()),
-                                     dict(gpus=r.trainer_gpus, seed=c.seed, train=c.train.model_dump(),
+        trainers = {f"trainer {i}": ((self.name, i, r.num_trainers, self.model_path, c.grpo),
+                                     dict(gpus=r.trainer_gpus, seed=c.seed, train=c.train,
                                           beta=c.opd_beta(self.name), **common))
                     for i in range(0 if self.frozen else r.num_trainers)}
         generators = {f"generator {i}": ((self.name, self.model_path, c.engine.kind),

@@ -1,5 +1,5 @@
-"""TrainerActor: a branch's Learner (policy, optimizer, the clipped update) as one rank of
-its trainer group; rank 0 also broadcasts the weights and writes checkpoints.
+"""TrainerActor: one rank of a branch's trainer group, holding its Learner (policy,
+optimizer, the clipped update); rank 0 also broadcasts the weights and writes checkpoints.
 
 With more than one rank, torch's default process group is the branch's trainer ranks
 and the policy is sharded over them (FSDP2); the Learner is built once that group
@@ -21,9 +21,9 @@ import ray
 import torch
 
 from copd_ray import sharding
-from copd_ray.actors.reloadable import Reloadable
 from copd_ray.actors.weight_sync import WeightGroup, bucket_plan, host_store
 from copd_ray.batch import assemble
+from copd_ray.config import GRPOConfig, TrainConfig
 from copd_ray.errors import CheckpointError
 from copd_ray.learner import Learner
 from copd_ray.models.loading import actor_device, copy_processor_files
@@ -31,18 +31,16 @@ from copd_ray.step_data import StepSpec
 
 
 @ray.remote
-class TrainerActor(Learner, Reloadable):
-    def __init__(self, branch: str, rank: int, world_size: int, model_path: str, grpo: dict,
+class TrainerActor:
+    def __init__(self, branch: str, rank: int, world_size: int, model_path: str, grpo: GRPOConfig,
                  dtype: str = "float32", trust_remote_code: bool = False, threads: int = 1,
-                 gpus: float = 0.0, seed: int = 0, train: dict | None = None, beta: float = 1.0) -> None:
+                 gpus: float = 0.0, seed: int = 0, train: TrainConfig | None = None, beta: float = 1.0) -> None:
         device = actor_device(gpus)
         self._learner_args = (branch, rank, world_size, model_path, grpo, dtype, trust_remote_code, threads, device,
                               seed, train, beta)
         self.branch, self.rank, self.world_size, self.device = branch, rank, world_size, device
-        if world_size == 1:
-            super().__init__(*self._learner_args)
-        else:  # the Learner comes with the ranks' group (join_dp_group); a reloaded rank drops its old run's
-            self.__dict__.pop("model", None)
+        # Sharded, the Learner comes with the ranks' group (join_dp_group).
+        self.learner: Learner | None = Learner(*self._learner_args) if world_size == 1 else None
         self.weight_group: WeightGroup | None = None
         # New in every process Ray (re)starts: the driver tells a restarted actor by it.
         self.incarnation = uuid.uuid4().hex
@@ -50,10 +48,20 @@ class TrainerActor(Learner, Reloadable):
     def ready(self) -> dict:
         return {"branch": self.branch, "rank": self.rank, "pid": os.getpid(), "incarnation": self.incarnation}
 
+    def reload(self, *args, **kwargs) -> dict:
+        """Become a rank of another run (`WarmPool`) in this process, whose imports are done:
+        its old Learner is dropped before the new one loads. The incarnation stays: it names
+        the process, which Ray did not restart."""
+        incarnation, self.learner = self.incarnation, None
+        self.__init__(*args, **kwargs)
+        self.incarnation = incarnation
+        return self.ready()
+
     def reset(self) -> None:
         """Back to the start of the run (weights from model_path, fresh optimizer and
         shuffling), keeping the groups: a rollback to before the first checkpoint."""
-        Learner.__init__(self, *self._learner_args)
+        self.learner = None
+        self.learner = Learner(*self._learner_args)
 
     # -- groups -------------------------------------------------------------------------
 
@@ -71,15 +79,16 @@ class TrainerActor(Learner, Reloadable):
             self._store = torch.distributed.TCPStore(host, port, self.world_size, is_master=False, timeout=timeout)
         if torch.distributed.is_initialized():  # a rebuilt group: the old one lost a member
             torch.distributed.destroy_process_group()
+        self.learner = None
         torch.distributed.init_process_group(
             "nccl" if self.device == "cuda" else "gloo", store=torch.distributed.PrefixStore(
                 f"copd-dp-{self.branch}-{generation}", self._store),
             rank=self.rank, world_size=self.world_size, timeout=timeout)
-        Learner.__init__(self, *self._learner_args)
+        self.learner = Learner(*self._learner_args)
 
     def dp_ready(self) -> bool:
         """Whether this rank holds a sharded Learner (a restarted rank does not)."""
-        return hasattr(self, "model")
+        return self.learner is not None
 
     def weight_store(self, world_size: int, timeout_s: float = 120.0) -> tuple[str, int]:
         """Host the rendezvous of a standalone weight-sync group (transport "torch")."""
@@ -100,18 +109,18 @@ class TrainerActor(Learner, Reloadable):
         says (Ray hands them over by reference from the generators and scorers, which dealt
         them to the ranks). Returns {"train": this rank's update metrics, "tally": what its
         share held} (only numbers: the driver gets this and nothing else)."""
-        batch, tally = assemble(spec, parts, self.steps)
-        return {"train": self.train_step(batch), "tally": tally}
+        batch, tally = assemble(spec, parts, self.learner.steps)
+        return {"train": self.learner.train_step(batch), "tally": tally}
 
     # -- weights ------------------------------------------------------------------------
 
     def weight_plan(self, bucket_mb: float) -> list:
-        return bucket_plan(self.model.state_dict(), int(bucket_mb * 2**20), self.compute_dtype)
+        return bucket_plan(self.learner.model.state_dict(), int(bucket_mb * 2**20), self.learner.compute_dtype)
 
     def send_weights(self, plan: list) -> dict:
         """Rank 0 broadcasts; on a sharded branch every rank is called, to gather each bucket."""
         start = time.perf_counter()
-        buckets = self.bucket_tensors(plan, cast=False)  # the send casts while copying into its buffer
+        buckets = self.learner.bucket_tensors(plan, cast=False)  # the send casts while copying into its buffer
         if self.rank == 0:
             sent = self.weight_group.send(plan, buckets)
         else:  # a sharded rank: its gathered buckets are in the wire dtype
@@ -120,9 +129,9 @@ class TrainerActor(Learner, Reloadable):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole float32 weights on CPU (sharded: every rank calls, rank 0 gets them)."""
-        if self.sharded:
-            return sharding.full_model_state(self.model)
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if self.learner.sharded:
+            return sharding.full_model_state(self.learner.model)
+        return {k: v.detach().cpu() for k, v in self.learner.model.state_dict().items()}
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -131,24 +140,24 @@ class TrainerActor(Learner, Reloadable):
         temporary sibling and renamed into place, so a crash never leaves half a folder.
         Sharded, every rank is called: the whole weights and optimizer state are gathered
         to rank 0's CPU, which writes them (so any number of ranks can resume them)."""
-        final = Path(folder)
-        weights, optimizer, rngs = None, None, [self.rng.getstate()]
-        if self.sharded:
-            weights = sharding.full_model_state(self.model, tied_once=True)
-            optimizer = sharding.full_optimizer_state(self.model, self.optimizer) if with_optimizer else None
+        final, learner = Path(folder), self.learner
+        weights, optimizer, rngs = None, None, [learner.rng.getstate()]
+        if learner.sharded:
+            weights = sharding.full_model_state(learner.model, tied_once=True)
+            optimizer = sharding.full_optimizer_state(learner.model, learner.optimizer) if with_optimizer else None
             rngs = [None] * self.world_size
-            torch.distributed.all_gather_object(rngs, self.rng.getstate())
+            torch.distributed.all_gather_object(rngs, learner.rng.getstate())
             if self.rank != 0:
                 return str(final)
         elif with_optimizer:
-            optimizer = self.optimizer.state_dict()
+            optimizer = learner.optimizer.state_dict()
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, state_dict=weights)
-        self.tokenizer.save_pretrained(tmp)
-        copy_processor_files(self.model_path, tmp)
+        learner.model.save_pretrained(tmp, state_dict=weights)
+        learner.tokenizer.save_pretrained(tmp)
+        copy_processor_files(learner.model_path, tmp)
         if with_optimizer:
-            torch.save({"optimizer": optimizer, "rng": rngs[0], "rngs": rngs, "steps": self.steps},
+            torch.save({"optimizer": optimizer, "rng": rngs[0], "rngs": rngs, "steps": learner.steps},
                        tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -160,27 +169,28 @@ class TrainerActor(Learner, Reloadable):
         A checkpoint written by another number of ranks loads too."""
         from copd_ray.models.loading import runtime_state_dict
 
-        weights = runtime_state_dict(folder)
+        learner, weights = self.learner, runtime_state_dict(folder)
         path = Path(folder) / "trainer_state.pt"
         extra = _load_trainer_state(path) if path.exists() else None
         optim = extra["optimizer"] if extra else None
         by_name = optim is not None and any(isinstance(k, str) for k in optim["state"])
-        if self.sharded:
+        if learner.sharded:
             if optim is not None and not by_name:
-                optim = sharding.named_optimizer_state(optim, self.model)
-            sharding.load_full_state(self.model, self.optimizer, weights, optim)
+                optim = sharding.named_optimizer_state(optim, learner.model)
+            sharding.load_full_state(learner.model, learner.optimizer, weights, optim)
         else:
-            self.model.load_state_dict(weights)
+            learner.model.load_state_dict(weights)
             if optim is not None:
-                self.optimizer.load_state_dict(sharding.indexed_optimizer_state(optim, self.model) if by_name else optim)
+                by_index = sharding.indexed_optimizer_state(optim, learner.model) if by_name else optim
+                learner.optimizer.load_state_dict(by_index)
         if extra:
             rngs = extra.get("rngs") or [extra["rng"]]
             # A rank this checkpoint had no stream for starts its own from the saved one.
-            self.rng.setstate(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+            learner.rng.setstate(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
             if self.rank >= len(rngs):
-                self.rng.seed(f"{self.rng.random()}/{self.rank}")
-            self.steps = extra["steps"]
-        return self.steps
+                learner.rng.seed(f"{learner.rng.random()}/{self.rank}")
+            learner.steps = extra["steps"]
+        return learner.steps
 
 
 def _load_trainer_state(path: Path) -> dict:
