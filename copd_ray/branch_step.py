@@ -21,6 +21,7 @@ from copd_ray.actors import BranchGroup
 from copd_ray.batch import step_record
 from copd_ray.config import Config
 from copd_ray.step_data import OPDEdge, Rollouts, StepPrompts, StepSpec, TeacherScores, one_per_rank
+from copd_ray.teacher_clocks import TeacherClocks
 
 
 @dataclass
@@ -31,10 +32,11 @@ class InFlight:
     inputs: list[list]  # [rank][native Rollouts refs..., per edge: its Rollouts refs..., its TeacherScores ref]
 
 
-def launch(group: BranchGroup, prompts: StepPrompts, cfg: Config) -> InFlight:
+def launch(group: BranchGroup, prompts: StepPrompts, cfg: Config, clocks: TeacherClocks | None = None) -> InFlight:
     """Submit the step's rollouts (native batch, then each teacher's prompts), each generator
     dealing its rows to the trainer ranks, and have each teacher score the student's rollouts
-    on its prompts: log pi_j(y_t | x, y_<t), dealt the same way."""
+    on its prompts: log pi_j(y_t | x, y_<t), dealt the same way. With `clocks` (branches on
+    their own clocks) a teacher scores only once it holds the weights the bound gives it."""
     ranks = len(group.trainers)
     native = group.sample(prompts.native, ranks) if prompts.native is not None else []
     spec = StepSpec(prompts.step, prompts.phase, cfg.grpo.group_size, native_parts=len(native),
@@ -42,7 +44,11 @@ def launch(group: BranchGroup, prompts: StepPrompts, cfg: Config) -> InFlight:
     inputs = [[part[r] for part in native] for r in range(ranks)]
     for teacher, (endpoint, batch) in prompts.teachers.items():
         rollouts = group.sample(batch, ranks)
+        if clocks is not None:
+            clocks.before_scoring(teacher, prompts.step)
         scores = score(endpoint, rollouts, ranks)
+        if clocks is not None:
+            clocks.scored(teacher, group.name, prompts.step, scores)
         for r in range(ranks):
             inputs[r] += [part[r] for part in rollouts] + [scores[r]]
         spec.edges.append(OPDEdge(teacher, len(rollouts)))

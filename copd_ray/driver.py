@@ -37,6 +37,7 @@ from copd_ray.run_data import BranchData, Prompter, draw_prompts, prepare
 from copd_ray.ray_start import beside_ray
 from copd_ray.runtime import Runtime, WarmPool
 from copd_ray.schedule import Phases, checkpoint_due, schedule, segment
+from copd_ray.teacher_clocks import TeacherClocks
 from copd_ray.topology import Topology
 from copd_ray.topology.graph import measured_pairs
 
@@ -151,22 +152,30 @@ class Loop:
     def on_own_clocks(self, steps: list[int]) -> None:
         """Steps `steps` with each branch on its own clock: its generators sample step
         t + k while its trainer trains on step t (k = schedule.max_staleness), and its
-        teachers score with whatever weights they hold. The prompts are drawn first, in
-        the lockstep order, so that a resumed run draws the same ones."""
-        cfg, trainable = self.cfg, self.runtime.trainable
+        teachers score with their weights of the same step as the student's rollouts
+        (`TeacherClocks`). The prompts are drawn first, in the lockstep order, so that a
+        resumed run draws the same ones."""
+        cfg, trainable, k = self.cfg, self.runtime.trainable, self.cfg.schedule.max_staleness
         prompts = {s: draw_prompts(self.phases.at(s), s, cfg, self.data, self.prompter, self.runtime.topology_actor)
                    for s in steps}
+        clocks = TeacherClocks(steps, k, prompts, list(trainable))
 
         def branch(n: str) -> None:
             group, flights, ahead = trainable[n], deque(), 0
-            for i, step in enumerate(steps):
-                while ahead < len(steps) and ahead <= i + cfg.schedule.max_staleness:
-                    flights.append(branch_step.launch(group, prompts[steps[ahead]][n], cfg))
-                    ahead += 1
-                record = branch_step.finish(group, flights.popleft())
-                self.report(step, {n: record}, {n: group.sync()}, {n: group},
-                            [e for e in self.pairs if e[1] == n])
-                self.progress.advance(0, 1 / len(trainable))
+            try:
+                for i, step in enumerate(steps):
+                    while ahead < len(steps) and ahead <= i + k:
+                        flights.append(branch_step.launch(group, prompts[steps[ahead]][n], cfg, clocks))
+                        ahead += 1
+                    record = branch_step.finish(group, flights.popleft())
+                    clocks.before_sync(n, step)
+                    synced = group.sync()
+                    clocks.synced_to(n, step)
+                    self.report(step, {n: record}, {n: synced}, {n: group}, [e for e in self.pairs if e[1] == n])
+                    self.progress.advance(0, 1 / len(trainable))
+            except BaseException as e:
+                clocks.fail(e)
+                raise
 
         with ThreadPoolExecutor(max_workers=len(trainable)) as pool:
             futures = [pool.submit(branch, n) for n in trainable]

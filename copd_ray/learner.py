@@ -91,6 +91,7 @@ class Advantages:
     beta: float
 
     def of(self, mb: MicroBatch, old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's [b, w-1] advantages, given its old log-probs and its mask."""
         return torch.where(mb.of(self.opd.expand_as(self.grpo)),
                            opd_advantages(mb.of(self.teacher), old, self.beta) * mask, mb.of(self.grpo))
 

@@ -104,3 +104,24 @@ def test_branches_on_their_own_clocks_train_lag_at_most_k_checkpoint_and_resume(
         assert resumed[key]["lag/steps"] == whole[key]["lag/steps"] == (0 if key[0] == 5 else 1)
         assert resumed[key]["reward_mean"] == whole[key]["reward_mean"]
     assert set(summary["eval"]) == {"base", "branch:add", "branch:mul", "merged"}
+
+
+def test_two_identical_async_runs_log_the_same_steps_and_teachers_keep_the_bound(warm_pool, tiny_folder, tmp_path):
+    """schedule.max_staleness=2 over one segment of six steps, five of them OPD: each teacher
+    scores step s with its weights of step max(0, s - 3), the same lag as the student's own
+    rollouts, whatever the timing; so two runs log the same step records (times aside)."""
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        train(load_config(None, FAST + SHAPED + [
+            f"model.path={tiny_folder}", f"output_dir={out}", "schedule.cycles=1", "schedule.rl_steps=1",
+            "schedule.opd_steps=5", "schedule.max_staleness=2", "schedule.phase_barrier=false",
+            "schedule.save_every=0", "eval.every=0", "metrics.pair_every=0"]), pool=warm_pool)
+        runs.append({(r["step"], r["branch"]): {k: v for k, v in r.items() if not k.startswith("time/")}
+                     for r in _records(out, "step")})
+    assert len(runs[0]) == 12 and runs[0] == runs[1]
+    for (step, branch), r in runs[0].items():
+        teacher = "mul" if branch == "add" else "add"
+        assert r["lag/steps"] == min(step - 1, 2)
+        if step > 1:
+            assert r[f"opd/{teacher}/teacher_version"] == max(0, step - 3) == r["lag/behaviour_version"]
