@@ -61,6 +61,42 @@ def test_http_handle_and_actor_agree_with_a_forward_pass(served, tiny_folder):
         assert body["top_k_ids"][i] == [logp[t - 1].topk(3).indices.tolist() for t in range(p, len(seq))]
 
 
+def test_http_scoring_is_answered_while_a_training_call_holds_the_scorer(served, tmp_path):
+    """Live HTTP scoring runs on the scorer's own "http" thread: while a training call keeps
+    the scorer's main thread busy (score_rollouts again and again, until told to stop), a
+    request gets its 200 with the scorer's numbers, long before that call ends."""
+    import time
+
+    from copd_ray.step_data import Rollouts
+
+    def hold(actor, flag: str, rows) -> dict:
+        import os
+        import time
+
+        calls, deadline = 0, time.time() + 120
+        while not os.path.exists(flag) and time.time() < deadline:
+            actor.score_rollouts(1, rows)
+            calls += 1
+        return {"calls": calls, "ended": time.time()}
+
+    rows = Rollouts.pack(SEQS, PLENS, [[0.0] * (len(q) - p) for q, p in zip(SEQS, PLENS)], [0.0, 0.0], 0, 0, 0.0)
+    flag, scorer = tmp_path / "release", served["scorer"]
+    before = ray.get(scorer.info.remote())["score_calls"]
+    held = scorer.__ray_call__.remote(hold, str(flag), rows)
+    while ray.get(scorer.info.remote())["score_calls"] == before:  # info answers on the http thread too
+        time.sleep(0.05)
+    http = _post(served, {"sequences": SEQS, "prompt_lengths": PLENS})
+    answered = time.time()
+    assert ray.wait([held], timeout=0)[0] == []  # the training call is still running
+    flag.touch()
+    done = ray.get(held, timeout=60)
+    assert http.status_code == 200, http.text
+    assert done["calls"] > 0 and answered < done["ended"]
+    direct = ray.get(scorer.score.remote(SEQS, PLENS)).logprobs
+    for got, expected in zip(http.json()["logprobs"], direct, strict=True):
+        assert got == pytest.approx(expected, abs=1e-6)
+
+
 def test_text_form_and_branch_listing(served):
     response = _post(served, {"prompt": "12+34=", "response": "46"})
     assert response.status_code == 200, response.text

@@ -8,6 +8,7 @@ import uuid
 
 import torch
 
+from copd_ray.actors.engine_gate import EngineGate
 from copd_ray.actors.reloadable import Reloadable
 from copd_ray.actors.weight_sync import TensorSpec, WeightGroup
 from copd_ray.engines.factory import make_engine
@@ -24,6 +25,7 @@ class EngineHost(Reloadable):
         device = actor_device(gpus)
         self.engine, self.tokenizer = make_engine(engine_kind, model_path, engine_cfg, dtype, trust_remote_code,
                                                   device, threads, seed)
+        self.gate = EngineGate(shared_reads=engine_kind == "hf")  # a scorer serves HTTP on a thread of its own
         self.weight_group: WeightGroup | None = None
         self.policy_step = 0  # the trainer's optimizer steps behind the weights held
         # New in every process Ray (re)starts: the driver tells a restarted actor by it.
@@ -49,6 +51,7 @@ class EngineHost(Reloadable):
 
     def receive_weights(self, plan: list[list[TensorSpec]], version: int, policy_step: int = 0) -> dict:
         start = time.perf_counter()
-        self.engine.update_weights(self.weight_group.receive(plan), version)
+        with self.gate.writing():
+            self.engine.update_weights(self.weight_group.receive(plan), version)
         self.policy_step = policy_step
         return {"version": self.engine.version, "seconds": time.perf_counter() - start}

@@ -13,18 +13,22 @@ from copd_ray.engines import Scores
 from copd_ray.step_data import Rollouts, TeacherScores, TopK, one_per_rank
 
 
-@ray.remote
+# Live HTTP scoring (Serve calls `score` and `info`) runs on a thread of its own, so that it never
+# queues behind the training calls (score_rollouts, top_k, weight receives) on the actor's main one.
+@ray.remote(concurrency_groups={"http": 1})
 class ScorerActor(EngineHost):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # Read through info(): the HTTP tests check that refused requests never got here.
         self.score_calls = 0
 
+    @ray.method(concurrency_group="http")
     def score(self, sequences: list, prompt_lengths: list[int], top_k: int = 0) -> Scores:
         """Token ids, or VisualInputs plus response tokens (hf and vllm engines)."""
-        self.score_calls += 1
         start = time.perf_counter()
-        scores = self.engine.score(sequences, prompt_lengths, top_k)
+        with self.gate.reading():
+            self.score_calls += 1
+            scores = self.engine.score(sequences, prompt_lengths, top_k)
         scores.extra["seconds"] = time.perf_counter() - start
         return scores
 
@@ -36,6 +40,7 @@ class ScorerActor(EngineHost):
         scores = self.score(rollouts.sequences(), rollouts.prompt_lengths.tolist())
         return one_per_rank(TeacherScores.of(scores).cut(list(parts), ranks))
 
+    @ray.method(concurrency_group="http")
     def info(self) -> dict:
         return {"branch": self.branch, "version": self.engine.version, "vocab_size": self.engine.vocab_size,
                 "score_calls": self.score_calls}
@@ -44,7 +49,8 @@ class ScorerActor(EngineHost):
         """This policy's k most likely tokens at every response position of the rollouts."""
         rollouts = Rollouts.concat(list(parts))
         k = min(k, self.engine.vocab_size)
-        scores = self.engine.score(rollouts.sequences(), rollouts.prompt_lengths.tolist(), top_k=k)
+        with self.gate.reading():
+            scores = self.engine.score(rollouts.sequences(), rollouts.prompt_lengths.tolist(), top_k=k)
         if scores.top_k_ids is None:
             raise NotImplementedError(f"a {type(self.engine).__name__} does not return top-k log-probs")
         width = max(len(r) for r in scores.top_k_ids)
@@ -70,6 +76,6 @@ class ScorerActor(EngineHost):
         """Full-vocabulary log-probs at each response position (exact metrics in tests and benchmarks)."""
         if not hasattr(self.engine, "response_logprob_rows"):
             raise NotImplementedError(f"a {type(self.engine).__name__} cannot return full distributions")
-        with torch.inference_mode():
+        with torch.inference_mode(), self.gate.reading():
             rows = self.engine.response_logprob_rows(sequences, prompt_lengths)
         return [r.cpu() for r in rows]
