@@ -48,3 +48,42 @@ def test_one_dtype_reader_for_config_names_and_tensor_specs():
     assert torch_dtype(str(torch.uint8)) is torch.uint8 and torch_dtype(str(torch.bool)) is torch.bool
     with pytest.raises(ValueError, match="'Tensor' is not a torch dtype"):
         torch_dtype("Tensor")
+
+
+@pytest.mark.parametrize("method", ["mean", "task_arithmetic"])
+def test_folders_merge_tensor_by_tensor_into_what_merging_whole_state_dicts_gives(tmp_path, tiny_model, tiny_tokenizer,
+                                                                                  method):
+    """merge_folders streams: one tensor of each branch at a time, written in the safetensors
+    format by hand, over sharded folders (two files each), bf16 and float32 tensors alike.
+    The folder loads and holds what merge_state_dicts gives on the whole state dicts."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from copd_ray.algo import merge_state_dicts
+    from copd_ray.models.merge_folders import merge_folders
+
+    states, folders = [], []
+    for i in range(3):  # base, then two branches
+        model = copy.deepcopy(tiny_model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01 * i)
+        model.model.norm.to(torch.bfloat16)  # a tensor of another dtype among float32 ones
+        folder = tmp_path / f"m{i}"
+        model.save_pretrained(folder, max_shard_size="150KB")
+        tiny_tokenizer.save_pretrained(folder)
+        files = sorted(folder.glob("*.safetensors"))
+        assert len(files) >= 2
+        states.append({k: v for f in files for k, v in load_file(str(f)).items()})
+        folders.append(folder)
+    out = merge_folders(folders[1:], tmp_path / "merged", method, [0.7, 0.3], base_folder=folders[0])
+    expected = merge_state_dicts(states[1:], [0.7, 0.3], states[0] if method == "task_arithmetic" else None, method)
+    got = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in folders[1].glob("*.safetensors"))
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]), k
+    assert got["model.norm.weight"].dtype == torch.bfloat16
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(merged.state_dict()["model.embed_tokens.weight"], expected["model.embed_tokens.weight"])

@@ -191,8 +191,8 @@ class WeightGroup:
             yield from unpack(flat, bucket)
 
     def _receive_buffer(self, i: int, bucket: list[TensorSpec]) -> torch.Tensor:
-        """Bucket i's buffer, one per bucket: a consumer may hold every bucket's views until
-        the sync ends (vLLM reloads the whole state at once). Kept across syncs on CPU, where
+        """Bucket i's buffer, one per bucket: a consumer may hold a bucket's views while it
+        reads the next (vLLM's layer-wise reload keeps a layer's until the layer is whole). Kept across syncs on CPU, where
         a fresh large buffer costs its page faults again on every sync; on a GPU torch's
         caching allocator already reuses memory, and a kept copy of the model would take
         memory from the engine."""

@@ -252,8 +252,10 @@ class VLLMEngine(RolloutEngine):
         return out
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        # vLLM loads fused layers (qkv, gate_up) from their parts: a partial update would
-        # silently load wrong weights, so this always takes the whole state dict at once.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        # One reload over the whole state (vLLM loads fused layers, qkv and gate_up, from their
+        # parts: a partial reload would load wrong weights), from the iterator itself: the engine
+        # runs in this process, so the buckets stream in as vLLM loads them, layer by layer,
+        # instead of every bucket's buffer being held at once (a second copy of the weights).
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
         self.version = version

@@ -284,11 +284,16 @@ def _engine_row(cfg: Config, arch: Architecture, w: Workload, branch: str, actor
     scorer = role == "scorer"
     have, where = _bundle_memory(gpus, mem) if on_gpu else (None, "host memory")
     # On CPU a receiver keeps one buffer per bucket across syncs (actors/weight_sync.py): a
-    # second copy of the weights in the wire dtype. A frozen teacher's scorer receives nothing.
+    # second copy of the weights in the wire dtype. On a GPU the buckets stream: the one being
+    # loaded and the next one arriving. A frozen teacher's scorer receives nothing.
     kept = arch.params * DTYPE_BYTES[cfg.model.dtype] if receives and not on_gpu else 0
+    streamed = int(2 * cfg.ray.bucket_mb * 2**20) if receives and on_gpu else 0
     if kind in ("vllm", "sglang"):
         if on_gpu:
-            return _vllm_row(cfg, arch, w, branch, actor, role, kind, gpus, mem, have, where)
+            row = _vllm_row(cfg, arch, w, branch, actor, role, kind, gpus, mem, have, where)
+            if streamed:
+                row.detail += f"; weight receive: 2 buckets ({_gib(streamed)} GiB) beside its share"
+            return row
         c = DTYPE_BYTES[cfg.model.dtype]
         kv = cfg.engine.vllm.kv_cache_memory_mb * 2**20 if kind == "vllm" else 0
         parts = dict(weights=arch.params * c, grads=0, optimizer=0, activations=0, logprobs=0, kv_cache=kv,
@@ -297,8 +302,8 @@ def _engine_row(cfg: Config, arch: Architecture, w: Workload, branch: str, actor
                            f"{kind} on CPU, KV cache engine.vllm.kv_cache_memory_mb"
                            + (", kept weight-receive buffers" if kept else ""))
     parts, detail = hf_engine_parts(cfg, arch, w, scorer, on_gpu)
-    parts["other"] += int(kept)
-    detail += ", kept weight-receive buffers" if kept else ""
+    parts["other"] += int(kept) + streamed
+    detail += ", kept weight-receive buffers" if kept else ", 2 weight-receive buckets" if streamed else ""
     row = ActorMemory(branch, actor, role, kind, gpus, parts, have, where, detail)
     if row.fits is False:
         b = min(cfg.engine.max_batch_size, w.score_rows if scorer else w.gen_rows)
