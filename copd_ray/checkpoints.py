@@ -7,10 +7,12 @@ the one a run resumes from. Pure files, no Ray.
                                 and a manifest {relative path: size} of every other file
 
 driver_state.json is renamed into place last, so a folder without it is an interrupted
-save. The manifest makes truncation cheap to see (sizes, not hashes: hashing multi-GB
-weights at every save and resume would cost minutes); on top of it every file gets a
-structural check that reads no weights: JSON files parse, each safetensors header parses
-and accounts for exactly the file's bytes, each trainer_state.pt is a readable zip.
+save. The manifest records each file's size and CRC-32: sizes catch truncation cheaply,
+and the checksums damage of the same size (weights overwritten with NaN); CRC-32 runs at
+~6 GB/s a core here, files in parallel, so checking is bounded by the disk's reads. On top
+of it every file gets a structural check: JSON files parse, each safetensors header parses
+and accounts for exactly the file's bytes, each trainer_state.pt is a readable zip whose
+pickle asks for nothing but tensors and plain values (what the trainer's safe loader takes).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import shutil
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,7 +60,7 @@ def save_checkpoint(output_dir: str | Path, step: int, groups: dict, data: dict,
     tmp = folder / (STATE + ".tmp")
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, folder / STATE)
-    reason = verify_checkpoint(folder, names)
+    reason = verify_checkpoint(folder, names, content=False)  # the checksums were just taken from these files
     if reason:
         # Every node writes into output_dir; a file the driver cannot see means it is not shared.
         raise CheckpointError(f"checkpoint {folder} is unusable right after writing it ({reason}): check free disk "
@@ -66,9 +69,20 @@ def save_checkpoint(output_dir: str | Path, step: int, groups: dict, data: dict,
     return folder
 
 
-def _manifest(folder: Path) -> dict[str, int]:
-    return {p.relative_to(folder).as_posix(): p.stat().st_size
-            for p in sorted((folder / "branches").rglob("*")) if p.is_file()}
+def _manifest(folder: Path) -> dict[str, list[int]]:
+    """{relative path: [size, CRC-32]} of every file under `folder`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        checksums = list(pool.map(_crc32, files))
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, c] for p, c in zip(files, checksums)}
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(64 << 20):
+            crc = zlib.crc32(chunk, crc)  # releases the GIL: files are read in parallel
+    return crc
 
 
 def _step_folders(root: Path) -> list[tuple[int, Path]]:
@@ -82,7 +96,8 @@ def _step_folders(root: Path) -> list[tuple[int, Path]]:
 
 
 def _prune(root: Path, keep: int) -> None:
-    usable = [p for _, p in _step_folders(root) if verify_checkpoint(p) is None]
+    # Structure only: reading every kept checkpoint back at every save would cost more than the save.
+    usable = [p for _, p in _step_folders(root) if verify_checkpoint(p, content=False) is None]
     kept = set(usable[-keep:])
     for _, p in _step_folders(root):
         if p not in kept:
@@ -124,10 +139,12 @@ def saved_branches(state: dict) -> list[str]:
     return list(state.get("branches") or state["versions"])
 
 
-def verify_checkpoint(folder: str | Path, branches: Iterable[str] | None = None) -> str | None:
-    """None when the checkpoint is usable, else a short reason. Reads no weights: the
-    driver state, the manifest's sizes and each file's structure (see the module doc).
-    `branches`: the folders that must be there; None = the ones the checkpoint records."""
+def verify_checkpoint(folder: str | Path, branches: Iterable[str] | None = None,
+                      content: bool = True) -> str | None:
+    """None when the checkpoint is usable, else a short reason: the driver state, the
+    manifest's sizes, each file's structure, then (`content`) the manifest's checksums (see
+    the module doc). `branches`: the folders that must be there; None = the ones the
+    checkpoint records."""
     folder = Path(folder)
     state, reason = _state(folder)
     if reason:
@@ -136,7 +153,9 @@ def verify_checkpoint(folder: str | Path, branches: Iterable[str] | None = None)
         reason = _missing_parts(folder / "branches" / name)
         if reason:
             return f"branches/{name}: {reason}"
-    for rel, size in state.get("files", {}).items():
+    files = {rel: entry if isinstance(entry, list) else [entry, None]  # older manifests: sizes only
+             for rel, entry in state.get("files", {}).items()}
+    for rel, (size, _) in files.items():
         path = folder / rel
         if not path.is_file():
             return f"{rel} is missing"
@@ -146,6 +165,11 @@ def verify_checkpoint(folder: str | Path, branches: Iterable[str] | None = None)
         reason = _file_problem(path) if path.is_file() else None
         if reason:
             return f"{path.relative_to(folder).as_posix()}: {reason}"
+    checked = [rel for rel, (_, crc) in files.items() if content and crc is not None]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for rel, crc in zip(checked, pool.map(lambda rel: _crc32(folder / rel), checked)):
+            if crc != files[rel][1]:
+                return f"{rel}: its content differs from what was saved (checksum)"
     return None
 
 
@@ -182,6 +206,11 @@ def _file_problem(path: Path) -> str | None:
                     return "not a torch.save file"
         except (zipfile.BadZipFile, OSError):
             return "truncated or not a torch.save file"
+        import torch
+
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        if unsafe:
+            return f"asks for {unsafe[0]}, which loading refuses (it could run code)"
     return None
 
 

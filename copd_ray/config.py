@@ -882,6 +882,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        if not raw.strip():  # what a shell gives for an unset variable: never read as null (serve.token= is no auth)
+            raise ConfigError(f"override {item!r} has no value: give one, or write {key.strip()}=null for none")
         _set_dotted(tree, key.strip(), _parse_yaml(raw, f"override {item!r}"))
     try:
         cfg = Config.model_validate(tree, context={"check_paths": check_paths})

@@ -4,9 +4,11 @@ trainer state that would run code is refused, and a resumed metrics.jsonl holds 
 what an uninterrupted run writes."""
 
 import json
+import math
 import pickle
 import shutil
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -82,7 +84,9 @@ def test_checkpoint_records_run_and_manifest(run):
     assert state["step"] == 10 and state["branches"] == BRANCHES and state["edges"] == [list(e) for e in EDGES]
     assert state["drawn"] == {"add": 40, "mul": 40} and state["base"] == BASE
     files = state["files"]
-    assert files["branches/add/model.safetensors"] == (folder / "branches/add/model.safetensors").stat().st_size
+    size, crc = files["branches/add/model.safetensors"]
+    assert size == (folder / "branches/add/model.safetensors").stat().st_size
+    assert crc == zlib.crc32((folder / "branches/add/model.safetensors").read_bytes())
     assert {"branches/mul/trainer_state.pt", "branches/mul/config.json"} <= set(files)
     assert read_state(folder) == state
 
@@ -103,7 +107,20 @@ DAMAGE = {
     "truncated trainer_state.pt": (lambda f: _truncate(f / "branches/add/trainer_state.pt"),
                                    "branches/add/trainer_state.pt is"),
     "missing branch folder": (lambda f: shutil.rmtree(f / "branches/mul"), "branches/mul: folder missing"),
+    "every weight NaN, same size": (lambda f: _all_nan(f / "branches/add/model.safetensors"),
+                                    "branches/add/model.safetensors: its content differs"),
 }
+
+
+def _all_nan(path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    size = path.stat().st_size
+    save_file({k: torch.full_like(v, math.nan) for k, v in load_file(str(path)).items()}, str(path), metadata)
+    assert path.stat().st_size == size
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -121,6 +138,8 @@ def test_damaged_newest_falls_back_with_one_warning(run, damage):
     ("model.safetensors", lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}xx"),
      "header does not parse"),
     ("trainer_state.pt", _truncate, "truncated or not a torch.save file"),
+    ("trainer_state.pt", lambda p: torch.save({"optimizer": CreatesFile(p.parent / "x"), "rng": None, "steps": 0}, p),
+     "asks for"),  # what the trainer's safe loader refuses: the resume falls back instead of stopping
 ])
 def test_structure_checked_without_a_manifest(run, name, harm, reason):
     """Checkpoints written before the manifest still get truncation caught."""

@@ -47,6 +47,7 @@ def test_a_whole_list_can_be_overridden():
         ("grpo.lr=false", "grpo.lr: a number is needed, not the boolean false"),
         ("merge.weights={add: true, mul: 1}", "merge.weights.add: a number is needed, not the boolean true"),
         ("serve.token=''", "serve.token: is empty"),
+        ("serve.token=", "override 'serve.token=' has no value: give one, or write serve.token=null for none"),
         ("resume=/no/checkpoint", "resume: /no/checkpoint is not a folder: give auto, never or a checkpoint folder"),
         ("grpo.lr=[1", "override 'grpo.lr=[1' is not valid YAML"),
         ("capabilities.0.reward=os:getcwd", "reward 'os:getcwd' must take (response, answer)"),
