@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import ray
 
+from copd_ray.bundles import run_needs
 from copd_ray.config import Config, ConfigError
 
 T = TypeVar("T")
@@ -35,6 +36,7 @@ def init_ray(cfg: Config) -> bool:
         # A local Ray of this run: its start-up INFO lines and the notice that Ray's default
         # token authentication is on would come before the run's own output, every run.
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_AUTH_NOTICE)
+        refuse_what_no_local_ray_holds(cfg)
         try:
             ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING)
@@ -45,6 +47,25 @@ def init_ray(cfg: Config) -> bool:
                               "--head?) and this run joins it, where ray.num_cpus cannot be set; leave it out, or "
                               "run `ray stop` first (it stops every Ray of this user here)") from None
     return True
+
+
+def refuse_what_no_local_ray_holds(cfg: Config) -> None:
+    """A local Ray has this machine's CPUs (or ray.num_cpus) and GPUs. Branches that ask for
+    more would wait out ray.placement_timeout_s and then fail: refused before Ray starts."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    from ray._private.utils import get_num_cpus
+
+    need = run_needs(cfg)
+    have = {"CPU": cfg.ray.num_cpus if cfg.ray.num_cpus is not None else get_num_cpus()}
+    if need.get("GPU"):
+        have["GPU"] = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    short = [f"{need[k]:g} {k}s, and a local Ray here has {have[k]:g}" for k in have if need.get(k, 0) > have[k]]
+    if short:
+        r = cfg.resources
+        raise ConfigError(f"the run's actors ask for {'; '.join(short)} (resources: {r.num_trainers} trainers x "
+                          f"{r.trainer_cpus:g} CPUs, {r.num_generators} generators x {r.generator_cpus:g}, a scorer "
+                          f"{r.scorer_cpus:g}, per branch): lower resources.*, set ray.num_cpus, or join a cluster "
+                          "(ray.address)")
 
 
 def beside_ray(cfg: Config, work: Callable[[], T]) -> tuple[T, bool]:

@@ -13,7 +13,7 @@ import ray
 import torch
 
 from copd_ray.actors import BranchGroup
-from copd_ray.actors.branch import branch_bundles
+from copd_ray.bundles import branch_bundles
 from copd_ray.config import Config
 from copd_ray.data import PromptRecord
 from copd_ray.models.loading import actor_device

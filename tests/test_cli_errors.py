@@ -140,3 +140,12 @@ def test_eval_of_a_run_folder_names_a_model_inside_it(copd_ray, tmp_path, tiny_f
     line = one_line(copd_ray("eval", "-m", str(tmp_path / "run"), code=2))
     assert line == (f"error: --model {tmp_path / 'run'} is not a model folder (no config.json); it looks like a "
                     f"run's output folder: give one of its models, e.g. -m {tmp_path / 'run' / 'branches' / 'add'}")
+
+
+def test_resources_no_local_ray_holds_are_refused_before_ray_starts(copd_ray, tmp_path, tiny_folder):
+    """A placement group that can never be placed would wait ray.placement_timeout_s (60 s)
+    and then fail; on a local run the sum of the branches' bundles is checked first."""
+    line = one_line(copd_ray("train", f"output_dir={tmp_path}/run", f"model.path={tiny_folder}",
+                             "resources.trainer_cpus=64", code=2))
+    assert "the run's actors ask for 129 CPUs, and a local Ray here has" in line
+    assert "1 trainers x 64 CPUs" in line and "set ray.num_cpus" in line

@@ -348,6 +348,11 @@ def test_copd_ray_serve_serves_a_runs_saved_branches(tmp_path, tiny_folder):
         long = requests.post(f"{url}/score/mul", json={"sequences": [SEQS[0] * 6], "prompt_lengths": [9]},
                              headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
         assert long.status_code == 413 and "at most 64" in long.json()["error"]  # the config's serve.max_tokens
+        import psutil  # its own local Ray runs no dashboard, as `train`'s does not
+
+        started = [" ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)]
+        heads = [c for c in started if "dashboard/dashboard.py" in c]  # Ray keeps a minimal one, without the UI
+        assert any("raylet" in c for c in started) and heads and all("--disable-frontend" in c for c in heads)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

@@ -12,6 +12,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from copd_ray.actors.generator import GeneratorActor
 from copd_ray.actors.scorer import ScorerActor
 from copd_ray.actors.trainer import TrainerActor
+from copd_ray.bundles import branch_bundles
 from copd_ray.config import Config
 from copd_ray.errors import CopdError
 from copd_ray.step_data import PromptBatch, StepSpec
@@ -19,18 +20,6 @@ from copd_ray.step_data import PromptBatch, StepSpec
 
 class PlacementError(CopdError, RuntimeError):
     pass
-
-
-def _bundle(cpus: float, gpus: float) -> dict:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-
-
-def branch_bundles(cfg: Config, frozen: bool, scores: bool) -> list[dict]:
-    """The placement-group bundles of a branch: trainer ranks, generators, then its scorer."""
-    r = cfg.resources
-    bundles = [] if frozen else ([_bundle(r.trainer_cpus, r.trainer_gpus)] * r.num_trainers
-                                 + [_bundle(r.generator_cpus, r.generator_gpus)] * r.num_generators)
-    return bundles + ([_bundle(r.scorer_cpus, r.scorer_gpus)] if scores else [])
 
 
 ACTOR_CLASSES = {"trainer": TrainerActor, "generator": GeneratorActor, "scorer": ScorerActor}

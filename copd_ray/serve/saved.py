@@ -43,7 +43,9 @@ def serve_saved(paths: list[str], host: str, port: int, token: str | None, engin
     check_token(token)
     branches = find_branches(paths)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        address = os.environ.get("RAY_ADDRESS")
+        # A local Ray of its own: no dashboard (as `train` starts it), nothing more listening.
+        ray.init(address=address, log_to_driver=False, **({} if address else {"include_dashboard": False}))
     check_address(host, port)  # before the scorers load: a busy port costs nothing then
     scorers = {name: ScorerActor.options(num_cpus=scorer_cpus).remote(name, str(folder), engine_kind, engine_cfg)
                for name, folder in branches.items()}
