@@ -121,10 +121,18 @@ class Loop:
         self.progress.update(0, completed=step)
         return step
 
+    def draw(self, step: int) -> dict:
+        """Step `step`'s prompts of every branch; the teachers asked of the topology first (a
+        restarted TopologyActor is healed and asked again before any prompt is drawn)."""
+        phases = self.phases.at(step)
+        opd = [n for n, phase in phases.items() if phase == "opd"]
+        teachers = self.healer.call(lambda: self.runtime.teachers_of(opd))
+        return draw_prompts(phases, step, self.cfg, self.data, self.prompter, teachers)
+
     def lockstep(self, step: int) -> None:
         """Step `step` of Algorithm 1 in every branch, then every weight broadcast."""
         cfg, trainable = self.cfg, self.runtime.trainable
-        prompts = draw_prompts(self.phases.at(step), step, cfg, self.data, self.prompter, self.runtime.topology_actor)
+        prompts = self.draw(step)
         # Every branch takes its step in parallel (one that fails is retried after recovery) ...
         records = self.healer.each(list(trainable), lambda n: branch_step.run(
             trainable[n], prompts[n], cfg))
@@ -156,8 +164,7 @@ class Loop:
         (`TeacherClocks`). The prompts are drawn first, in the lockstep order, so that a
         resumed run draws the same ones."""
         cfg, trainable, k = self.cfg, self.runtime.trainable, self.cfg.schedule.max_staleness
-        prompts = {s: draw_prompts(self.phases.at(s), s, cfg, self.data, self.prompter, self.runtime.topology_actor)
-                   for s in steps}
+        prompts = {s: self.draw(s) for s in steps}
         clocks = TeacherClocks(steps, k, prompts, list(trainable))
 
         def branch(n: str) -> None:
@@ -228,7 +235,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
                       f"{[f'{t}->{s}' for t, s in topology.edges]}, {clock.mark('actors_up'):.0f} s")
         resume_step = resume_state["step"] if resume else None  # as find_resume read and checked it
         log = MetricsLog(out, cfg.wandb, cfg.run_name, cfg.model_dump(mode="json"), resume_step)
-        healer = SelfHealing(groups, runtime.topology_actor, runtime.endpoints, cfg.ray.max_failures,
+        healer = SelfHealing(groups, runtime.topology_actor, topology, runtime.endpoints, cfg.ray.max_failures,
                              cfg.ray.restart_timeout_s, lambda e: log.log({"kind": "event", **e}), console,
                              out / "actors.json")
         pair_metrics, pairs = PairMetrics(cfg, log, console), measured_pairs(cfg, topology.edges)

@@ -30,6 +30,9 @@ from copd_ray.checkpoints import read_state
 from copd_ray.errors import ActorFailure
 
 
+TOPOLOGY = ("*", "topology")  # the TopologyActor's key among the branches' actors (actors.json too)
+
+
 class Rollback(Exception):
     """A trainer restarted: every branch must go back to the last complete checkpoint.
     Carries the recovery events, to be logged once the metrics are rewound."""
@@ -40,9 +43,10 @@ class Rollback(Exception):
 
 
 class SelfHealing:
-    def __init__(self, groups: dict[str, BranchGroup], topology_actor, endpoints: dict, max_failures: int,
+    def __init__(self, groups: dict[str, BranchGroup], topology_actor, topology, endpoints: dict, max_failures: int,
                  restart_timeout_s: float, log_event: Callable[[dict], None], console, pid_file: Path) -> None:
-        self.groups, self.topology_actor, self.endpoints = groups, topology_actor, endpoints
+        self.groups, self.topology_actor, self.topology, self.endpoints = groups, topology_actor, topology, endpoints
+        self.topology_incarnation = None
         self.max_failures, self.restart_timeout_s = max_failures, restart_timeout_s
         self.log_event, self.console, self.pid_file = log_event, console, pid_file
         self.failures = 0
@@ -56,6 +60,7 @@ class SelfHealing:
         actor that does not answer in time (stuck in a collective with a dead peer) is
         killed once, so that Ray restarts it too."""
         actors = {(n, role): a for n, g in self.groups.items() for role, a in g.members().items()}
+        actors[TOPOLOGY] = self.topology_actor
         refs = {key: a.ready.remote() for key, a in actors.items()}
         out, killed = {}, set()
         deadline = time.monotonic() + self.restart_timeout_s
@@ -88,16 +93,20 @@ class SelfHealing:
     def record_members(self) -> None:
         """Note every actor's incarnation, and its pid in pid_file (which process is which)."""
         answers = self._answers()
+        topology = answers.pop(TOPOLOGY)
+        self.topology_incarnation = topology["incarnation"]
         for (n, role), a in answers.items():
             self.groups[n].incarnations[role] = a["incarnation"]
         self.pids = {n: {role: a["pid"] for (b, role), a in answers.items() if b == n} for n in self.groups}
+        self.pids[TOPOLOGY[0]] = {TOPOLOGY[1]: topology["pid"]}
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.pid_file.write_text(json.dumps(self.pids, indent=2))
 
     def restarted(self) -> dict[tuple[str, str], dict]:
         """{(branch, role): its new ready() answer} for every actor Ray restarted since it was wired."""
         return {key: a for key, a in self._answers().items()
-                if a["incarnation"] != self.groups[key[0]].incarnations[key[1]]}
+                if a["incarnation"] != (self.topology_incarnation if key == TOPOLOGY
+                                        else self.groups[key[0]].incarnations[key[1]])}
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -123,7 +132,7 @@ class SelfHealing:
             raise ActorFailure(f"{what} died at step {self.step}: failure {self.failures} of this run, more than "
                                f"ray.max_failures={self.max_failures}; rerun the same command to resume from the "
                                "last checkpoint") from None
-        branches = sorted({n for n, _ in replaced})
+        branches = sorted({n for n, _ in replaced} - {TOPOLOGY[0]})
         trainer_lost = any(role.startswith("trainer") for _, role in replaced)
         rollback = rollback or trainer_lost
         for n in branches:
@@ -134,7 +143,11 @@ class SelfHealing:
             if not trainer_lost and not g.frozen:
                 g.push()
         # A restarted scorer keeps its actor handle, so students reach it as soon as it is
-        # registered again (the Serve deployments in front of scorers hold the same handle).
+        # registered again (the Serve deployments in front of scorers hold the same handle). A
+        # restarted topology actor holds the first run's graph and no endpoint: all again.
+        if TOPOLOGY in replaced:
+            self.topology_actor.reset.remote(self.topology)  # runs before the register calls below
+            branches = sorted(self.groups)
         ray.get([self.topology_actor.register.remote(n, self.endpoints[n]) for n in branches if n in self.endpoints])
         old_pids = {key: self.pids[key[0]][key[1]] for key in replaced}
         self.record_members()

@@ -7,8 +7,6 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 
-import ray
-
 from copd_ray.capabilities import Capability, build_capability, check_chat_template
 from copd_ray.checkpoints import find_resume
 from copd_ray.config import Config, ConfigError
@@ -76,11 +74,12 @@ def opd_temperature(cfg: Config) -> float:
 
 
 def draw_prompts(phases: dict[str, str], step: int, cfg: Config, data: dict[str, BranchData], prompter: Prompter,
-                 topology_actor) -> dict[str, StepPrompts]:
+                 teachers_of: dict[str, dict[str, object]]) -> dict[str, StepPrompts]:
     """Every prompt of this step for each branch in its phase ({branch: "rl" or "opd"}),
     drawn in the driver's thread (streams are not thread-safe and a fixed draw order makes
-    resuming exact). Each branch asks the topology for its teachers now, so a re-registered
-    scorer is used from the next step on."""
+    resuming exact). `teachers_of`: {branch in Phase II: {teacher: its live scorer endpoint}},
+    asked of the topology for this step (`Runtime.teachers_of`), so a re-registered scorer is
+    used from the next step on."""
     plan = {}
     for name, phase in phases.items():
         native = None
@@ -89,7 +88,7 @@ def draw_prompts(phases: dict[str, str], step: int, cfg: Config, data: dict[str,
                               sampling(cfg, cfg.grpo.group_size, seed_of(cfg.seed, name, step, "rl")))
         teachers = {}
         if phase == "opd":
-            for teacher, scorer in ray.get(topology_actor.teachers_of.remote(name)).items():
+            for teacher, scorer in teachers_of[name].items():
                 params = sampling(cfg, cfg.opd.samples_per_prompt, seed_of(cfg.seed, name, step, "opd", teacher),
                                   opd_temperature(cfg))
                 teachers[teacher] = (scorer, prompter(data[teacher].sample(cfg.opd.prompts_per_teacher), params))

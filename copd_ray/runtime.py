@@ -86,7 +86,8 @@ class Runtime:
             self.topology_actor, self.pool.topology_actor = self.pool.topology_actor, None
             self.topology_actor.reset.remote(topology)  # runs before any register call below
         else:
-            self.topology_actor = TopologyActor.remote(topology)
+            # Restarted by Ray when it dies (SelfHealing gives it the graph and endpoints again).
+            self.topology_actor = TopologyActor.options(max_restarts=-1, max_task_retries=0).remote(topology)
         branches = {b.name: b for b in cfg.branch_list()}
         paths = {n: branches[n].init or base_path for n in names}
         scoring = scoring_branches(cfg, topology.edges)
@@ -146,6 +147,10 @@ class Runtime:
             for bundle in branch_bundles(cfg, branches[n].frozen, n in scoring):
                 need.update(bundle)
         return all(v <= free.get(k, 0.0) for k, v in need.items())
+
+    def teachers_of(self, students: list[str]) -> dict[str, dict[str, object]]:
+        """{student: {teacher: its live scorer endpoint}}, as the topology actor has them now."""
+        return dict(zip(students, ray.get([self.topology_actor.teachers_of.remote(n) for n in students])))
 
     def evaluate(self, folders: dict[str, str], cfg: Config, held: dict[str, list[PromptRecord]]) -> dict:
         """Held-out pass@1 of each saved folder ({name: {capability: rate}}), on the run's own

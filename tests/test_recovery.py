@@ -126,6 +126,21 @@ def test_a_killed_generator_scorer_and_trainer_are_recovered_and_log_what_a_clea
     assert now["add"]["generator 0"] == generator["pid_after"] and now["mul"]["scorer"] == scorer["pid_after"]
 
 
+def test_a_killed_topology_actor_is_restarted_given_the_graph_and_endpoints_and_the_run_logs_what_a_clean_run_logs(
+        warm_pool, tiny_folder, tmp_path):
+    """Ray restarts the TopologyActor (its __init__ holds the graph it was first made with and no
+    endpoint); the healer tells it by its incarnation, gives it the run's graph and every
+    scorer endpoint, and the step that asked it for teachers is retried before any prompt of
+    it is drawn: the step records equal the clean run's."""
+    out, clean = _killed_and_clean(RUN + ["schedule.opd_steps=6", f"model.path={tiny_folder}"],
+                                   [("*", "topology")], tmp_path, warm_pool)
+    (event,) = _recoveries(out)
+    assert (event["branch"], event["actor"], event["then"]) == ("*", "topology", "retry the step")
+    assert event["pid_after"] != event["pid_before"]
+    assert _step_numbers(out) == _step_numbers(clean)
+    assert json.loads((out / "actors.json").read_text())["*"]["topology"] == event["pid_after"]
+
+
 def test_more_failures_than_allowed_stop_the_run_with_one_line(ray_session, tiny_folder, tmp_path):
     out = tmp_path / "run"
     run = Run(load_config(None, RUN + ["schedule.opd_steps=40", "ray.max_failures=1", f"model.path={tiny_folder}",

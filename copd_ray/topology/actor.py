@@ -6,6 +6,9 @@ so a restarted scorer registered again is picked up without restarting anything 
 
 from __future__ import annotations
 
+import os
+import uuid
+
 import ray
 
 from copd_ray.topology.graph import Topology
@@ -17,10 +20,18 @@ class TopologyActor:
         self.topology = topology
         self.endpoints: dict[str, object] = {}
         self.registrations: dict[str, int] = {}
+        # New in every process Ray (re)starts: the driver tells a restarted one by it, and gives
+        # it the run's graph (a restart runs __init__ with the first run's) and endpoints again.
+        self.incarnation = uuid.uuid4().hex
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "incarnation": self.incarnation}
 
     def reset(self, topology: Topology) -> None:
         """Another run's graph, no endpoints yet (a `WarmPool` keeps this actor between runs)."""
+        incarnation = self.incarnation
         self.__init__(topology)
+        self.incarnation = incarnation
 
     def register(self, branch: str, endpoint) -> int:
         """Set (or replace) a branch's scorer endpoint; returns how often it was set."""
