@@ -140,7 +140,19 @@ class SelfHealing:
             if g.reused:  # a WarmPool's actor came back as its first run's: make it this run's again
                 ray.get(g.reload([role for b, role in replaced if b == n]))
             g.wire(g.generation + 1)
-            if not trainer_lost and not g.frozen:
+            if trainer_lost or g.frozen:
+                continue
+            lost_generator = any(b == n and role.startswith("generator") for b, role in replaced)
+            if g.trained_since_sync and (n, "scorer") in replaced and lost_generator:
+                rollback = True  # no process holds the last synced weights any more
+            elif g.trained_since_sync and (n, "scorer") in replaced:
+                # Its trainer has stepped, and the students retrying this step expect the
+                # teacher they would have met: the last synced version, which the generators
+                # hold (the trainer's new weights reach everyone at the step's sync). Where
+                # they cannot hand it over, a replay from the checkpoint keeps the run exact.
+                if not g.scorer_from_generator():
+                    rollback = True
+            else:
                 g.push()
         # A restarted scorer keeps its actor handle, so students reach it as soon as it is
         # registered again (the Serve deployments in front of scorers hold the same handle). A

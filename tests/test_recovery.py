@@ -7,9 +7,12 @@ import signal
 import threading
 import time
 
+import ray
+import torch
 from conftest import SMALL_ACTORS, SMALL_STEPS
 from transformers import AutoModelForCausalLM
 
+from copd_ray.batch import TrainBatch
 from copd_ray.config import load_config
 from copd_ray.driver import train
 from copd_ray.errors import ActorFailure
@@ -166,3 +169,37 @@ def test_a_sharded_branch_recovers_a_lost_generator_and_a_lost_rank_exactly(warm
     killed, clean = _killed_and_clean(common, [("add", "generator 0"), ("add", "trainer 1")], tmp_path, warm_pool)
     assert [e["then"] for e in _recoveries(killed)] == ["retry the step", "rollback to the last checkpoint"]
     assert _step_numbers(killed) == _step_numbers(clean)
+
+
+def test_a_scorer_restarted_after_its_trainer_stepped_takes_the_last_synced_weights(ray_session, tiny_folder,
+                                                                                   tiny_tokenizer, tmp_path):
+    """Its students still to score this step expect the teacher they would have met: the
+    last synced version, which the generators hold; the trainer's stepped weights would
+    have scored the retried step one version ahead (records then differ from a clean run's)."""
+    from conftest import started_branch, train_on
+    from rich.console import Console
+
+    from copd_ray.recovery import SelfHealing
+    from copd_ray.topology import Topology
+    from copd_ray.topology.actor import TopologyActor
+
+    cfg = load_config(None, SMALL_ACTORS + ["ray.max_failures=2"])
+    prompt = tiny_tokenizer("12+34=")["input_ids"]
+    rows = [prompt + tiny_tokenizer(a, add_special_tokens=False)["input_ids"] for a in ("46", "47", "45", "4")]
+    batch = TrainBatch.of(4, rows, [len(prompt)] * 4, [1.0, 0.0, 0.0, 1.0])
+    with started_branch("mul", cfg, tiny_folder, "test-scorer-heal") as group:
+        topology = Topology.from_config("none", ["mul"])
+        topology_actor = TopologyActor.remote(topology)
+        events = []
+        healer = SelfHealing({"mul": group}, topology_actor, topology, {"mul": group.scorer}, 2, 60, events.append,
+                             Console(quiet=True), tmp_path / "actors.json")
+        train_on(group, batch)  # the trainer steps; the step's sync has not come yet
+        synced, trained = ray.get(group.generators[0].state_dict.remote()), group.trainer_state()
+        ray.kill(group.scorer, no_restart=False)
+        healer.recover(RuntimeError("the scorer died"))
+        held = ray.get(group.scorer.state_dict.remote())
+        assert all(torch.equal(held[k], synced[k]) for k in synced)
+        assert any(not torch.equal(held[k], trained[k].to(held[k].dtype)) for k in held)
+        assert ray.get(group.scorer.version.remote()) == group.version == 0
+        assert [(e["actor"], e["then"]) for e in events] == [("scorer", "retry the step")]
+        ray.kill(topology_actor)

@@ -202,6 +202,15 @@ class BranchGroup:
         self.trained_since_sync = False
         return {"seconds": time.perf_counter() - start, "bytes": sent, "version": self.version}
 
+    def scorer_from_generator(self) -> bool:
+        """A restarted scorer takes the last synced weights from a generator (the trainer has
+        stepped since, and the students still to score this step expect that version).
+        False where the generators' engine does not expose its weights (vLLM, SGLang)."""
+        if self.cfg.engine.kind != "hf" or not self.generators or self.scorer is None:
+            return False
+        ray.get(self.scorer.load_weights.remote(self.generators[0].state_dict.remote(), self.version))
+        return True
+
     def push(self) -> None:
         """Resend rank 0's weights (to a restarted receiver); weights trained since the
         last sync carry the version that sync will give them, so answers stay honest."""

@@ -49,6 +49,13 @@ class EngineHost(Reloadable):
         self.weight_group = WeightGroup(name, world_size, rank, backend, transport, address, timeout_s=timeout_s)
         return rank
 
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Take weights handed over whole (a generator's `state_dict`, by reference): how a
+        restarted scorer gets its branch's last synced version once the trainer has moved on."""
+        with self.gate.writing():
+            self.engine.update_weights(state.items(), version)
+        return self.engine.version
+
     def receive_weights(self, plan: list[list[TensorSpec]], version: int, policy_step: int = 0) -> dict:
         start = time.perf_counter()
         with self.gate.writing():
