@@ -394,7 +394,8 @@ def serve_cmd(
     console.print(f"serving {', '.join(names)} at http://{host}:{port}/score/<branch>"
                   f"{' (bearer token required)' if token else ''}; Ctrl-C stops")
     limits = dict(max_sequences=s.max_sequences, max_tokens=s.max_tokens, max_top_k=s.max_top_k,
-                  max_request_tokens=s.max_request_tokens, max_body_bytes=s.max_body_bytes)
+                  max_request_tokens=s.max_request_tokens, max_body_bytes=s.max_body_bytes,
+                  body_timeout_s=s.body_timeout_s)
     serve_saved(paths, host, port, token, cfg.engine.model_dump(), cfg.engine.kind, limits=limits)
 
 

@@ -522,6 +522,9 @@ class ServeConfig(Section):
     benchmarks/scorer_memory.py)."""
     max_body_bytes: Int | None = Field(None, gt=0)
     """Largest request body; None: 64 bytes per allowed token (256 KiB)."""
+    body_timeout_s: Float = Field(10.0, gt=0)
+    """A request's whole body must arrive within this; a slow or stalled sender gets a 408 and
+    gives its place back."""
     max_top_k: Int = Field(64, ge=0)
     """Largest top_k a request may ask for (the teacher's top tokens returned per position)."""
 

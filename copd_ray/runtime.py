@@ -126,7 +126,7 @@ class Runtime:
             token = sv.token if sv.token is not None else os.environ.get("COPD_RAY_SERVE_TOKEN")
             handles = start_serving(endpoints, paths, sv.host, sv.port, token, sv.max_sequences, sv.max_tokens,
                                     sv.max_top_k, max_request_tokens=sv.max_request_tokens,
-                                    max_body_bytes=sv.max_body_bytes)
+                                    max_body_bytes=sv.max_body_bytes, body_timeout_s=sv.body_timeout_s)
             self.serving = True
             console.print(f"serve: live teacher scoring at http://{sv.host}:{sv.port}/score/<branch>; GET /branches")
             if cfg.topology.transport == "serve":

@@ -1,5 +1,6 @@
 """Live teacher scoring through Ray Serve: real HTTP on 127.0.0.1, real deployments."""
 
+import json
 
 import pytest
 import ray
@@ -27,7 +28,7 @@ def served(ray_session, tiny_folder):
     port = free_port()
     scorer = ScorerActor.options(num_cpus=0.1).remote("add", str(tiny_folder), "hf", EngineConfig().model_dump())
     handles = start_serving({"add": scorer}, {"add": str(tiny_folder)}, "127.0.0.1", port, TOKEN, max_sequences=8,
-                            max_tokens=64, max_request_tokens=256, max_body_bytes=BODY_CAP)
+                            max_tokens=64, max_request_tokens=256, max_body_bytes=BODY_CAP, body_timeout_s=2)
     yield {"url": f"http://127.0.0.1:{port}", "scorer": scorer, "handle": handles["add"]}
     serve.shutdown()
     ray.kill(scorer)
@@ -95,6 +96,53 @@ def test_http_scoring_is_answered_while_a_training_call_holds_the_scorer(served,
     direct = ray.get(scorer.score.remote(SEQS, PLENS)).logprobs
     for got, expected in zip(http.json()["logprobs"], direct, strict=True):
         assert got == pytest.approx(expected, abs=1e-6)
+
+
+def _slow_sender(port: int, out: list, i: int) -> None:
+    """A valid request whose body comes a byte a second; out[i] = the status line it got."""
+    import socket
+
+    body = json.dumps({"sequences": SEQS, "prompt_lengths": PLENS}).encode()
+    head = (f"POST /score/add HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head)
+        s.settimeout(1.0)
+        for byte in body:
+            try:
+                s.sendall(bytes([byte]))
+                answer = s.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError as e:  # the server closed the connection after answering
+                out[i] = f"closed: {e}"
+                return
+            out[i] = answer.split(b"\r\n", 1)[0].decode()
+            return
+        out[i] = "no answer before the whole body was sent"
+
+
+def test_slow_bodies_get_a_408_and_valid_requests_are_answered_meanwhile(served):
+    """100 senders of a valid request whose body comes a byte a second (stalling every place
+    of a 32-slot ingress, before): each gets a 408 once serve.body_timeout_s (2 s here) is
+    out, and the valid requests sent meanwhile get their 200 with the scorer's numbers."""
+    import threading
+    import time
+
+    port = int(served["url"].rsplit(":", 1)[1])
+    out = [None] * 100
+    senders = [threading.Thread(target=_slow_sender, args=(port, out, i)) for i in range(100)]
+    for t in senders:
+        t.start()
+    time.sleep(0.5)
+    start = time.time()
+    answers = [_post(served, {"sequences": SEQS, "prompt_lengths": PLENS}) for _ in range(5)]
+    waited = time.time() - start
+    for t in senders:
+        t.join(timeout=60)
+    assert all(a.status_code == 200 and len(a.json()["logprobs"]) == 2 for a in answers)
+    assert waited < 10, f"5 valid requests took {waited:.1f} s beside the slow senders"
+    assert out == ["HTTP/1.1 408 Request Timeout"] * 100, sorted(set(map(str, out)))
 
 
 def test_text_form_and_branch_listing(served):

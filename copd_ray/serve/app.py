@@ -30,6 +30,7 @@ tiny policy and terabytes at a real vocabulary.
 # then takes `request` for a required query parameter (every call a 422). Real objects
 # travel with the functions. tests/test_serve.py checks that no annotation here is a string.
 
+import asyncio
 import errno
 import hashlib
 import hmac
@@ -79,6 +80,7 @@ class Limits:
     max_request_tokens: int  # sequences x longest: what the scorer pads and holds logits for
     max_top_k: int
     max_body_bytes: int
+    body_timeout_s: float  # the whole body must arrive within this, or the request gets a 408
 
     @property
     def max_text_bytes(self) -> int:
@@ -147,8 +149,10 @@ class BranchScorer:
 
 # A request spends its time in the ingress awaiting the scorer: at Serve's default of 5 at
 # a time the scorer sat mostly idle under 16 clients (benchmarks/serve_load.py: 24 -> 66
-# requests/s). 32 bodies at the default cap, parsed, hold ~350 MB at most.
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+# requests/s). Up to 256 requests may be reading their bodies at once (each at most the body
+# cap, and for at most body_timeout_s: slow senders cannot take every place), and 32 at a time
+# go on to be parsed and scored (32 parsed bodies at the default cap hold ~350 MB at most).
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class ScoringAPI:
     def __init__(self, branches: dict[str, Any], scorers: dict[str, Any], token_digest: bytes | None,
@@ -160,6 +164,7 @@ class ScoringAPI:
         self.token_digest = token_digest  # the token itself never leaves the process that started serving
         self.limits = limits
         self.vocab: dict[str, int] = {}
+        self.parsing = asyncio.Semaphore(32)
 
     def _authorized(self, request: Request) -> bool:
         if self.token_digest is None:
@@ -198,8 +203,13 @@ class ScoringAPI:
             return _error(e.status, str(e))
 
     async def _score(self, branch: str, request: Request) -> dict:
+        raw = await self._read_body(request)
+        async with self.parsing:
+            return await self._score_body(branch, raw)
+
+    async def _score_body(self, branch: str, raw: bytes) -> dict:
         try:
-            body = ScoreBody.model_validate(await self._read_json(request))
+            body = ScoreBody.model_validate(self._parse_json(raw))
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:5])
             raise Rejected(422, problems) from None
@@ -223,19 +233,30 @@ class ScoringAPI:
             out["prompt_length"] = prompt_lengths[0]
         return out
 
-    async def _read_json(self, request: Request) -> dict:
-        """The body as a JSON object, read no further than the body cap: a declared
-        Content-Length over it is refused unread, and a chunked body (no length) is
-        counted as it arrives."""
-        cap = self.limits.max_body_bytes
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, read no further than the body cap (a declared Content-Length over it is
+        refused unread, and a chunked body is counted as it arrives) and for no longer than
+        body_timeout_s (a slow or stalled sender gets a 408 and frees its place)."""
+        lim = self.limits
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > cap:
-            raise Rejected(413, f"a body of {declared} bytes; at most {cap} a request")
+        if declared.isdigit() and int(declared) > lim.max_body_bytes:
+            raise Rejected(413, f"a body of {declared} bytes; at most {lim.max_body_bytes} a request")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > cap:
-                raise Rejected(413, f"the body passed {cap} bytes; at most {cap} a request")
+        try:
+            async with asyncio.timeout(lim.body_timeout_s):
+                async for chunk in request.stream():
+                    raw += chunk
+                    if len(raw) > lim.max_body_bytes:
+                        raise Rejected(413, f"the body passed {lim.max_body_bytes} bytes; at most "
+                                            f"{lim.max_body_bytes} a request")
+        except TimeoutError:
+            raise Rejected(408, f"the body did not arrive within {lim.body_timeout_s:g} s "
+                                "(serve.body_timeout_s)") from None
+        return bytes(raw)
+
+    @staticmethod
+    def _parse_json(raw: bytes) -> dict:
+        """The body as a JSON object."""
         try:
             parsed = json.loads(raw)
         except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deep
@@ -333,12 +354,13 @@ def _warn_if_open(host: str, port: int, token: str | None) -> None:
 
 def build_app(scorers: dict[str, Any], model_paths: dict[str, str], token: str | None = None,
               max_sequences: int = 256, max_tokens: int = 4096, max_top_k: int = 64, *,
-              max_request_tokens: int = 4096, max_body_bytes: int | None = None):
+              max_request_tokens: int = 4096, max_body_bytes: int | None = None, body_timeout_s: float = 10.0):
     """The application: one BranchScorer deployment per branch behind the HTTP ingress.
     The body cap defaults to what the largest allowed request needs (BODY_BYTES_PER_TOKEN)."""
     check_token(token)
     limits = Limits(max_sequences, max_tokens, max_request_tokens, max_top_k,
-                    max_body_bytes or BODY_BYTES_PER_TOKEN * min(max_request_tokens, max_sequences * max_tokens))
+                    max_body_bytes or BODY_BYTES_PER_TOKEN * min(max_request_tokens, max_sequences * max_tokens),
+                    body_timeout_s)
     branch_deployments = {
         name: BranchScorer.options(name=f"scorer-{name}").bind(name, scorer, model_paths[name])
         for name, scorer in scorers.items()
@@ -350,10 +372,11 @@ def build_app(scorers: dict[str, Any], model_paths: dict[str, str], token: str |
 def start_serving(scorers: dict[str, Any], model_paths: dict[str, str], host: str = "127.0.0.1", port: int = 8000,
                   token: str | None = None, max_sequences: int = 256, max_tokens: int = 4096,
                   max_top_k: int = 64, *, max_request_tokens: int = 4096,
-                  max_body_bytes: int | None = None) -> dict[str, Any]:
+                  max_body_bytes: int | None = None, body_timeout_s: float = 10.0) -> dict[str, Any]:
     """Run the app on this Ray cluster and return {branch: BranchScorer deployment handle}."""
     app = build_app(scorers, model_paths, token, max_sequences, max_tokens, max_top_k,
-                    max_request_tokens=max_request_tokens, max_body_bytes=max_body_bytes)
+                    max_request_tokens=max_request_tokens, max_body_bytes=max_body_bytes,
+                    body_timeout_s=body_timeout_s)
     check_address(host, port)
     _warn_if_open(host, port, token)
     serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False})
