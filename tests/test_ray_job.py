@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -18,9 +19,10 @@ from conftest import REPO, free_port
 @pytest.mark.slow
 def test_ray_job_submit_runs_a_short_demo(tmp_path, tiny_folder):
     ray_bin = str(Path(sys.executable).parent / "ray")
-    # Ray 2.60 turns token authentication on; the job CLI does not pick the token up, so
-    # head and submit both run with it disabled (on 127.0.0.1 only).
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Token authentication on, as Ray ships it: the head, the job CLI and (through the head's
+    # environment) the job's driver take the token from RAY_AUTH_TOKEN.
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
     # Every fixed default port moved to a free one: the test session's own Ray may already
@@ -42,7 +44,8 @@ def test_ray_job_submit_runs_a_short_demo(tmp_path, tiny_folder):
         while True:
             assert head.poll() is None, head.stdout.read()
             try:
-                if requests.get(f"{address}/api/version", timeout=5).status_code == 200:
+                if requests.get(f"{address}/api/version", timeout=5,
+                                headers={"Authorization": f"Bearer {token}"}).status_code == 200:
                     break
             except requests.RequestException:
                 pass
@@ -61,6 +64,11 @@ def test_ray_job_submit_runs_a_short_demo(tmp_path, tiny_folder):
                 break
             time.sleep(5)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        # Without the token the job API answers nothing but a refusal.
+        assert requests.get(f"{address}/api/jobs/", timeout=5).status_code in (401, 403)
+        refused = subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True, text=True,
+                                 timeout=120, env={**env, "RAY_AUTH_TOKEN": "not-the-token"})
+        assert refused.returncode != 0
         assert "succeeded" in submit.stdout + submit.stderr
         result = json.loads((out / "eval.json").read_text())
         assert result["steps"] == 3 and set(result["eval"]) == {"base", "branch:add", "branch:mul", "merged"}
