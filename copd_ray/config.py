@@ -581,6 +581,11 @@ class RayConfig(Section):
     Ray started in-process."""
     num_cpus: Float | None = None
     """CPUs of a local Ray (only for a local Ray); None = the machine's count."""
+    branch_nodes: Literal["any", "own"] = "any"
+    """any: Ray packs each branch's actors where they fit (several branches may share a node).
+    own: each branch on a node of its own, all its actors there: every node that may hold a
+    branch offers one unit of the custom resource `copd_branch_node` (cluster.yaml's GPU
+    workers do; `ray start --resources='{"copd_branch_node": 1}'`)."""
     placement_timeout_s: Float = Field(60.0, gt=0)
     """Seconds to wait for a branch's placement group before failing, naming what it asked
     for and what is free."""

@@ -238,6 +238,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
         healer = SelfHealing(groups, runtime.topology_actor, topology, runtime.endpoints, cfg.ray.max_failures,
                              cfg.ray.restart_timeout_s, lambda e: log.log({"kind": "event", **e}), console,
                              out / "actors.json")
+        console.print(healer.node_line())
         pair_metrics, pairs = PairMetrics(cfg, log, console), measured_pairs(cfg, topology.edges)
         phases = Phases(cfg, names, topology.edges)
         if resume is not None:

@@ -55,6 +55,9 @@ def refuse_what_no_local_ray_holds(cfg: Config) -> None:
     from ray._private.accelerators import get_accelerator_manager_for_resource
     from ray._private.utils import get_num_cpus
 
+    if cfg.ray.branch_nodes == "own":
+        raise ConfigError("ray.branch_nodes=own places each branch on a node of its own, and a local Ray is one "
+                          "node: join a cluster (ray.address) whose nodes offer copd_branch_node, or use any")
     need = run_needs(cfg)
     have = {"CPU": cfg.ray.num_cpus if cfg.ray.num_cpus is not None else get_num_cpus()}
     if need.get("GPU"):

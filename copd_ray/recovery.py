@@ -99,8 +99,18 @@ class SelfHealing:
             self.groups[n].incarnations[role] = a["incarnation"]
         self.pids = {n: {role: a["pid"] for (b, role), a in answers.items() if b == n} for n in self.groups}
         self.pids[TOPOLOGY[0]] = {TOPOLOGY[1]: topology["pid"]}
+        self.nodes = {n: {role: a["node"] for (b, role), a in answers.items() if b == n} for n in self.groups}
+        self.nodes[TOPOLOGY[0]] = {TOPOLOGY[1]: topology["node"]}
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.pid_file.write_text(json.dumps(self.pids, indent=2))
+        # Which Ray node runs each actor (the state API's node ids), beside the pids.
+        self.pid_file.with_name("actor_nodes.json").write_text(json.dumps(self.nodes, indent=2))
+
+    def node_line(self) -> str:
+        """Which node holds each branch's actors, in one line (node ids cut to 8 characters)."""
+        where = {n: sorted({node[:8] for node in roles.values()}) for n, roles in self.nodes.items()
+                 if n != TOPOLOGY[0]}
+        return "nodes: " + ", ".join(f"{n} on {' + '.join(ids)}" for n, ids in where.items())
 
     def restarted(self) -> dict[tuple[str, str], dict]:
         """{(branch, role): its new ready() answer} for every actor Ray restarted since it was wired."""

@@ -149,3 +149,9 @@ def test_resources_no_local_ray_holds_are_refused_before_ray_starts(copd_ray, tm
                              "resources.trainer_cpus=64", code=2))
     assert "the run's actors ask for 129 CPUs, and a local Ray here has" in line
     assert "1 trainers x 64 CPUs" in line and "set ray.num_cpus" in line
+
+
+def test_a_node_per_branch_on_a_local_ray_is_refused_before_it_starts(copd_ray, tmp_path, tiny_folder):
+    line = one_line(copd_ray("train", f"output_dir={tmp_path}/run", f"model.path={tiny_folder}",
+                             "ray.branch_nodes=own", code=2))
+    assert "ray.branch_nodes=own places each branch on a node of its own, and a local Ray is one node" in line

@@ -12,7 +12,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from copd_ray.actors.generator import GeneratorActor
 from copd_ray.actors.scorer import ScorerActor
 from copd_ray.actors.trainer import TrainerActor
-from copd_ray.bundles import branch_bundles
+from copd_ray.bundles import branch_bundles, strategy
 from copd_ray.config import Config
 from copd_ray.errors import CopdError
 from copd_ray.step_data import PromptBatch, StepSpec
@@ -33,7 +33,7 @@ class BranchGroup:
                  scores: bool = True) -> None:
         self.name, self.cfg, self.run_id, self.frozen, self.scores = name, cfg, run_id, frozen, scores or frozen
         self.bundles = branch_bundles(cfg, frozen, self.scores)
-        self.pg = placement_group(self.bundles, strategy="PACK", name=f"copd-{run_id}-{name}")
+        self.pg = placement_group(self.bundles, strategy=strategy(cfg), name=f"copd-{run_id}-{name}")
         self.model_path = model_path
         self.version = 0
         self.steps = 0  # the trainer's optimizer steps (training steps) so far

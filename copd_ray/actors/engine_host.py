@@ -6,6 +6,7 @@ import os
 import time
 import uuid
 
+import ray
 import torch
 
 from copd_ray.actors.engine_gate import EngineGate
@@ -33,7 +34,7 @@ class EngineHost(Reloadable):
 
     def ready(self) -> dict:
         return {"branch": self.branch, "pid": os.getpid(), "version": self.engine.version,
-                "incarnation": self.incarnation}
+                "incarnation": self.incarnation, "node": ray.get_runtime_context().get_node_id()}
 
     def version(self) -> int:
         return self.engine.version

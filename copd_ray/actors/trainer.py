@@ -46,7 +46,8 @@ class TrainerActor:
         self.incarnation = uuid.uuid4().hex
 
     def ready(self) -> dict:
-        return {"branch": self.branch, "rank": self.rank, "pid": os.getpid(), "incarnation": self.incarnation}
+        return {"branch": self.branch, "rank": self.rank, "pid": os.getpid(), "incarnation": self.incarnation,
+                "node": ray.get_runtime_context().get_node_id()}
 
     def reload(self, *args, **kwargs) -> dict:
         """Become a rank of another run (`WarmPool`) in this process, whose imports are done:

@@ -25,7 +25,7 @@ class TopologyActor:
         self.incarnation = uuid.uuid4().hex
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "incarnation": self.incarnation}
+        return {"pid": os.getpid(), "incarnation": self.incarnation, "node": ray.get_runtime_context().get_node_id()}
 
     def reset(self, topology: Topology) -> None:
         """Another run's graph, no endpoints yet (a `WarmPool` keeps this actor between runs)."""
