@@ -69,8 +69,11 @@ class SelfHealing:
             if not ready:
                 if set(refs) <= killed:
                     n, role = next(iter(refs))
-                    raise ActorFailure(f"{role} of branch {n!r} did not come back within {self.restart_timeout_s:.0f} s "
-                                       "(ray.restart_timeout_s); rerun the same command to resume from the last "
+                    node = getattr(self, "nodes", {}).get(n, {}).get(role)
+                    where = f" (on node {node[:8]} before)" if node else ""
+                    raise ActorFailure(f"{role} of branch {n!r}{where} did not come back within "
+                                       f"{self.restart_timeout_s:.0f} s at step {self.step} (ray.restart_timeout_s: no "
+                                       "node has room for it); rerun the same command to resume from the last "
                                        "checkpoint")
                 for key in set(refs) - killed:
                     ray.kill(actors[key], no_restart=False)
