@@ -195,7 +195,15 @@ def test_a_scorer_restarted_after_its_trainer_stepped_takes_the_last_synced_weig
                              Console(quiet=True), tmp_path / "actors.json")
         train_on(group, batch)  # the trainer steps; the step's sync has not come yet
         synced, trained = ray.get(group.generators[0].state_dict.remote()), group.trainer_state()
+        before = ray.get(group.scorer.ready.remote())["incarnation"]
         ray.kill(group.scorer, no_restart=False)
+        deadline = time.time() + 120
+        while time.time() < deadline:  # as in a run, the failure is seen once the process is gone
+            try:
+                if ray.get(group.scorer.ready.remote(), timeout=30)["incarnation"] != before:
+                    break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                time.sleep(0.2)
         healer.recover(RuntimeError("the scorer died"))
         held = ray.get(group.scorer.state_dict.remote())
         assert all(torch.equal(held[k], synced[k]) for k in synced)
