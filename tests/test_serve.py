@@ -84,7 +84,9 @@ def test_http_scoring_is_answered_while_a_training_call_holds_the_scorer(served,
     flag, scorer = tmp_path / "release", served["scorer"]
     before = ray.get(scorer.info.remote())["score_calls"]
     held = scorer.__ray_call__.remote(hold, str(flag), rows)
+    deadline = time.time() + 60
     while ray.get(scorer.info.remote())["score_calls"] == before:  # info answers on the http thread too
+        assert time.time() < deadline, "the training call never started"
         time.sleep(0.05)
     http = _post(served, {"sequences": SEQS, "prompt_lengths": PLENS})
     answered = time.time()
