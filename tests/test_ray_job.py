@@ -73,6 +73,34 @@ def test_ray_job_submit_runs_a_short_demo(tmp_path, tiny_folder):
         result = json.loads((out / "eval.json").read_text())
         assert result["steps"] == 3 and set(result["eval"]) == {"base", "branch:add", "branch:mul", "merged"}
         assert (out / "merged" / "model.safetensors").exists() and (out / "pair_metrics.png").exists()
+
+        # A job stopped once it has a checkpoint (its driver killed): the same command submitted
+        # again resumes from that checkpoint, each step logged once.
+        again = tmp_path / "job-resumed"
+        resumable = [a.replace(str(out), str(again)) for a in command[command.index("--") + 1:] if a != "resume=never"]
+        resumable += ["schedule.opd_steps=20", "schedule.save_every=2", "metrics.pair_every=0"]
+        submit_again = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO)]
+        first = subprocess.run(submit_again + ["--no-wait", "--submission-id", "copd-resume-1", "--", *resumable],
+                               capture_output=True, text=True, timeout=120, env=env)
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+        deadline = time.time() + 300
+        while not list(again.glob("checkpoints/step_000002/driver_state.json")):
+            assert time.time() < deadline, "the first job wrote no checkpoint in 300 s"
+            time.sleep(0.5)
+        stopped = subprocess.run([ray_bin, "job", "stop", "--address", address, "copd-resume-1"],
+                                 capture_output=True, text=True, timeout=120, env=env)
+        assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+        status = subprocess.run([ray_bin, "job", "status", "--address", address, "copd-resume-1"],
+                                capture_output=True, text=True, timeout=120, env=env)
+        assert "was stopped" in status.stdout + status.stderr, status.stdout[-2000:]  # stopped, not finished
+        second = subprocess.run(submit_again + ["--", *resumable], capture_output=True, text=True, timeout=600, env=env)
+        assert second.returncode == 0 and "succeeded" in second.stdout + second.stderr, second.stdout[-3000:]
+        rows = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()]
+        resumed = [r for r in rows if r["kind"] == "event" and r["event"] == "resumed"]
+        assert resumed and 2 <= resumed[-1]["step"] < 22  # from a checkpoint before the end
+        steps = sorted((r["step"], r["branch"]) for r in rows if r["kind"] == "step")
+        assert steps == [(t, b) for t in range(1, 23) for b in ("add", "mul")]  # each step once, none lost
+        assert json.loads((again / "eval.json").read_text())["resumed_at"] == resumed[-1]["step"]
     finally:
         head.terminate()
         try:
