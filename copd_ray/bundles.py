@@ -32,9 +32,10 @@ def strategy(cfg: Config) -> str:
     return "STRICT_PACK" if cfg.ray.branch_nodes == "own" else "PACK"
 
 
-def run_needs(cfg: Config) -> Counter:
-    """CPUs and GPUs of every branch's bundles together (they are all placed at once)."""
-    scoring = scoring_branches(cfg, cfg.topology_graph().edges)
+def run_needs(cfg: Config, edges) -> Counter:
+    """CPUs and GPUs of every branch's bundles together (they are all placed at once), for the
+    run's topology `edges` (which branches have a scorer)."""
+    scoring = scoring_branches(cfg, edges)
     need: Counter = Counter()
     for b in cfg.branch_list():
         for bundle in branch_bundles(cfg, b.frozen, b.name in scoring):

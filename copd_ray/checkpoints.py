@@ -4,7 +4,7 @@ the one a run resumes from. Pure files, no Ray.
     <output_dir>/checkpoints/step_000040/
         branches/<name>/        each trainable branch: a Hugging Face folder + trainer_state.pt
         driver_state.json       step, data streams, versions, base, branches, topology edges,
-                                and a manifest {relative path: size} of every other file
+                                and a manifest {relative path: [size, CRC-32]} of every other file
 
 driver_state.json is renamed into place last, so a folder without it is an interrupted
 save. The manifest records each file's size and CRC-32: sizes catch truncation cheaply,
@@ -70,11 +70,15 @@ def save_checkpoint(output_dir: str | Path, step: int, groups: dict, data: dict,
 
 
 def _manifest(folder: Path) -> dict[str, list[int]]:
-    """{relative path: [size, CRC-32]} of every file under `folder`."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    """{relative path: [size, CRC-32]} of every file of the branches."""
+    files = [p for p in sorted((folder / "branches").rglob("*")) if p.is_file()]
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, c] for p, c in zip(files, _crc32s(files))}
+
+
+def _crc32s(paths: list[Path]) -> list[int]:
+    """Each file's CRC-32, files read in parallel."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        checksums = list(pool.map(_crc32, files))
-    return {p.relative_to(folder).as_posix(): [p.stat().st_size, c] for p, c in zip(files, checksums)}
+        return list(pool.map(_crc32, paths))
 
 
 def _crc32(path: Path) -> int:
@@ -166,10 +170,9 @@ def verify_checkpoint(folder: str | Path, branches: Iterable[str] | None = None,
         if reason:
             return f"{path.relative_to(folder).as_posix()}: {reason}"
     checked = [rel for rel, (_, crc) in files.items() if content and crc is not None]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for rel, crc in zip(checked, pool.map(lambda rel: _crc32(folder / rel), checked)):
-            if crc != files[rel][1]:
-                return f"{rel}: its content differs from what was saved (checksum)"
+    for rel, crc in zip(checked, _crc32s([folder / rel for rel in checked])):
+        if crc != files[rel][1]:
+            return f"{rel}: its content differs from what was saved (checksum)"
     return None
 
 

@@ -221,7 +221,7 @@ def train(cfg: Config, topology: Topology | None = None, console=None, pool: War
     clock, plan = Stopwatch(), schedule(cfg)
     # Data, base policy and checks run while Ray starts; what fails there stops the run
     # before any actor exists (and stops the Ray this call started).
-    prepared, started_ray = beside_ray(cfg, lambda: prepare(cfg, topology, console))
+    prepared, started_ray = beside_ray(cfg, lambda: prepare(cfg, topology, console), topology)
     topology, caps, data, (resume, resume_state), base_path, prompter = prepared
     clock.mark("ray_and_data")
     runtime, log = None, None

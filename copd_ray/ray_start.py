@@ -12,6 +12,7 @@ import ray
 
 from copd_ray.bundles import run_needs
 from copd_ray.config import Config, ConfigError
+from copd_ray.topology.graph import Topology
 
 T = TypeVar("T")
 
@@ -24,9 +25,10 @@ class _DefaultAuthNotice(logging.Filter):
 _AUTH_NOTICE = _DefaultAuthNotice()  # one instance: adding it again is a no-op
 
 
-def init_ray(cfg: Config) -> bool:
+def init_ray(cfg: Config, topology: Topology | None = None) -> bool:
     """Join the cluster named by ray.address or RAY_ADDRESS (as under `ray job submit`), or
-    start a local Ray. Returns whether this call started it."""
+    start a local Ray. `topology`: the run's, when given from Python instead of topology.*.
+    Returns whether this call started it."""
     if ray.is_initialized():
         return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -36,7 +38,7 @@ def init_ray(cfg: Config) -> bool:
         # A local Ray of this run: its start-up INFO lines and the notice that Ray's default
         # token authentication is on would come before the run's own output, every run.
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_AUTH_NOTICE)
-        refuse_what_no_local_ray_holds(cfg)
+        refuse_what_no_local_ray_holds(cfg, topology)
         try:
             ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING)
@@ -49,7 +51,7 @@ def init_ray(cfg: Config) -> bool:
     return True
 
 
-def refuse_what_no_local_ray_holds(cfg: Config) -> None:
+def refuse_what_no_local_ray_holds(cfg: Config, topology: Topology | None = None) -> None:
     """A local Ray has this machine's CPUs (or ray.num_cpus) and GPUs. Branches that ask for
     more would wait out ray.placement_timeout_s and then fail: refused before Ray starts."""
     from ray._private.accelerators import get_accelerator_manager_for_resource
@@ -58,7 +60,7 @@ def refuse_what_no_local_ray_holds(cfg: Config) -> None:
     if cfg.ray.branch_nodes == "own":
         raise ConfigError("ray.branch_nodes=own places each branch on a node of its own, and a local Ray is one "
                           "node: join a cluster (ray.address) whose nodes offer copd_branch_node, or use any")
-    need = run_needs(cfg)
+    need = run_needs(cfg, (topology or cfg.topology_graph()).edges)
     have = {"CPU": cfg.ray.num_cpus if cfg.ray.num_cpus is not None else get_num_cpus()}
     if need.get("GPU"):
         have["GPU"] = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
@@ -71,14 +73,14 @@ def refuse_what_no_local_ray_holds(cfg: Config) -> None:
                           "(ray.address)")
 
 
-def beside_ray(cfg: Config, work: Callable[[], T]) -> tuple[T, bool]:
+def beside_ray(cfg: Config, work: Callable[[], T], topology: Topology | None = None) -> tuple[T, bool]:
     """work() on another thread while Ray starts (or is joined) on this one, which must be the
     main thread (Ray sets its signal handlers there): ray.init mostly waits for the
-    processes it starts. Returns (what work returned, whether this call started Ray); if
-    work fails, the Ray this call started is stopped."""
+    processes it starts (`topology`: as for init_ray). Returns (what work returned, whether
+    this call started Ray); if work fails, the Ray this call started is stopped."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         working = pool.submit(work)
-        started_ray = init_ray(cfg)
+        started_ray = init_ray(cfg, topology)
         try:
             return working.result(), started_ray
         except BaseException:

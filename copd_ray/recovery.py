@@ -46,7 +46,7 @@ class SelfHealing:
     def __init__(self, groups: dict[str, BranchGroup], topology_actor, topology, endpoints: dict, max_failures: int,
                  restart_timeout_s: float, log_event: Callable[[dict], None], console, pid_file: Path) -> None:
         self.groups, self.topology_actor, self.topology, self.endpoints = groups, topology_actor, topology, endpoints
-        self.topology_incarnation = None
+        self.topology_incarnation, self.nodes = None, {}
         self.max_failures, self.restart_timeout_s = max_failures, restart_timeout_s
         self.log_event, self.console, self.pid_file = log_event, console, pid_file
         self.failures = 0
@@ -69,7 +69,7 @@ class SelfHealing:
             if not ready:
                 if set(refs) <= killed:
                     n, role = next(iter(refs))
-                    node = getattr(self, "nodes", {}).get(n, {}).get(role)
+                    node = self.nodes.get(n, {}).get(role)
                     where = f" (on node {node[:8]} before)" if node else ""
                     raise ActorFailure(f"{role} of branch {n!r}{where} did not come back within "
                                        f"{self.restart_timeout_s:.0f} s at step {self.step} (ray.restart_timeout_s: no "
@@ -155,16 +155,14 @@ class SelfHealing:
             g.wire(g.generation + 1)
             if trainer_lost or g.frozen:
                 continue
-            lost_generator = any(b == n and role.startswith("generator") for b, role in replaced)
-            if g.trained_since_sync and (n, "scorer") in replaced and lost_generator:
-                rollback = True  # no process holds the last synced weights any more
-            elif g.trained_since_sync and (n, "scorer") in replaced:
+            if g.trained_since_sync and (n, "scorer") in replaced:
                 # Its trainer has stepped, and the students retrying this step expect the
                 # teacher they would have met: the last synced version, which the generators
-                # hold (the trainer's new weights reach everyone at the step's sync). Where
-                # they cannot hand it over, a replay from the checkpoint keeps the run exact.
-                if not g.scorer_from_generator():
-                    rollback = True
+                # hold (the trainer's new weights reach everyone at the step's sync). Where no
+                # generator can hand it over (one was lost too, or its engine does not expose
+                # its weights), a replay from the checkpoint keeps the run exact.
+                lost_generator = any(b == n and role.startswith("generator") for b, role in replaced)
+                rollback = rollback or lost_generator or not g.scorer_from_generator()
             else:
                 g.push()
         # A restarted scorer keeps its actor handle, so students reach it as soon as it is

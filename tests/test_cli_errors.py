@@ -155,3 +155,17 @@ def test_a_node_per_branch_on_a_local_ray_is_refused_before_it_starts(copd_ray, 
     line = one_line(copd_ray("train", f"output_dir={tmp_path}/run", f"model.path={tiny_folder}",
                              "ray.branch_nodes=own", code=2))
     assert "ray.branch_nodes=own places each branch on a node of its own, and a local Ray is one node" in line
+
+
+def test_the_resource_check_counts_the_scorers_of_the_runs_own_topology():
+    """A topology given from Python (train(cfg, topology)) decides which branches get a scorer,
+    so the check before Ray starts sums the bundles of that one, not of topology.*."""
+    from copd_ray.bundles import run_needs
+    from copd_ray.config import load_config
+    from copd_ray.topology import Topology
+
+    cfg = load_config(None, ["resources.trainer_cpus=1", "resources.generator_cpus=1", "resources.scorer_cpus=1",
+                             "metrics.pair_every=0"])
+    both_teach = run_needs(cfg, cfg.topology_graph().edges)  # pairwise: a scorer each
+    assert both_teach["CPU"] == 6
+    assert run_needs(cfg, Topology.from_config("edges", ["add", "mul"], edges=[("add", "mul")]).edges)["CPU"] == 5
